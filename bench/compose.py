@@ -1,0 +1,72 @@
+"""Compose dataset, encoder, grouping and decoder plugins into one model, checked first."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bench.config import RunConfig
+from bench.contracts import Batch, Dims, ModelOutput
+from bench.errors import IncompatiblePluginsError
+
+# Which stage is expected to supply a capability, by its prefix.
+SUPPLIER = {"batch": "dataset", "features": "encoder", "slots": "grouping", "decoding": "decoder"}
+ORDER = ("dataset", "encoder", "grouping", "decoder", "objective", "task")
+
+
+def check_compatible(cfg: RunConfig) -> None:
+    """Fail before training when a plugin needs something no earlier plugin provides."""
+    chosen = {s: getattr(cfg, s) for s in ("dataset", "encoder", "grouping", "decoder")}
+    provided: dict[str, set[str]] = {}
+    plugins = list(chosen.values()) + list(cfg.objectives) + list(cfg.tasks)
+    for choice in plugins:
+        _, gives = choice.cls.capabilities(choice.params)
+        provided[choice.kind] = provided.get(choice.kind, set()) | gives
+    for choice in plugins:
+        needs, _ = choice.cls.capabilities(choice.params)
+        for need in sorted(needs):
+            stage = SUPPLIER.get(need.split(".")[0])
+            if stage is None:
+                continue
+            if need in provided.get(stage, set()):
+                continue
+            if ORDER.index(stage) >= ORDER.index(choice.kind):
+                continue  # a plugin never waits on a later stage; not a combination problem
+            supplier = chosen[stage]
+            raise IncompatiblePluginsError(
+                f"{choice.kind} '{choice.name}' needs '{need}', which {stage} "
+                f"'{supplier.name}' does not provide "
+                f"(it provides: {', '.join(sorted(provided.get(stage, set()))) or 'nothing'})"
+            )
+
+
+class SlotModel(nn.Module):
+    """encoder -> grouping -> decoder, each a plugin module."""
+
+    def __init__(self, encoder: nn.Module, grouping: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.grouping = grouping
+        self.decoder = decoder
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        features = self.encoder(batch)
+        slots = self.grouping(features)
+        decoding = self.decoder(slots, features, batch)
+        return ModelOutput(features=features, slots=slots, decoding=decoding)
+
+
+def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) -> SlotModel:
+    """Instantiate the model plugins, threading the sizes each one learns through Dims."""
+    check_compatible(cfg)
+    dims = Dims(image_size=image_size, channels=channels)
+    modules = []
+    for stage in ("encoder", "grouping", "decoder"):
+        choice = getattr(cfg, stage)
+        module = choice.cls(choice.params, dims)
+        dims = module.output_dims(dims)
+        modules.append(module)
+    return SlotModel(*modules)
+
+
+def build_objectives(cfg: RunConfig) -> nn.ModuleList:
+    return nn.ModuleList([c.cls(c.params) for c in cfg.objectives])

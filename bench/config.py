@@ -1,0 +1,197 @@
+"""Run configuration: TOML file + dotted overrides -> a validated RunConfig."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from bench.errors import ConfigError, DataError
+from bench.params import build_params, param, to_dict
+from bench.registry import Registry, registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STAGES = ("dataset", "encoder", "grouping", "decoder")
+COLLECTIONS = {"objectives": "objective", "tasks": "task"}
+TOP_LEVEL = ("seed", *STAGES, *COLLECTIONS, "train", "eval")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    steps: int = param(2000, "optimiser steps")
+    batch_size: int = param(32, "images per step (global, over all processes)")
+    lr: float = param(4e-4, "peak learning rate (Adam)")
+    warmup_steps: int = param(200, "linear warm-up steps")
+    decay_half_life: int = param(0, "steps per halving of the lr after warm-up; 0 = no decay")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    grad_clip: float = param(1.0, "max gradient norm; 0 disables clipping")
+    grad_clip_norm: Literal["2", "inf"] = param("2", "norm used by clipping ('inf' as SPOT)")
+    checkpoint_every: int = param(100, "steps between checkpoints")
+    device: Literal["auto", "cpu", "cuda"] = param("cpu", "where to train")
+    precision: Literal["fp32", "bf16", "fp16"] = param("fp32", "autocast precision")
+    num_workers: int = param(0, "data loader worker processes")
+    threads: int = param(0, "torch CPU threads; 0 = torch's default")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    split: str = param("val", "dataset split evaluated")
+    num_images: int = param(320, "images evaluated (0 = the whole split)")
+    batch_size: int = param(32, "images per evaluation batch")
+    figure_images: int = param(4, "images shown in the evaluation figure")
+
+
+@dataclass(frozen=True)
+class PluginChoice:
+    kind: str
+    name: str
+    params: Any
+    cls: type
+
+
+@dataclass
+class RunConfig:
+    seed: int
+    dataset: PluginChoice
+    encoder: PluginChoice
+    grouping: PluginChoice
+    decoder: PluginChoice
+    objectives: list[PluginChoice]
+    tasks: list[PluginChoice]
+    train: TrainSettings
+    eval: EvalSettings
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config (every default filled in)."""
+        out: dict[str, Any] = {"seed": self.seed}
+        for stage in STAGES:
+            choice: PluginChoice = getattr(self, stage)
+            out[stage] = {"name": choice.name, **to_dict(choice.params)}
+        for key in COLLECTIONS:
+            out[key] = {c.name: to_dict(c.params) for c in getattr(self, key)}
+        out["train"] = to_dict(self.train)
+        out["eval"] = to_dict(self.eval)
+        return out
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def digest(self) -> str:
+        """A stable hash of the resolved config."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def default_text() -> str:
+    return resources.files("bench").joinpath("configs/default.toml").read_text()
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"config file not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"config file {p} is not valid TOML: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value); value parsed as TOML, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a table")
+            node = nxt
+        if parts[-1] == "name" and len(parts) == 2 and parts[0] in STAGES:
+            # Switching plugin: the previous plugin's params no longer apply.
+            old = node.get("name")
+            if old is not None and old != value:
+                node.clear()
+        node[parts[-1]] = value
+    return out
+
+
+def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The base config (a file, or the embedded default) with overrides applied."""
+    raw = read_toml(path) if path is not None else tomllib.loads(default_text())
+    return apply_overrides(raw, list(overrides or []))
+
+
+def _choice(kind: str, section: Any, where: str, reg: Registry) -> PluginChoice:
+    if not isinstance(section, dict):
+        raise ConfigError(f"'{where}' must be a table")
+    values = dict(section)
+    name = values.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"'{where}.name' is required (one of: {', '.join(reg.names(kind))})")
+    cls = reg.get(kind, name)
+    return PluginChoice(kind, name, build_params(cls.Params, values, where), cls)
+
+
+def resolve(raw: dict[str, Any], reg: Registry | None = None) -> RunConfig:
+    """Validate a raw config dict against the registry."""
+    reg = reg or registry()
+    unknown = [k for k in raw if k not in TOP_LEVEL]
+    if unknown:
+        raise ConfigError(f"unknown key '{unknown[0]}'; allowed keys: {', '.join(TOP_LEVEL)}")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: expected int, got {seed!r}")
+    stages = {}
+    for stage in STAGES:
+        if stage not in raw:
+            raise ConfigError(f"missing table '[{stage}]'")
+        stages[stage] = _choice(stage, raw[stage], stage, reg)
+    collections = {}
+    for key, kind in COLLECTIONS.items():
+        table = raw.get(key, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"'{key}' must be a table of {kind} names")
+        collections[key] = [
+            _choice(kind, {"name": name, **(params or {})}, f"{key}.{name}", reg)
+            for name, params in table.items()
+        ]
+    train = build_params(TrainSettings, raw.get("train", {}), "train")
+    evaluation = build_params(EvalSettings, raw.get("eval", {}), "eval")
+    return RunConfig(
+        seed=seed, train=train, eval=evaluation, raw=raw, **stages, **collections
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    return resolve(load_raw(path, overrides))

@@ -1,0 +1,103 @@
+"""Evaluate a run directory: every configured task, a figure, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import checkpoint
+from bench.compose import SlotModel, build_model
+from bench.config import RunConfig, load_config
+from bench.data import make_dataset
+from bench.errors import DataError
+from bench.figures import mask_figure
+from bench.runtime import resolve_device, seed_everything
+from bench.tasking import EvalContext, MetricRecord
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, SlotModel, int]:
+    """(config, model with its trained weights, step) of a run directory."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
+        raise DataError(f"{run_dir} is not a run directory: {config_path} not found")
+    cfg = load_config(config_path, overrides)
+    found = checkpoint.recover(run_dir / "checkpoint")
+    if found is None:
+        raise DataError(f"no checkpoint in {run_dir / 'checkpoint'}; train the run first")
+    image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
+    model = build_model(cfg, image_size)
+    checkpoint.load_into(model, found / checkpoint.MODEL_FILE)
+    step = int((found / checkpoint.DONE_FILE).read_text())
+    return cfg, model, step
+
+
+def evaluate(
+    cfg: RunConfig, model: torch.nn.Module, run_dir: Path, step: int, progress: bool = True
+) -> dict[str, Any]:
+    """Run every task of `cfg`, write metrics.json and the mask figure, return the metrics."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.train.device)
+    model = model.to(device).eval()
+    cache: dict[str, Any] = {}
+
+    def dataset(split: str) -> Any:
+        if split not in cache:
+            cache[split] = make_dataset(cfg.dataset, split)
+        return cache[split]
+
+    ctx = EvalContext(
+        model=model,
+        dataset=dataset,
+        split=cfg.eval.split,
+        num_images=cfg.eval.num_images,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        precision=cfg.train.precision,
+        progress=progress,
+        out_dir=run_dir,
+    )
+    started = time.time()
+    records: list[MetricRecord] = []
+    info: dict[str, Any] = {}
+    for choice in cfg.tasks:
+        # Same slot-init noise for every task and every evaluation of this checkpoint.
+        seed_everything(cfg.seed)
+        result = choice.cls(choice.params).evaluate(ctx)
+        records.extend(result.records)
+        info[choice.name] = result.info
+    figures = []
+    if cfg.eval.figure_images > 0:
+        seed_everything(cfg.seed)
+        batch, out = next(ctx.predictions(count=cfg.eval.figure_images, desc="figure"))
+        has_decoder_masks = out.decoding.masks is not None
+        for source in ("decoder", "attn") if has_decoder_masks else ("attn",):
+            path = run_dir / "figures" / f"step{step:07d}_{source}.png"
+            figures.append(str(mask_figure(batch, out, path, cfg.eval.figure_images, source)))
+    metrics = {
+        "step": step,
+        "config_hash": cfg.digest(),
+        "dataset": cfg.dataset.name,
+        "split": cfg.eval.split,
+        "seconds": round(time.time() - started, 3),
+        "summary": {r.key: r.value for r in records},
+        "records": [
+            {**r.__dict__, "resolution": list(r.resolution) if r.resolution else None}
+            for r in records
+        ],
+        "info": info,
+        "figures": figures,
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+    tmp.replace(run_dir / "metrics.json")
+    return metrics
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+    cfg, model, step = load_run(run_dir, overrides)
+    return evaluate(cfg, model, Path(run_dir), step, progress)

@@ -1,0 +1,1 @@
+"""Decoder plugins: Slots (+ Features, Batch) -> Decoding. One module per decoder."""

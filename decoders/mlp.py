@@ -1,0 +1,84 @@
+"""DINOSAUR's MLP decoder: every slot decodes every token, alpha masks mix them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bench.contracts import Batch, Decoding, Dims, Features, Slots
+from bench.hookspecs import hookimpl
+from bench.layers import mlp, patchify, unpatchify
+from bench.params import param
+from bench.plugin import Plugin
+
+
+@dataclass(frozen=True)
+class MLPDecoderParams:
+    hidden: int = param(256, "hidden width of the per-token MLP")
+    layers: int = param(3, "hidden layers of the MLP")
+    target: Literal["pixels", "features"] = param(
+        "pixels", "reconstruct image patches on the token grid, or the encoder's targets"
+    )
+
+
+class MLPDecoder(nn.Module, Plugin):
+    """Per-slot MLP over a learned position code, mixed by softmax alpha masks."""
+
+    kind = "decoder"
+    name = "mlp"
+    Params = MLPDecoderParams
+    requires = frozenset({"slots.slots"})
+    provides = frozenset({"decoding.masks"})
+
+    @classmethod
+    def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
+        needs, gives = super().capabilities(params)
+        if params.target == "features":
+            needs.add("features.targets")
+        return needs, gives
+
+    def __init__(self, params: MLPDecoderParams, dims: Dims):
+        super().__init__()
+        assert dims.grid is not None and dims.slot_dim is not None
+        self.params = params
+        self.grid = dims.grid
+        h, w = dims.grid
+        if params.target == "pixels":
+            ph, pw = dims.image_size[0] // h, dims.image_size[1] // w
+            self.out_dim = dims.channels * ph * pw
+        else:
+            if dims.target_dim is None:
+                raise ValueError("decoder target 'features' needs an encoder that provides targets")
+            self.out_dim = dims.target_dim
+        self.pos = nn.Parameter(torch.randn(1, 1, h * w, dims.slot_dim) * 0.02)
+        self.net = mlp([dims.slot_dim] + [params.hidden] * params.layers + [self.out_dim + 1])
+        self.channels = dims.channels
+
+    def output_dims(self, dims: Dims) -> Dims:
+        return dims
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
+        s = slots.slots
+        x = self.net(s.unsqueeze(2) + self.pos)  # [B,K,N,D+1]
+        values, alpha_logits = x[..., :-1], x[..., -1]
+        alpha = alpha_logits.softmax(dim=1)  # over slots
+        recon = torch.einsum("bkn,bknd->bnd", alpha, values)
+        if self.params.target == "pixels":
+            target = patchify(batch.images, self.grid)
+        else:
+            assert features.targets is not None
+            target = features.targets
+        extras = {}
+        if self.params.target == "pixels":
+            extras["image"] = unpatchify(recon.detach(), self.grid, self.channels).clamp(0, 1)
+        return Decoding(
+            reconstruction=recon, target=target, masks=alpha.transpose(1, 2), extras=extras
+        )
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [MLPDecoder]

@@ -1,0 +1,83 @@
+"""Slot Attention's spatial broadcast decoder: each slot paints an RGBA image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from bench.contracts import Batch, Decoding, Dims, Features, Slots
+from bench.hookspecs import hookimpl
+from bench.layers import SoftPositionEmbed
+from bench.params import param
+from bench.plugin import Plugin
+
+
+@dataclass(frozen=True)
+class SpatialBroadcastParams:
+    channels: int = param(32, "channels of the transposed convolutions")
+    broadcast_size: int = param(8, "side of the grid each slot is broadcast to")
+
+
+class SpatialBroadcastDecoder(nn.Module, Plugin):
+    """Broadcast, upsample with transposed convs to the image, alpha-composite the slots."""
+
+    kind = "decoder"
+    name = "spatial_broadcast"
+    Params = SpatialBroadcastParams
+    requires = frozenset({"slots.slots"})
+    provides = frozenset({"decoding.masks"})
+
+    def __init__(self, params: SpatialBroadcastParams, dims: Dims):
+        super().__init__()
+        assert dims.slot_dim is not None
+        h, w = dims.image_size
+        s = params.broadcast_size
+        if h != w or h % s or (h // s) & (h // s - 1):
+            raise ValueError(
+                f"spatial_broadcast needs a square image whose side is broadcast_size ({s}) "
+                f"times a power of two; got {h}x{w}"
+            )
+        self.size = s
+        self.image_size = (h, w)
+        self.pos = SoftPositionEmbed(dims.slot_dim, (s, s))
+        layers: list[nn.Module] = []
+        cin, side = dims.slot_dim, s
+        while side < h:
+            layers += [
+                nn.ConvTranspose2d(cin, params.channels, 5, 2, padding=2, output_padding=1),
+                nn.ReLU(),
+            ]
+            cin, side = params.channels, side * 2
+        layers += [
+            nn.Conv2d(cin, params.channels, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv2d(params.channels, dims.channels + 1, 3, padding=1),
+        ]
+        self.net = nn.Sequential(*layers)
+
+    def output_dims(self, dims: Dims) -> Dims:
+        return dims
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
+        b, k, d = slots.slots.shape
+        x = slots.slots.reshape(b * k, 1, d).expand(-1, self.size * self.size, -1)
+        x = self.pos(x).transpose(1, 2).reshape(b * k, d, self.size, self.size)
+        out = self.net(x).reshape(b, k, -1, *self.image_size)
+        rgb, alpha = out[:, :, :-1], out[:, :, -1:].softmax(dim=1)
+        recon = (alpha * rgb).sum(dim=1)
+        masks = alpha.squeeze(2).flatten(2).transpose(1, 2)  # [B,H*W,K]
+        return Decoding(
+            reconstruction=recon,
+            target=batch.images,
+            masks=masks,
+            mask_grid=self.image_size,
+            extras={"image": recon.detach().clamp(0, 1)},
+        )
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [SpatialBroadcastDecoder]
+
+

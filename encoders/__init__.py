@@ -1,0 +1,1 @@
+"""Encoder plugins: Batch -> Features. One module per encoder family."""

@@ -1,0 +1,1 @@
+"""Grouping plugins: Features -> Slots. One module per grouping."""

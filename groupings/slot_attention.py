@@ -1,0 +1,113 @@
+"""Slot Attention (Locatello et al. 2020) with the SPOT / BO-QSA options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from bench.contracts import Dims, Features, Slots
+from bench.hookspecs import hookimpl
+from bench.layers import mlp
+from bench.params import param
+from bench.plugin import Plugin
+
+
+@dataclass(frozen=True)
+class SlotAttentionParams:
+    num_slots: int = param(7, "number of slots K")
+    slot_dim: int = param(64, "slot dimension")
+    iterations: int = param(3, "attention iterations")
+    mlp_hidden: int = param(128, "hidden size of the slot update MLP")
+    init: Literal["shared_gaussian", "learned_queries"] = param(
+        "shared_gaussian", "shared Gaussian (sampled, also in eval) or learned per-slot queries"
+    )
+    truncation: Literal["none", "bi-level"] = param(
+        "none", "'bi-level': gradient flows through the last iteration only (BO-QSA)"
+    )
+    pre_mlp: bool = param(False, "LayerNorm + 2-layer MLP on the input tokens (SPOT)")
+    eps: float = param(1e-8, "added to the attention before renormalising over tokens")
+
+
+class SlotAttention(nn.Module, Plugin):
+    """Iterative competitive attention of K slots over the encoder tokens."""
+
+    kind = "grouping"
+    name = "slot_attention"
+    Params = SlotAttentionParams
+    requires = frozenset({"features.tokens"})
+    provides = frozenset({"slots.slots", "slots.attn", "slots.logits", "slots.init"})
+
+    def __init__(self, params: SlotAttentionParams, dims: Dims):
+        super().__init__()
+        if dims.token_dim is None:
+            raise ValueError("slot attention needs the encoder's token dimension")
+        self.params = params
+        d_in, d = dims.token_dim, params.slot_dim
+        self.pre_mlp = (
+            nn.Sequential(nn.LayerNorm(d_in), mlp([d_in, d_in, d_in]))
+            if params.pre_mlp
+            else nn.Identity()
+        )
+        self.norm_inputs = nn.LayerNorm(d_in)
+        self.to_k = nn.Linear(d_in, d, bias=False)
+        self.to_v = nn.Linear(d_in, d, bias=False)
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.norm_slots = nn.LayerNorm(d)
+        self.gru = nn.GRUCell(d, d)
+        self.norm_mlp = nn.LayerNorm(d)
+        self.update_mlp = mlp([d, params.mlp_hidden, d])
+        if params.init == "shared_gaussian":
+            self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
+            self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
+        else:
+            self.queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(params.num_slots, d)))
+        self.scale = d**-0.5
+
+    def output_dims(self, dims: Dims) -> Dims:
+        dims.slot_dim, dims.num_slots = self.params.slot_dim, self.params.num_slots
+        return dims
+
+    def initial_slots(self, batch_size: int, device: torch.device) -> Tensor:
+        k, d = self.params.num_slots, self.params.slot_dim
+        if self.params.init == "shared_gaussian":
+            noise = torch.randn(batch_size, k, d, device=device)
+            return self.mu + self.log_sigma.exp() * noise
+        return self.queries.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def step(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One iteration: returns (new slots, attention softmaxed over slots, logits)."""
+        q = self.to_q(self.norm_slots(slots))
+        logits = torch.einsum("bnd,bkd->bnk", k, q)
+        attn = logits.softmax(dim=-1)
+        weights = attn + self.params.eps
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        updates = torch.einsum("bnk,bnd->bkd", weights, v)
+        b, n_slots, d = slots.shape
+        slots = self.gru(updates.reshape(-1, d), slots.reshape(-1, d)).reshape(b, n_slots, d)
+        slots = slots + self.update_mlp(self.norm_mlp(slots))
+        return slots, attn, logits
+
+    def forward(self, features: Features) -> Slots:
+        tokens = self.norm_inputs(self.pre_mlp(features.tokens))
+        k = self.to_k(tokens) * self.scale
+        v = self.to_v(tokens)
+        init = self.initial_slots(tokens.shape[0], tokens.device)
+        slots = init
+        attn = logits = None
+        for i in range(self.params.iterations):
+            last = i == self.params.iterations - 1
+            if last and self.params.truncation == "bi-level":
+                # BO-QSA: the last iteration sees detached slots, but the init keeps a
+                # straight-through gradient so learned queries still train.
+                slots = slots.detach() + init - init.detach()
+            slots, attn, logits = self.step(slots, k, v)
+        assert attn is not None
+        return Slots(slots=slots, attn=attn, logits=logits, init=init)
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [SlotAttention]

@@ -1,0 +1,1 @@
+"""Objective plugins: ModelOutput + Batch -> named scalar losses."""

@@ -1,0 +1,39 @@
+"""Mean squared error between the decoder's reconstruction and its target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from bench.contracts import Batch, ModelOutput
+from bench.hookspecs import hookimpl
+from bench.params import param
+from bench.plugin import Plugin
+
+
+@dataclass(frozen=True)
+class ReconstructionParams:
+    weight: float = param(1.0, "multiplier of this loss in the total")
+
+
+class Reconstruction(nn.Module, Plugin):
+    """MSE on whatever the decoder reconstructs (pixels or encoder features)."""
+
+    kind = "objective"
+    name = "reconstruction"
+    Params = ReconstructionParams
+
+    def __init__(self, params: ReconstructionParams):
+        super().__init__()
+        self.params = params
+
+    def forward(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+        d = out.decoding
+        mse = (d.reconstruction.float() - d.target.float().detach()).pow(2).mean()
+        return {"reconstruction": self.params.weight * mse}
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [Reconstruction]

@@ -1,0 +1,1 @@
+"""Task plugins: evaluate a trained model on a dataset split."""

@@ -1,0 +1,125 @@
+"""Object discovery: FG-ARI, mBO (instance and class), mIoU, CorLoc, detection rate.
+
+The metric functions follow OCLF/SPOT conventions (see object_discovery_metrics) and are
+public: score your own masks with `fg_ari(pred, gt, ignore)` and friends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import ConfigError
+from bench.hookspecs import hookimpl
+from bench.params import param
+from bench.plugin import Plugin
+from bench.tasking import EvalContext, MetricRecord, TaskResult
+from tasks.object_discovery_metrics import (
+    all_metrics,
+    corloc,
+    detection_rate,
+    fg_ari,
+    ignore_overlaps,
+    masks_to_pred,
+    mbo,
+    miou,
+)
+
+__all__ = [
+    "ObjectDiscovery",
+    "all_metrics",
+    "corloc",
+    "detection_rate",
+    "fg_ari",
+    "ignore_overlaps",
+    "masks_to_pred",
+    "mbo",
+    "miou",
+]
+
+MASK_SOURCES = ("decoder", "attn")
+
+
+@dataclass(frozen=True)
+class ObjectDiscoveryParams:
+    masks: list[str] = param(["decoder", "attn"], "masks scored: 'decoder' and/or 'attn'")
+    mask_size: int = param(0, "side the masks are scored at (0 = ground-truth resolution)")
+    ignore_overlaps: bool = param(True, "drop pixels covered by several instances (OCLF)")
+    class_masks: bool = param(True, "also score mBO_c on the class masks")
+
+
+class ObjectDiscovery(Plugin):
+    """Unsupervised segmentation quality of slot masks against instance masks."""
+
+    kind = "task"
+    name = "object_discovery"
+    Params = ObjectDiscoveryParams
+    requires = frozenset({"batch.instance_masks"})
+
+    @classmethod
+    def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
+        needs, gives = super().capabilities(params)
+        bad = [m for m in params.masks if m not in MASK_SOURCES]
+        if bad:
+            raise ConfigError(
+                f"tasks.object_discovery.masks: unknown source {bad[0]!r}; allowed: decoder, attn"
+            )
+        if "decoder" in params.masks:
+            needs.add("decoding.masks")
+        if params.class_masks:
+            needs.add("batch.class_masks")
+        return needs, gives
+
+    def __init__(self, params: ObjectDiscoveryParams):
+        self.params = params
+
+    def evaluate(self, ctx: EvalContext) -> TaskResult:
+        p = self.params
+        sums: dict[tuple[str, str], list[torch.Tensor]] = {}
+        resolution: tuple[int, int] | None = None
+        images = 0
+        for batch, out in ctx.predictions(desc="object discovery"):
+            gt = batch.instance_masks
+            assert gt is not None
+            ignore = batch.ignore_mask
+            class_gt = batch.class_masks
+            if p.mask_size > 0:
+                size = (p.mask_size, p.mask_size)
+                gt = _resize_masks(gt, size)
+                class_gt = _resize_masks(class_gt, size) if class_gt is not None else None
+                ignore = _resize_masks(ignore[:, None], size)[:, 0] if ignore is not None else None
+            resolution = tuple(gt.shape[-2:])
+            inst_ignore = ignore_overlaps(gt, ignore) if p.ignore_overlaps else ignore
+            images += gt.shape[0]
+            for source in p.masks:
+                pred = masks_to_pred(out.masks(source).float(), resolution)
+                scores = all_metrics(pred, gt, inst_ignore, num_slots=out.slots.slots.shape[1])
+                if p.class_masks and class_gt is not None:
+                    scores["mbo_c"] = mbo(pred, class_gt, ignore)
+                scores["mbo_i"] = scores.pop("mbo")
+                for metric, values in scores.items():
+                    sums.setdefault((source, metric), []).append(values.double().cpu())
+        records = []
+        for (source, metric), chunks in sums.items():
+            values = torch.cat(chunks)
+            counted = values[~values.isnan()]
+            value = float(counted.mean()) if counted.numel() else float("nan")
+            records.append(
+                MetricRecord(self.name, metric, value, source, resolution, int(counted.numel()))
+            )
+        return TaskResult(records, {"images": images})
+
+
+def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-exact resize of bool masks [B,M,H,W]."""
+    if tuple(masks.shape[-2:]) == size:
+        return masks
+    return F.interpolate(masks.float(), size=size, mode="nearest-exact") > 0.5
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [ObjectDiscovery]
