@@ -92,7 +92,9 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for bad pickles
-        raise DataError(f"checkpoint file {path} is corrupt: {err}") from None
+        # torch's weights-only message spans lines and advises weights_only=False: keep its cause
+        reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        raise DataError(f"checkpoint file {path} is corrupt: {' '.join(reason.split())}") from None
 
 
 def load_into(model: nn.Module, path: Path) -> None:

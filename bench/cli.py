@@ -120,12 +120,19 @@ def _split_config(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`eval RUN -q a.b=1`); argparse leaves those over.
+    stray = [e for e in extra if "=" not in e or e.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _split_config(args)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"ocl-bench: error: {err}", file=sys.stderr)
+        print(f"ocl-bench: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("ocl-bench: interrupted; rerun the same command to resume", file=sys.stderr)

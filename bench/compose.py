@@ -6,7 +6,7 @@ from torch import nn
 
 from bench.config import RunConfig
 from bench.contracts import Batch, Dims, ModelOutput
-from bench.errors import IncompatiblePluginsError
+from bench.errors import ConfigError, IncompatiblePluginsError
 
 # Which stage is expected to supply a capability, by its prefix.
 SUPPLIER = {"batch": "dataset", "features": "encoder", "slots": "grouping", "decoding": "decoder"}
@@ -23,6 +23,7 @@ def check_compatible(cfg: RunConfig) -> None:
         provided[choice.kind] = provided.get(choice.kind, set()) | gives
     for choice in plugins:
         needs, _ = choice.cls.capabilities(choice.params)
+        missing: dict[str, list[str]] = {}
         for need in sorted(needs):
             stage = SUPPLIER.get(need.split(".")[0])
             if stage is None:
@@ -31,10 +32,12 @@ def check_compatible(cfg: RunConfig) -> None:
                 continue
             if ORDER.index(stage) >= ORDER.index(choice.kind):
                 continue  # a plugin never waits on a later stage; not a combination problem
+            missing.setdefault(stage, []).append(need)
+        for stage, gaps in missing.items():  # every gap of one supplier in one message
             supplier = chosen[stage]
             raise IncompatiblePluginsError(
-                f"{choice.kind} '{choice.name}' needs '{need}', which {stage} "
-                f"'{supplier.name}' does not provide "
+                f"{choice.kind} '{choice.name}' needs {', '.join(repr(n) for n in gaps)}, "
+                f"which {stage} '{supplier.name}' does not provide "
                 f"(it provides: {', '.join(sorted(provided.get(stage, set()))) or 'nothing'})"
             )
 
@@ -62,7 +65,10 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
     modules = []
     for stage in ("encoder", "grouping", "decoder"):
         choice = getattr(cfg, stage)
-        module = choice.cls(choice.params, dims)
+        try:
+            module = choice.cls(choice.params, dims)
+        except ValueError as err:  # plugins reject params that do not fit the data this way
+            raise ConfigError(f"{stage} '{choice.name}': {err}") from None
         dims = module.output_dims(dims)
         modules.append(module)
     return SlotModel(*modules)

@@ -43,6 +43,10 @@ class TrainSettings:
     num_workers: int = param(0, "data loader worker processes")
     threads: int = param(0, "torch CPU threads; 0 = torch's default")
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -50,6 +54,10 @@ class EvalSettings:
     num_images: int = param(320, "images evaluated (0 = the whole split)")
     batch_size: int = param(32, "images per evaluation batch")
     figure_images: int = param(4, "images shown in the evaluation figure")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be at least 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,6 @@ def lr_factor(settings: Any, step: int) -> float:
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir`, resuming from its last checkpoint if there is one."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir)
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -91,6 +89,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     dataset = make_dataset(cfg.dataset, "train")
     model = build_model(cfg, dataset.image_size).to(device)
     objectives = build_objectives(cfg).to(device)
+    # Only once the model is built: a bad combination or param leaves no run directory.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, run_dir)
     parameters = [p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s))
@@ -165,9 +166,10 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses = {k: float(v) for k, v in terms.items()}
-            log.write(json.dumps({"step": step + 1, "loss": float(total), **losses}) + "\n")
-            bar.set_postfix(loss=f"{float(total):.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            losses = {k: float(v.detach()) for k, v in terms.items()}
+            loss = float(total.detach())
+            log.write(json.dumps({"step": step + 1, "loss": loss, **losses}) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             bar.update(1)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 log.flush()

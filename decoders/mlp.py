@@ -10,7 +10,7 @@ from torch import nn
 
 from bench.contracts import Batch, Decoding, Dims, Features, Slots
 from bench.hookspecs import hookimpl
-from bench.layers import mlp, patchify, unpatchify
+from bench.layers import grid_coords, mlp, patchify, unpatchify
 from bench.params import param
 from bench.plugin import Plugin
 
@@ -19,6 +19,12 @@ from bench.plugin import Plugin
 class MLPDecoderParams:
     hidden: int = param(256, "hidden width of the per-token MLP")
     layers: int = param(3, "hidden layers of the MLP")
+    position: Literal["learned", "coords"] = param(
+        "learned",
+        "free per-token embeddings (DINOSAUR) or an MLP of the (y, x) coordinates, which "
+        "biases masks towards spatially smooth shapes",
+    )
+    pos_std: float = param(0.02, "std of the learned position embedding at initialisation")
     target: Literal["pixels", "features"] = param(
         "pixels", "reconstruct image patches on the token grid, or the encoder's targets"
     )
@@ -53,7 +59,11 @@ class MLPDecoder(nn.Module, Plugin):
             if dims.target_dim is None:
                 raise ValueError("decoder target 'features' needs an encoder that provides targets")
             self.out_dim = dims.target_dim
-        self.pos = nn.Parameter(torch.randn(1, 1, h * w, dims.slot_dim) * 0.02)
+        if params.position == "learned":
+            self.pos = nn.Parameter(torch.randn(1, 1, h * w, dims.slot_dim) * params.pos_std)
+        else:
+            self.register_buffer("coords", grid_coords(h, w), persistent=False)
+            self.coord_mlp = mlp([4, params.hidden, dims.slot_dim])
         self.net = mlp([dims.slot_dim] + [params.hidden] * params.layers + [self.out_dim + 1])
         self.channels = dims.channels
 
@@ -62,7 +72,8 @@ class MLPDecoder(nn.Module, Plugin):
 
     def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
         s = slots.slots
-        x = self.net(s.unsqueeze(2) + self.pos)  # [B,K,N,D+1]
+        pos = self.pos if self.params.position == "learned" else self.coord_mlp(self.coords)
+        x = self.net(s.unsqueeze(2) + pos)  # [B,K,N,D+1]
         values, alpha_logits = x[..., :-1], x[..., -1]
         alpha = alpha_logits.softmax(dim=1)  # over slots
         recon = torch.einsum("bkn,bknd->bnd", alpha, values)

@@ -1,0 +1,322 @@
+"""Per-image object discovery metrics following OCLF conventions.
+
+Pure functions (torch + scipy). Shapes: B images, K slots, M ground-truth objects, H x W pixels.
+
+Inputs shared by every metric:
+
+- ``pred``: long[B,H,W], the slot index of each pixel (argmax already taken; see
+  :func:`masks_to_pred`). Every slot index is a candidate, including "background" slots.
+- ``gt``: bool[B,M,H,W], one mask per object, zero-padded along M. Non-bool tensors are read
+  as ``gt > 0``.
+- ``ignore``: bool[B,H,W] or None. Ignored pixels are removed from both the prediction and the
+  ground truth: they leave every intersection, union and FG-ARI's contingency table.
+
+Pixels covered by more than one GT mask are *not* ignored automatically. OCLF's instance-mask
+metrics ignore them; to do the same, pass ``ignore=ignore_overlaps(gt, ignore)``. Without that,
+such a pixel counts in the intersection of every mask covering it, and in FG-ARI it counts once
+in each of those rows (OCLF's formula with a multi-hot target row).
+
+Every metric returns a float64 tensor[B] of per-image values on ``pred``'s device; report the
+mean over the non-NaN entries, as OCLF does.
+
+- FG-ARI: adjusted Rand index over foreground pixels (pixels in no GT mask drop out). An image
+  with no foreground pixels scores 1.0 and is counted (never NaN).
+- IoU family (mBO, mIoU, CorLoc, detection rate): GT masks that are empty (padding, or emptied by
+  ``ignore``) are dropped; an image with no GT mask left is skipped (NaN). An IoU whose union is
+  empty is 0. "Detected" means best IoU over slots strictly greater than 0.5.
+
+All counts come from one joint histogram of (image, slot, GT-membership bits) built with
+``torch.bincount``, so the cost is a few passes over the pixels; only the Hungarian matching of
+mIoU loops over images (on a K x M matrix).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+__all__ = [
+    "all_metrics",
+    "corloc",
+    "detection_rate",
+    "fg_ari",
+    "ignore_overlaps",
+    "masks_to_pred",
+    "mbo",
+    "miou",
+]
+
+METRIC_NAMES = ("fg_ari", "mbo", "miou", "corloc", "detection_rate")
+
+# Upper bound on histogram bins per pass; GT masks are processed in groups of as many bits as fit.
+_MAX_HIST_BINS = 1 << 20
+
+
+class _Counts(NamedTuple):
+    inter: Tensor  # float64[B,K,M]: pixels of slot k inside GT mask m (ignore removed)
+    pred_area: Tensor  # float64[B,K]: pixels assigned to slot k (ignore removed)
+    gt_area: Tensor  # float64[B,M]: pixels of GT mask m (ignore removed)
+
+
+def masks_to_pred(soft_masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Turn soft slot masks float[B,K,h,w] into slot indices long[B,H,W] at ``size=(H, W)``.
+
+    As in OCLF, masks are upsampled bilinearly (``align_corners=False``) *before* the argmax;
+    ties go to the lowest slot index. Computation happens in the dtype of ``soft_masks``.
+    """
+    if soft_masks.dim() != 4:
+        raise ValueError(f"soft_masks must be [B,K,h,w], got shape {tuple(soft_masks.shape)}")
+    size = (int(size[0]), int(size[1]))
+    if tuple(soft_masks.shape[-2:]) != size:
+        soft_masks = F.interpolate(soft_masks, size=size, mode="bilinear", align_corners=False)
+    return soft_masks.argmax(dim=1)
+
+
+def ignore_overlaps(gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Return bool[B,H,W]: ``ignore`` OR pixels covered by more than one GT mask of ``gt``."""
+    gt = _as_bool(gt)
+    seen = torch.zeros(gt.shape[0], *gt.shape[2:], dtype=torch.bool, device=gt.device)
+    overlap = torch.zeros_like(seen)
+    for m in range(gt.shape[1]):
+        overlap |= seen & gt[:, m]
+        seen |= gt[:, m]
+    if ignore is not None:
+        overlap |= ignore.to(device=gt.device, dtype=torch.bool)
+    return overlap
+
+
+def fg_ari(pred: Tensor, gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Foreground adjusted Rand index per image, float64[B] (1.0 for images without foreground).
+
+    OCLF's formula on the contingency table ``n_ij = sum_pixels T[p,i] * P[p,j]`` (GT rows i,
+    slot columns j), evaluated in float64; it returns 1.0 whenever the maximum index does not
+    exceed the expected index (``(A + B) / 2 - E <= 0``).
+    """
+    return _fg_ari(_counts(pred, gt, ignore))
+
+
+def mbo(pred: Tensor, gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Mean best overlap per image, float64[B]: mean over GTs of the max IoU over slots (NaN if
+    no GT). A slot may be the best match of several GTs."""
+    return _mbo(_iou(_counts(pred, gt, ignore)))
+
+
+def miou(pred: Tensor, gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Hungarian mIoU per image, float64[B] (NaN if no GT).
+
+    One-to-one matching maximising total IoU on the slot x GT IoU matrix
+    (``scipy.optimize.linear_sum_assignment(maximize=True)``); GTs left unmatched (more GTs than
+    slots) score 0; the image score is the mean over its GTs.
+    """
+    return _miou(_iou(_counts(pred, gt, ignore)))
+
+
+def corloc(pred: Tensor, gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """CorLoc per image, float64[B]: 1.0 if some GT has best IoU > 0.5 (strict), else 0.0; NaN if
+    no GT."""
+    return _corloc(_iou(_counts(pred, gt, ignore)))
+
+
+def detection_rate(pred: Tensor, gt: Tensor, ignore: Tensor | None = None) -> Tensor:
+    """Detection rate (OCLF "instance_mask_recall") per image, float64[B]: fraction of GTs whose
+    best IoU over slots is > 0.5 (strict); NaN if no GT. Average it per image, not per object."""
+    return _detection_rate(_iou(_counts(pred, gt, ignore)))
+
+
+def all_metrics(
+    pred: Tensor,
+    gt: Tensor,
+    ignore: Tensor | None = None,
+    num_slots: int | None = None,
+) -> dict[str, Tensor]:
+    """All five metrics, sharing one set of slot x object pixel counts.
+
+    Returns ``{"fg_ari", "mbo", "miou", "corloc", "detection_rate"}`` -> float64[B], identical to
+    the single-metric functions. ``num_slots`` defaults to ``pred.max() + 1``; extra empty slots
+    change no metric.
+    """
+    counts = _counts(pred, gt, ignore, num_slots)
+    iou = _iou(counts)
+    return {
+        "fg_ari": _fg_ari(counts),
+        "mbo": _mbo(iou),
+        "miou": _miou(iou),
+        "corloc": _corloc(iou),
+        "detection_rate": _detection_rate(iou),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Shared work
+
+
+def _as_bool(gt: Tensor) -> Tensor:
+    if gt.dim() != 4:
+        raise ValueError(f"gt must be [B,M,H,W], got shape {tuple(gt.shape)}")
+    return gt if gt.dtype == torch.bool else gt > 0
+
+
+def _counts(
+    pred: Tensor, gt: Tensor, ignore: Tensor | None, num_slots: int | None = None
+) -> _Counts:
+    gt = _as_bool(gt)
+    if pred.dim() != 3:
+        raise ValueError(f"pred must be [B,H,W], got shape {tuple(pred.shape)}")
+    if pred.dtype.is_floating_point or pred.dtype == torch.bool:
+        raise TypeError(f"pred must hold integer slot indices, got {pred.dtype}")
+    b, m, h, w = gt.shape
+    if pred.shape != (b, h, w):
+        raise ValueError(f"pred shape {tuple(pred.shape)} does not match gt {tuple(gt.shape)}")
+    if ignore is not None and ignore.shape != (b, h, w):
+        raise ValueError(f"ignore shape {tuple(ignore.shape)} does not match gt {tuple(gt.shape)}")
+    device = pred.device
+    gt = gt.to(device)
+    hw = h * w
+
+    if pred.numel():
+        lo, hi = int(pred.min()), int(pred.max())
+        if lo < 0:
+            raise ValueError(f"pred holds a negative slot index ({lo})")
+    else:
+        hi = -1
+    k = hi + 1 if num_slots is None else int(num_slots)
+    if hi >= k:
+        raise ValueError(f"pred holds slot index {hi} but num_slots={k}")
+    k = max(k, 1)
+    rows = b * (k + 1)  # slot K collects ignored pixels and is dropped at the end
+
+    # base[b, p] = b * (K + 1) + slot, with slot K for ignored pixels.
+    index_dtype = torch.int32 if rows < 1 << 30 else torch.int64
+    base = pred.reshape(b, hw).to(index_dtype, copy=True)
+    if ignore is not None:
+        base.masked_fill_(ignore.to(device=device, dtype=torch.bool).reshape(b, hw), k)
+    base += (torch.arange(b, device=device, dtype=index_dtype) * (k + 1)).view(b, 1)
+
+    if m == 0:
+        hist = torch.bincount(base.reshape(-1), minlength=rows).view(b, k + 1)
+        pred_area = hist[:, :k].to(torch.float64)
+        empty = torch.zeros(b, k, 0, dtype=torch.float64, device=device)
+        return _Counts(empty, pred_area, torch.zeros(b, 0, dtype=torch.float64, device=device))
+
+    # Each GT mask is one bit of a per-pixel code; bincount over (row, code) gives the joint
+    # histogram, and a 0/1 matrix product turns codes back into per-mask intersections.
+    bits = max(1, min(m, (_MAX_HIST_BINS // rows).bit_length() - 1))
+    packed = _PackedMasks(gt.reshape(b, m, hw))
+    inter_parts = []
+    pred_area = None
+    for start in range(0, m, bits):
+        nbits = min(bits, m - start)
+        key_dtype = torch.int32 if rows << nbits < 1 << 31 else torch.int64
+        key = base.to(key_dtype, copy=nbits < m)  # a single pass may reuse the buffer
+        key <<= nbits
+        widened = torch.empty_like(key)  # mixed-dtype in-place ops are slow; widen explicitly
+        for byte in range(0, nbits, 8):
+            widened.copy_(packed.codes(start + byte, min(8, nbits - byte)))
+            if byte:
+                widened <<= byte
+            key |= widened
+        del widened
+        hist = torch.bincount(key.reshape(-1), minlength=rows << nbits)
+        del key
+        hist = hist.view(rows, 1 << nbits).to(torch.float64)
+        codes = torch.arange(1 << nbits, device=device)
+        code_bits = ((codes[:, None] >> torch.arange(nbits, device=device)) & 1).to(torch.float64)
+        inter_parts.append((hist @ code_bits).view(b, k + 1, nbits)[:, :k])
+        if pred_area is None:
+            pred_area = hist.sum(1).view(b, k + 1)[:, :k]
+    inter = torch.cat(inter_parts, dim=2) if len(inter_parts) > 1 else inter_parts[0]
+    return _Counts(inter, pred_area, inter.sum(1))
+
+
+class _PackedMasks:
+    """Per-pixel codes holding up to 8 GT masks as bits of one byte.
+
+    Mask bytes are 0/1, so shifting a mask left by j < 8 stays inside each byte: reading the
+    bytes as int64 handles 8 pixels per element.
+    """
+
+    def __init__(self, gt: Tensor) -> None:  # bool[B,M,P]
+        b, _, p = gt.shape
+        self.pixels = p
+        data = gt.view(torch.uint8)
+        if p % 8:
+            data = F.pad(data, (0, 8 - p % 8))
+        elif data.storage_offset() % 8 or not data.is_contiguous():
+            data = data.clone(memory_format=torch.contiguous_format)
+        self.words = data.view(torch.int64)  # int64[B,M,ceil(P/8)]
+
+    def codes(self, start: int, count: int) -> Tensor:
+        """uint8[B,P]: bit j is mask ``start + j`` for j < count <= 8."""
+        acc = self.words[:, start].clone()
+        shifted = torch.empty_like(acc)
+        for j in range(1, count):
+            torch.bitwise_left_shift(self.words[:, start + j], j, out=shifted)
+            acc |= shifted
+        return acc.view(torch.uint8)[:, : self.pixels]
+
+
+class _IoU(NamedTuple):
+    iou: Tensor  # float64[B,K,M]
+    hit: Tensor  # bool[B,K,M]: IoU > 0.5, decided exactly in integers (2 * inter > union)
+    valid: Tensor  # bool[B,M]: GT mask non-empty after ignore
+    n_valid: Tensor  # float64[B]
+
+
+def _iou(counts: _Counts) -> _IoU:
+    inter, pred_area, gt_area = counts
+    union = pred_area[:, :, None] + gt_area[:, None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    valid = gt_area > 0
+    return _IoU(iou, 2 * inter > union, valid, valid.sum(1).to(torch.float64))
+
+
+def _per_gt_mean(values: Tensor, iou: _IoU) -> Tensor:
+    """Mean of float[B,M] over valid GTs; NaN for images without any."""
+    total = torch.where(iou.valid, values, torch.zeros_like(values)).sum(1)
+    return torch.where(iou.n_valid > 0, total / iou.n_valid.clamp_min(1), torch.nan)
+
+
+def _fg_ari(counts: _Counts) -> Tensor:
+    n_ij = counts.inter  # float64 [B,K,M]; OCLF's rows are GTs (sum over M) and columns slots
+    a = n_ij.sum(1)
+    b = n_ij.sum(2)
+    n = a.sum(1)
+    rindex = (n_ij * (n_ij - 1)).sum((1, 2))
+    aindex = (a * (a - 1)).sum(1)
+    bindex = (b * (b - 1)).sum(1)
+    expected = aindex * bindex / (n * (n - 1)).clamp_min(1)
+    max_rindex = (aindex + bindex) / 2
+    denominator = max_rindex - expected
+    ari = (rindex - expected) / torch.where(denominator > 0, denominator, 1)
+    return torch.where(denominator > 0, ari, torch.ones_like(ari))
+
+
+def _mbo(iou: _IoU) -> Tensor:
+    return _per_gt_mean(iou.iou.amax(1), iou)
+
+
+def _detection_rate(iou: _IoU) -> Tensor:
+    return _per_gt_mean(iou.hit.any(1).to(torch.float64), iou)
+
+
+def _corloc(iou: _IoU) -> Tensor:
+    found = (iou.hit.any(1) & iou.valid).any(1).to(torch.float64)
+    return torch.where(iou.n_valid > 0, found, torch.nan)
+
+
+def _miou(iou: _IoU) -> Tensor:
+    matrices = iou.iou.cpu().numpy()
+    valid = iou.valid.cpu().numpy()
+    out = np.full(matrices.shape[0], np.nan)
+    for i in range(matrices.shape[0]):
+        if not valid[i].any():
+            continue
+        matrix = matrices[i][:, valid[i]]
+        rows, cols = linear_sum_assignment(matrix, maximize=True)
+        out[i] = matrix[rows, cols].sum() / matrix.shape[1]
+    return torch.from_numpy(out).to(iou.iou.device)

@@ -1,0 +1,260 @@
+"""Run configs: override parsing, validation errors that list what is allowed, round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.config import (
+    RunConfig,
+    apply_overrides,
+    load_config,
+    load_raw,
+    parse_override,
+    resolve,
+)
+from bench.errors import ConfigError, DataError, UnknownPluginError
+
+
+def resolved(*overrides: str) -> RunConfig:
+    return resolve(load_raw(None, list(overrides)))
+
+
+# ------------------------------------------------------------------ overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "value"),
+    [
+        ("train.steps=200", ["train", "steps"], 200),
+        ("train.lr=4e-4", ["train", "lr"], 4e-4),
+        ("train.lr=0.5", ["train", "lr"], 0.5),
+        ("grouping.pre_mlp=true", ["grouping", "pre_mlp"], True),
+        ("grouping.pre_mlp=false", ["grouping", "pre_mlp"], False),
+        ("decoder.name=spatial_broadcast", ["decoder", "name"], "spatial_broadcast"),
+        ('decoder.name="mlp"', ["decoder", "name"], "mlp"),
+        ("dataset.shapes=['square', 'circle']", ["dataset", "shapes"], ["square", "circle"]),
+        ("a.b=[1, 2, 3]", ["a", "b"], [1, 2, 3]),
+        ("seed=7", ["seed"], 7),
+        # not valid TOML values: kept as the literal string
+        ("train.steps=abc", ["train", "steps"], "abc"),
+        ("x.y=[1,", ["x", "y"], "[1,"),
+        ("x.y=1.2.3", ["x", "y"], "1.2.3"),
+        ("x.y=a=b", ["x", "y"], "a=b"),
+        ("x.y=", ["x", "y"], ""),
+    ],
+)
+def test_parse_override(text: str, key: list[str], value: object) -> None:
+    parts, parsed = parse_override(text)
+    assert parts == key
+    assert parsed == value
+    assert type(parsed) is type(value)
+
+
+@pytest.mark.parametrize("text", ["train.steps", "a..b=1", ".a=1", "a.=1"])
+def test_parse_override_rejects_malformed(text: str) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(text)
+
+
+def test_apply_overrides_creates_nested_keys_and_leaves_input_alone() -> None:
+    raw = {"train": {"steps": 1}}
+    out = apply_overrides(raw, ["eval.num_images=8", "a.b.c=true", "train.steps=5"])
+    assert out == {"train": {"steps": 5}, "eval": {"num_images": 8}, "a": {"b": {"c": True}}}
+    assert raw == {"train": {"steps": 1}}
+
+
+def test_apply_overrides_into_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="'seed' is a value"):
+        apply_overrides({"seed": 0}, ["seed.x=1"])
+
+
+def test_switching_decoder_drops_old_params() -> None:
+    raw = load_raw(None, ["decoder.hidden=32", "decoder.name=spatial_broadcast"])
+    assert raw["decoder"] == {"name": "spatial_broadcast"}
+    cfg = resolve(raw)  # 'hidden' is not a spatial_broadcast param: would fail if kept
+    assert cfg.decoder.name == "spatial_broadcast"
+    # params given after the switch stay
+    raw = load_raw(None, ["decoder.name=mlp", "decoder.hidden=32"])
+    assert raw["decoder"] == {"name": "mlp", "hidden": 32}
+    assert resolve(raw).decoder.params.hidden == 32
+
+
+def test_switching_grouping_to_same_name_keeps_params() -> None:
+    raw = load_raw(None, ["grouping.name=slot_attention"])
+    assert raw["grouping"]["num_slots"] == 6
+
+
+# ------------------------------------------------------------------ resolve
+
+
+def test_default_config_resolves() -> None:
+    cfg = resolved()
+    assert cfg.dataset.name == "shapes"
+    assert cfg.encoder.name == "cnn"
+    assert cfg.grouping.name == "slot_attention"
+    assert cfg.grouping.params.num_slots == 6
+    assert cfg.decoder.name == "mlp"
+    assert [c.name for c in cfg.objectives] == ["reconstruction"]
+    assert [c.name for c in cfg.tasks] == ["object_discovery", "property_prediction"]
+
+
+def test_overrides_reach_the_params() -> None:
+    cfg = resolved("grouping.num_slots=3", "train.lr=1", "decoder.target=features")
+    assert cfg.grouping.params.num_slots == 3
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.decoder.params.target == "features"
+
+
+def test_unknown_top_level_key_lists_allowed() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved("trian.steps=3")
+    msg = str(err.value)
+    assert "'trian'" in msg
+    for allowed in ("seed", "dataset", "encoder", "grouping", "decoder", "train", "eval"):
+        assert allowed in msg
+
+
+def test_unknown_plugin_param_names_dotted_key_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved("grouping.num_slotz=3")
+    msg = str(err.value)
+    assert "grouping.num_slotz" in msg
+    assert "num_slots" in msg and "slot_dim" in msg and "iterations" in msg
+
+
+def test_unknown_train_key_names_key_and_allowed() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved("train.stepz=3")
+    assert "train.stepz" in str(err.value)
+    assert "steps" in str(err.value) and "batch_size" in str(err.value)
+
+
+def test_unknown_collection_param_names_key() -> None:
+    with pytest.raises(ConfigError, match=r"tasks\.object_discovery\.maskz.*masks"):
+        resolved("tasks.object_discovery.maskz=['attn']")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "expected"),
+    [
+        ("grouping.num_slots=seven", "grouping.num_slots", "int"),
+        ("train.lr=fast", "train.lr", "float"),
+        ("grouping.num_slots=true", "grouping.num_slots", "int"),
+        ("train.steps=1.5", "train.steps", "int"),
+        ("grouping.pre_mlp=1", "grouping.pre_mlp", "bool"),
+        ("eval.split=3", "eval.split", "str"),
+        ("dataset.shapes=square", "dataset.shapes", "list"),
+        ("tasks.object_discovery.masks=[1]", "tasks.object_discovery.masks[0]", "str"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(override: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved(override)
+    msg = str(err.value)
+    assert key in msg
+    assert f"expected {expected}" in msg or f"({expected}" in msg
+
+
+def test_bad_seed_type() -> None:
+    with pytest.raises(ConfigError, match="seed.*int"):
+        resolved("seed=abc")
+
+
+def test_literal_param_lists_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved("decoder.target=bogus")
+    msg = str(err.value)
+    assert "decoder.target" in msg and "'bogus'" in msg
+    assert "'pixels'" in msg and "'features'" in msg
+    with pytest.raises(ConfigError, match=r"train\.device.*'auto'.*'cpu'.*'cuda'"):
+        resolved("train.device=tpu")
+
+
+def test_unknown_plugin_name_lists_known_of_that_kind() -> None:
+    with pytest.raises(UnknownPluginError) as err:
+        resolved("encoder.name=resnet9000")
+    msg = str(err.value)
+    assert "resnet9000" in msg and "cnn" in msg
+    assert "mlp" not in msg  # a decoder, not an encoder
+    with pytest.raises(UnknownPluginError, match="known tasks: .*object_discovery"):
+        resolved("tasks.nope.x=1")
+    with pytest.raises(UnknownPluginError, match="known objectives: .*reconstruction"):
+        resolved("objectives.nope.weight=1.0")
+
+
+def test_missing_stage_table() -> None:
+    raw = load_raw(None)
+    del raw["encoder"]
+    with pytest.raises(ConfigError, match=r"\[encoder\]"):
+        resolve(raw)
+
+
+def test_stage_without_name_lists_choices() -> None:
+    raw = load_raw(None)
+    del raw["decoder"]["name"]
+    with pytest.raises(ConfigError) as err:
+        resolve(raw)
+    assert "decoder.name" in str(err.value)
+    assert "mlp" in str(err.value) and "spatial_broadcast" in str(err.value)
+
+
+def test_stage_that_is_not_a_table() -> None:
+    with pytest.raises(ConfigError, match="'encoder' must be a table"):
+        resolve({**load_raw(None), "encoder": "cnn"})
+
+
+# ------------------------------------------------------------------ serialisation
+
+
+def test_to_toml_round_trips(tmp_path: Path) -> None:
+    cfg = resolved("grouping.num_slots=3", "decoder.name=spatial_broadcast", "train.lr=1e-3")
+    path = tmp_path / "run.toml"
+    path.write_text(cfg.to_toml())
+    again = load_config(path)
+    assert again.digest() == cfg.digest()
+    assert again.to_dict() == cfg.to_dict()
+    assert again.decoder.name == "spatial_broadcast"
+    assert again.grouping.params.num_slots == 3
+
+
+def test_digest_is_stable_and_changes_with_any_param() -> None:
+    base = resolved()
+    assert resolved().digest() == base.digest()
+    assert resolved("grouping.num_slots=6").digest() == base.digest()  # same as the default
+    changed = {
+        resolved(o).digest()
+        for o in ("grouping.num_slots=5", "train.lr=1e-3", "seed=1", "decoder.hidden=8")
+    }
+    assert base.digest() not in changed
+    assert len(changed) == 4
+
+
+def test_load_config_missing_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(DataError, match="absent.toml"):
+        load_config(path)
+
+
+def test_load_config_invalid_toml_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text("[encoder\nname = 'cnn'\n")
+    with pytest.raises(DataError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "TOML" in str(err.value)
+
+
+def test_load_config_binary_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "binary.toml"
+    path.write_bytes(b"\xff\xfe\x00garbage\x80")
+    with pytest.raises(DataError, match="binary.toml"):
+        load_config(path)
+
+
+def test_load_config_applies_overrides_on_top_of_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(resolved().to_toml())
+    cfg = load_config(path, ["train.steps=3"])
+    assert cfg.train.steps == 3

@@ -1,0 +1,178 @@
+"""Training: bitwise determinism, resume after kill -9, NaN stop, run directory contents."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench import checkpoint
+from bench.config import load_config
+from bench.errors import ConfigError, TrainingDiverged
+from bench.evaluate import evaluate_run, load_run
+from bench.train import train
+from tests.conftest import TINY
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, "train.steps=5"])
+    train(cfg, tmp_path / "a", progress=False)
+    train(load_config(None, [*TINY, "train.steps=5"]), tmp_path / "b", progress=False)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    # and a different seed really changes them
+    train(load_config(None, [*TINY, "train.steps=5", "seed=1"]), tmp_path / "c", progress=False)
+    a, c = weights(tmp_path / "a"), weights(tmp_path / "c")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
+    full = load_config(None, [*TINY, "train.steps=7"])
+    train(full, tmp_path / "full", progress=False)
+    # Train 3 steps (one checkpoint), then ask for 7 in the same directory.
+    train(load_config(None, [*TINY, "train.steps=3"]), tmp_path / "split", progress=False)
+    result = train(load_config(None, [*TINY, "train.steps=7"]), tmp_path / "split", progress=False)
+    assert result.resumed_from == 3
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "split"))
+    log = (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 8))
+
+
+def _cli(out: Path, steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--no-eval", "-q",
+        *TINY, f"train.steps={steps}", "train.checkpoint_every=2",
+    ]
+
+
+def test_kill_9_then_rerun_gives_identical_weights(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    steps = 12
+    subprocess.run(_cli(tmp_path / "full", steps), check=True, env=env, capture_output=True)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(run, steps), env=env, stderr=subprocess.DEVNULL)
+    done = run / "checkpoint" / checkpoint.DONE_FILE
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if done.exists() and int(done.read_text() or 0) >= 4:
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    killed_at = int(done.read_text()) if done.exists() else 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < killed_at < steps, "the run should have been killed halfway"
+
+    subprocess.run(_cli(run, steps), check=True, env=env, capture_output=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(run))
+
+
+def test_kill_between_checkpoint_renames_is_recovered(tmp_path: Path) -> None:
+    cfg = load_config(None, [*TINY, "train.steps=3"])
+    run = tmp_path / "run"
+    train(cfg, run, progress=False)
+    ckpt = run / "checkpoint"
+    # Simulate a kill after the old checkpoint was moved aside but before the new one
+    # was renamed into place.
+    ckpt.rename(ckpt.with_name("checkpoint.new"))
+    assert checkpoint.recover(ckpt) == ckpt
+    assert (ckpt / checkpoint.MODEL_FILE).exists()
+    # A half-written new checkpoint (no COMPLETE marker) is ignored in favour of the old.
+    half = ckpt.with_name("checkpoint.new")
+    half.mkdir()
+    (half / checkpoint.MODEL_FILE).write_bytes(b"partial")
+    assert checkpoint.recover(ckpt) == ckpt
+    assert not half.exists()
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
+    from objectives import reconstruction
+
+    original = reconstruction.Reconstruction.forward
+    calls = {"n": 0}
+
+    def poisoned(self, out, batch):
+        calls["n"] += 1
+        losses = original(self, out, batch)
+        if calls["n"] == 5:
+            return {k: v * float("nan") for k, v in losses.items()}
+        return losses
+
+    monkeypatch.setattr(reconstruction.Reconstruction, "forward", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="at step 5") as err:
+        train(load_config(None, [*TINY, "train.steps=8"]), run, progress=False)
+    assert "step 3" in str(err.value)  # the last checkpoint (every 3 steps) is named
+    assert (run / "checkpoint" / checkpoint.DONE_FILE).read_text() == "3"
+    state = weights(run)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_run_directory_contents_and_eval(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.steps=3"]), run, progress=False)
+    metrics = evaluate_run(run, progress=False)
+    assert (run / "config.toml").is_file()
+    assert (run / "checkpoint" / "model.safetensors").is_file()
+    assert (run / "checkpoint" / "state.pt").is_file()
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["step"] == 3 and saved["dataset"] == "shapes"
+    keys = set(saved["summary"])
+    for source in ("decoder", "attn"):
+        for metric in ("fg_ari", "mbo_i", "mbo_c", "miou", "corloc", "detection_rate"):
+            assert f"object_discovery.{source}.{metric}" in keys
+    assert "property_prediction.decoder.shape_acc" in keys
+    for path in saved["figures"]:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Evaluation is deterministic for a given checkpoint.
+    again = evaluate_run(run, progress=False)
+    assert again["summary"].keys() == metrics["summary"].keys()
+    for key, value in metrics["summary"].items():
+        assert again["summary"][key] == value or (math.isnan(value) and math.isnan(again["summary"][key]))
+    # The saved config reloads to the same resolved config.
+    cfg, model, step = load_run(run)
+    assert step == 3 and cfg.digest() == load_config(None, [*TINY, "train.steps=3"]).digest()
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.steps=2"]), run, progress=False)
+    with pytest.raises(ConfigError, match="grouping.num_slots"):
+        train(load_config(None, [*TINY, "train.steps=2", "grouping.num_slots=5"]), run, progress=False)
+
+
+def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.steps=1"]), run, progress=False)
+    # A pickle with arbitrary objects must be refused by the weights-only loader.
+    state_path = run / "checkpoint" / "state.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"step": 1, "evil": Evil()}, state_path)
+    from bench.errors import DataError
+
+    with pytest.raises(DataError, match="state.pt"):
+        checkpoint.load_state(state_path)
