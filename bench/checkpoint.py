@@ -103,6 +103,6 @@ def load_into(model: nn.Module, path: Path) -> None:
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise DataError(
-            f"checkpoint {path} does not match the model: "
-            f"missing keys {result.missing_keys[:10]}, unexpected keys {result.unexpected_keys[:10]}"
+            f"checkpoint {path} does not match the model: missing keys "
+            f"{result.missing_keys[:10]}, unexpected keys {result.unexpected_keys[:10]}"
         )

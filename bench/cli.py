@@ -34,8 +34,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 print(f"BROKEN: {info.error}")
                 continue
             print(d["summary"])
-            rows = [[k, v["type"], json.dumps(v["default"]), v["doc"]] for k, v in d["params"].items()]
-            print(tabulate(rows, headers=["param", "type", "default", "doc"]) if rows else "(no params)")
+            rows = [
+                [k, v["type"], json.dumps(v["default"]), v["doc"]] for k, v in d["params"].items()
+            ]
+            print(
+                tabulate(rows, headers=["param", "type", "default", "doc"])
+                if rows
+                else "(no params)"
+            )
         return 0
     if args.action is not None:
         raise UserError(f"unknown action '{args.action}'; use 'ocl-bench plugins show NAME'")
@@ -44,7 +50,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     table = [
-        [r["kind"], r["name"], r["distribution"], f"BROKEN: {r['error']}" if r["broken"] else r["summary"]]
+        [
+            r["kind"],
+            r["name"],
+            r["distribution"],
+            f"BROKEN: {r['error']}" if r["broken"] else r["summary"],
+        ]
         for r in rows
     ]
     print(tabulate(table, headers=["kind", "name", "distribution", "summary"]))
@@ -73,6 +84,75 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
     _print_metrics(metrics, f"evaluated step {metrics['step']}")
+    return 0
+
+
+DEFAULT_DB = "runs/results.sqlite"
+
+
+def _cmd_grid(args: argparse.Namespace) -> int:
+    from bench.grid import load_grid, run_grid
+    from bench.leaderboard import load_leaderboard, render
+
+    grid = load_grid(args.grid, args.overrides)
+    db, runs = Path(args.db), Path(args.runs)
+    print(f"grid '{grid.name}': {len(grid.cells)} cells -> {db}", file=sys.stderr)
+    slurm = {"partition": args.partition, "time": args.time, "gpus": args.gpus}
+    if args.cluster:
+        slurm["cluster"] = args.cluster
+    statuses = run_grid(grid, db, runs, args.workers, args.executor, slurm, not args.quiet)
+    for label, status in statuses.items():
+        print(f"  {status:18s} {label}", file=sys.stderr)
+    if args.grid is None or args.leaderboard:
+        from bench.grid import demo_grid_path
+
+        print(render(load_leaderboard(args.grid or demo_grid_path(), db), "md"))
+    return 0 if all(s.startswith("complete") for s in statuses.values()) else 1
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from bench.store import ResultStore
+
+    if not Path(args.db).exists():
+        raise UserError(f"results database not found: {args.db}")
+    cells = ResultStore(args.db).cells()
+    if args.json:
+        print(json.dumps([c.__dict__ for c in cells], indent=2, default=str))
+        return 0
+    rows = []
+    for c in cells:
+        ari = c.value("object_discovery", "fg_ari", "decoder")
+        rows.append(
+            [
+                c.config_hash,
+                c.grid or "",
+                c.label or "",
+                c.dataset,
+                c.status,
+                "" if ari is None else f"{ari:.3f}",
+                (c.error or "").splitlines()[0][:60] if c.error else "",
+            ]
+        )
+    print(
+        tabulate(
+            rows, headers=["config", "grid", "cell", "dataset", "status", "FG-ARI (dec)", "error"]
+        )
+    )
+    return 0
+
+
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import list_leaderboards, load_leaderboard, render
+
+    db = Path(args.db)
+    if args.list or not args.name:
+        rows = []
+        for path in list_leaderboards():
+            board = load_leaderboard(path, db)
+            rows.append([path.stem, board.title[:60], f"{board.runnable}/{len(board.rows)}"])
+        print(tabulate(rows, headers=["leaderboard", "title", "runnable rows"]))
+        return 0
+    print(render(load_leaderboard(args.name, db, args.dataset), args.format))
     return 0
 
 
@@ -108,15 +188,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of eval/tasks settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("grid", help="run an ablation grid into the results database")
+    p.add_argument("grid", nargs="?", help="grid TOML (default: leaderboards/shapes-demo.toml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to the grid's base")
+    p.add_argument("--db", default=DEFAULT_DB, help="results database (SQLite file)")
+    p.add_argument("--runs", default="runs", help="where cell run directories go")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--executor", choices=["local", "submitit"], default="local")
+    p.add_argument("--partition", help="Slurm partition (submitit)")
+    p.add_argument("--time", type=int, default=60, help="Slurm time limit in minutes")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
+    p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
+    p.add_argument("--leaderboard", action="store_true", help="print the grid's leaderboard")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("results", help="list the cells stored in the results database")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("leaderboard", help="published vs measured tables")
+    p.add_argument("name", nargs="?", help="leaderboard name (see --list)")
+    p.add_argument("--list", action="store_true", help="list leaderboards and runnable rows")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--dataset", help="only the columns of this dataset")
+    p.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
+    p.set_defaults(func=_cmd_leaderboard)
     return parser
 
 
 def _split_config(args: argparse.Namespace) -> None:
     """`train a.b=1` parses 'a.b=1' as the config path; move it to the overrides."""
-    cfg = getattr(args, "config", None)
-    if cfg is not None and "=" in cfg and not Path(cfg).exists():
-        args.overrides = [cfg, *args.overrides]
-        args.config = None
+    for attr in ("config", "grid"):
+        value = getattr(args, attr, None)
+        if value is not None and "=" in value and not Path(value).exists():
+            args.overrides = [value, *args.overrides]
+            setattr(args, attr, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

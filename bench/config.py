@@ -196,9 +196,7 @@ def resolve(raw: dict[str, Any], reg: Registry | None = None) -> RunConfig:
         ]
     train = build_params(TrainSettings, raw.get("train", {}), "train")
     evaluation = build_params(EvalSettings, raw.get("eval", {}), "eval")
-    return RunConfig(
-        seed=seed, train=train, eval=evaluation, raw=raw, **stages, **collections
-    )
+    return RunConfig(seed=seed, train=train, eval=evaluation, raw=raw, **stages, **collections)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

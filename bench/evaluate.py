@@ -19,7 +19,9 @@ from bench.runtime import resolve_device, seed_everything
 from bench.tasking import EvalContext, MetricRecord
 
 
-def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, SlotModel, int]:
+def load_run(
+    run_dir: str | Path, overrides: list[str] | None = None
+) -> tuple[RunConfig, SlotModel, int]:
     """(config, model with its trained weights, step) of a run directory."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.toml"
@@ -98,6 +100,8 @@ def evaluate(
     return metrics
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True
+) -> dict[str, Any]:
     cfg, model, step = load_run(run_dir, overrides)
     return evaluate(cfg, model, Path(run_dir), step, progress)

@@ -33,7 +33,9 @@ def _gt_labels(masks: torch.Tensor) -> np.ndarray:
     return labels
 
 
-def mask_figure(batch: Batch, out: ModelOutput, path: Path, count: int = 4, source: str = "decoder") -> Path:
+def mask_figure(
+    batch: Batch, out: ModelOutput, path: Path, count: int = 4, source: str = "decoder"
+) -> Path:
     """One row per image: input, GT, predicted segmentation, each slot's mask, reconstruction."""
     count = min(count, batch.size)
     images = batch.images[:count].float().cpu()
@@ -57,7 +59,9 @@ def mask_figure(batch: Batch, out: ModelOutput, path: Path, count: int = 4, sour
         for s in range(k):
             panels.append((f"slot {s}", img * soft_up[r, s, :, :, None].numpy()))
         if recon is not None:
-            panels.append(("reconstruction", recon[r].float().cpu().permute(1, 2, 0).clamp(0, 1).numpy()))
+            panels.append(
+                ("reconstruction", recon[r].float().cpu().permute(1, 2, 0).clamp(0, 1).numpy())
+            )
         for c, (title, panel) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(panel, interpolation="nearest")

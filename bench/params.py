@@ -46,7 +46,11 @@ def describe(cls: type) -> dict[str, dict[str, Any]]:
             default = None
         if isinstance(default, tuple):
             default = list(default)
-        out[f.name] = {"type": _type_name(hints[f.name]), "default": default, "doc": f.metadata.get("doc", "")}
+        out[f.name] = {
+            "type": _type_name(hints[f.name]),
+            "default": default,
+            "doc": f.metadata.get("doc", ""),
+        }
     return out
 
 
@@ -79,7 +83,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value))
+            )
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

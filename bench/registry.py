@@ -76,7 +76,9 @@ class Registry:
         return [i for i in self.infos if i.name == name]
 
 
-def _collect(pm: pluggy.PluginManager, ep: md.EntryPoint, dist: str, version: str) -> list[PluginInfo]:
+def _collect(
+    pm: pluggy.PluginManager, ep: md.EntryPoint, dist: str, version: str
+) -> list[PluginInfo]:
     try:
         module = ep.load()
         if not pm.is_registered(module):
@@ -114,7 +116,9 @@ def discover() -> Registry:
         if key not in seen:
             seen.add(key)
             unique.append(info)
-    return Registry(sorted(unique, key=lambda i: (KINDS.index(i.kind) if i.kind in KINDS else 99, i.name)))
+    return Registry(
+        sorted(unique, key=lambda i: (KINDS.index(i.kind) if i.kind in KINDS else 99, i.name))
+    )
 
 
 @lru_cache(maxsize=1)

@@ -92,7 +92,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     # Only once the model is built: a bad combination or param leaves no run directory.
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(cfg, run_dir)
-    parameters = [p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad]
+    parameters = [
+        p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad
+    ]
     optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s))
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
@@ -140,7 +142,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     began = time.perf_counter()
     losses: dict[str, float] = {}
     bar = tqdm(
-        total=t.steps, initial=start, disable=not progress, desc="train", unit="step",
+        total=t.steps,
+        initial=start,
+        disable=not progress,
+        desc="train",
+        unit="step",
         dynamic_ncols=True,
     )
     with open(log_path, "a") as log:

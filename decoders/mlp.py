@@ -19,10 +19,11 @@ from bench.plugin import Plugin
 class MLPDecoderParams:
     hidden: int = param(256, "hidden width of the per-token MLP")
     layers: int = param(3, "hidden layers of the MLP")
-    position: Literal["learned", "coords"] = param(
+    position: Literal["learned", "coords", "relative"] = param(
         "learned",
-        "free per-token embeddings (DINOSAUR) or an MLP of the (y, x) coordinates, which "
-        "biases masks towards spatially smooth shapes",
+        "free per-token embeddings (DINOSAUR); an MLP of the (y, x) coordinates; or an MLP "
+        "of the coordinates relative to each slot's attention centroid and spread (as in "
+        "invariant slot attention), which gives every slot a place to paint from step one",
     )
     pos_std: float = param(0.02, "std of the learned position embedding at initialisation")
     target: Literal["pixels", "features"] = param(
@@ -44,6 +45,8 @@ class MLPDecoder(nn.Module, Plugin):
         needs, gives = super().capabilities(params)
         if params.target == "features":
             needs.add("features.targets")
+        if params.position == "relative":
+            needs.add("slots.attn")
         return needs, gives
 
     def __init__(self, params: MLPDecoderParams, dims: Dims):
@@ -62,18 +65,29 @@ class MLPDecoder(nn.Module, Plugin):
         if params.position == "learned":
             self.pos = nn.Parameter(torch.randn(1, 1, h * w, dims.slot_dim) * params.pos_std)
         else:
-            self.register_buffer("coords", grid_coords(h, w), persistent=False)
-            self.coord_mlp = mlp([4, params.hidden, dims.slot_dim])
+            self.register_buffer("coords", grid_coords(h, w)[:, :2], persistent=False)
+            self.coord_mlp = mlp([2, params.hidden, dims.slot_dim])
         self.net = mlp([dims.slot_dim] + [params.hidden] * params.layers + [self.out_dim + 1])
         self.channels = dims.channels
 
     def output_dims(self, dims: Dims) -> Dims:
         return dims
 
+    def position_code(self, slots: Slots) -> torch.Tensor:
+        """[1 or B, 1 or K, N, Ds] added to every slot before the MLP."""
+        if self.params.position == "learned":
+            return self.pos
+        if self.params.position == "coords":
+            return self.coord_mlp(self.coords)[None, None]
+        weights = slots.attn / slots.attn.sum(dim=1, keepdim=True).clamp(min=1e-8)  # [B,N,K]
+        centre = torch.einsum("bnk,nc->bkc", weights, self.coords)
+        offset = self.coords[None, None] - centre[:, :, None]  # [B,K,N,2]
+        spread = torch.einsum("bnk,bknc->bkc", weights, offset.pow(2)).sqrt()
+        return self.coord_mlp(offset / (spread[:, :, None] + 0.05))
+
     def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
         s = slots.slots
-        pos = self.pos if self.params.position == "learned" else self.coord_mlp(self.coords)
-        x = self.net(s.unsqueeze(2) + pos)  # [B,K,N,D+1]
+        x = self.net(s.unsqueeze(2) + self.position_code(slots))  # [B,K,N,D+1]
         values, alpha_logits = x[..., :-1], x[..., -1]
         alpha = alpha_logits.softmax(dim=1)  # over slots
         recon = torch.einsum("bkn,bknd->bnd", alpha, values)

@@ -79,5 +79,3 @@ class SpatialBroadcastDecoder(nn.Module, Plugin):
 @hookimpl
 def ocl_bench_plugins() -> list[type]:
     return [SpatialBroadcastDecoder]
-
-

@@ -100,8 +100,12 @@ class PropertyPrediction(Plugin):
         images = len(test.detection)
         records = [
             MetricRecord(
-                self.name, "detection_rate", float(np.mean(test.detection)) if images else
-                float("nan"), p.masks, None, images
+                self.name,
+                "detection_rate",
+                float(np.mean(test.detection)) if images else float("nan"),
+                p.masks,
+                None,
+                images,
             )
         ]
         generator = torch.Generator().manual_seed(0)
@@ -111,9 +115,14 @@ class PropertyPrediction(Plugin):
                 value = float("nan")
             else:
                 value = _fit_and_score(
-                    torch.stack(train.slots), torch.stack(train.targets[n]),
-                    torch.stack(test.slots), torch.stack(test.targets[n]),
-                    kind, size, p, generator,
+                    torch.stack(train.slots),
+                    torch.stack(train.targets[n]),
+                    torch.stack(test.slots),
+                    torch.stack(test.targets[n]),
+                    kind,
+                    size,
+                    p,
+                    generator,
                 )
             metric = f"{n}_acc" if kind == "categorical" else f"{n}_r2"
             records.append(MetricRecord(self.name, metric, value, p.masks, None, images))
@@ -121,25 +130,38 @@ class PropertyPrediction(Plugin):
 
 
 def _fit_and_score(
-    x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
-    kind: str, size: int, p: PropertyPredictionParams, generator: torch.Generator,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    kind: str,
+    size: int,
+    p: PropertyPredictionParams,
+    generator: torch.Generator,
 ) -> float:
     categorical = kind == "categorical"
     mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     if not categorical:
-        y_train, y_test = y_train.float().reshape(len(y_train), -1), y_test.float().reshape(len(y_test), -1)
+        y_train, y_test = (
+            y_train.float().reshape(len(y_train), -1),
+            y_test.float().reshape(len(y_test), -1),
+        )
         y_mean, y_std = y_train.mean(0), y_train.std(0).clamp(min=1e-6)
         y_train = (y_train - y_mean) / y_std
         y_test = (y_test - y_mean) / y_std
     out_dim = size if categorical else y_train.shape[1]
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
-    probe = nn.Sequential(nn.Linear(x_train.shape[1], p.hidden), nn.ReLU(), nn.Linear(p.hidden, out_dim))
+    probe = nn.Sequential(
+        nn.Linear(x_train.shape[1], p.hidden), nn.ReLU(), nn.Linear(p.hidden, out_dim)
+    )
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss() if categorical else nn.MSELoss()
     with torch.enable_grad():
         for _ in range(p.steps):
-            idx = torch.randint(0, len(x_train), (min(p.batch_size, len(x_train)),), generator=generator)
+            idx = torch.randint(
+                0, len(x_train), (min(p.batch_size, len(x_train)),), generator=generator
+            )
             loss = loss_fn(probe(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()

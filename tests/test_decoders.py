@@ -12,7 +12,9 @@ from decoders.spatial_broadcast import SpatialBroadcastDecoder, SpatialBroadcast
 
 def _inputs(b: int = 2, k: int = 3, d: int = 16, size: int = 32, grid: int = 8):
     g = torch.Generator().manual_seed(0)
-    slots = Slots(slots=torch.randn(b, k, d, generator=g), attn=torch.full((b, grid * grid, k), 1 / k))
+    slots = Slots(
+        slots=torch.randn(b, k, d, generator=g), attn=torch.full((b, grid * grid, k), 1 / k)
+    )
     feats = Features(tokens=torch.randn(b, grid * grid, 8, generator=g), grid=(grid, grid))
     batch = Batch(images=torch.rand(b, 3, size, size, generator=g))
     dims = Dims(image_size=(size, size), grid=(grid, grid), token_dim=8, slot_dim=d, num_slots=k)

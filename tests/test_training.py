@@ -58,8 +58,17 @@ def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
 
 def _cli(out: Path, steps: int) -> list[str]:
     return [
-        sys.executable, "-m", "bench.cli", "train", "--out", str(out), "--no-eval", "-q",
-        *TINY, f"train.steps={steps}", "train.checkpoint_every=2",
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "train",
+        "--out",
+        str(out),
+        "--no-eval",
+        "-q",
+        *TINY,
+        f"train.steps={steps}",
+        "train.checkpoint_every=2",
     ]
 
 
@@ -148,7 +157,9 @@ def test_run_directory_contents_and_eval(tmp_path: Path) -> None:
     again = evaluate_run(run, progress=False)
     assert again["summary"].keys() == metrics["summary"].keys()
     for key, value in metrics["summary"].items():
-        assert again["summary"][key] == value or (math.isnan(value) and math.isnan(again["summary"][key]))
+        assert again["summary"][key] == value or (
+            math.isnan(value) and math.isnan(again["summary"][key])
+        )
     # The saved config reloads to the same resolved config.
     cfg, model, step = load_run(run)
     assert step == 3 and cfg.digest() == load_config(None, [*TINY, "train.steps=3"]).digest()
@@ -158,7 +169,9 @@ def test_rerun_with_a_different_config_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(load_config(None, [*TINY, "train.steps=2"]), run, progress=False)
     with pytest.raises(ConfigError, match="grouping.num_slots"):
-        train(load_config(None, [*TINY, "train.steps=2", "grouping.num_slots=5"]), run, progress=False)
+        train(
+            load_config(None, [*TINY, "train.steps=2", "grouping.num_slots=5"]), run, progress=False
+        )
 
 
 def test_checkpoints_load_weights_only(tmp_path: Path) -> None:

@@ -430,8 +430,7 @@ def _validate(p: Any) -> None:
         )
     if not 0 < p.min_size <= p.max_size <= 1:
         raise bad(
-            f"need 0 < min_size <= max_size <= 1, got min_size={p.min_size}, "
-            f"max_size={p.max_size}"
+            f"need 0 < min_size <= max_size <= 1, got min_size={p.min_size}, max_size={p.max_size}"
         )
     if not 0 <= p.min_visible <= 1:
         raise bad(f"min_visible must be in [0, 1], got {p.min_visible}")

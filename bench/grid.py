@@ -1,0 +1,225 @@
+"""Ablation grids: a base run config plus axes, expanded into cells, run, stored."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import traceback
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bench.config import RunConfig, apply_overrides, read_toml, resolve, tomllib
+from bench.errors import ConfigError, UserError
+from bench.store import Cell, ResultStore
+
+GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
+
+
+@dataclass
+class GridCell:
+    """One combination: its overrides of the base, and the resolved config."""
+
+    label: str
+    overrides: list[str]
+    config: RunConfig
+
+
+@dataclass
+class Grid:
+    name: str
+    cells: list[GridCell]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def demo_grid_path() -> Path:
+    """leaderboards/shapes-demo.toml from a checkout, or the copy packaged with bench."""
+    checkout = Path(__file__).resolve().parent.parent / "leaderboards" / "shapes-demo.toml"
+    if checkout.is_file():
+        return checkout
+    return Path(str(resources.files("bench").joinpath("configs/shapes-demo.toml")))
+
+
+def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
+    """Read a grid file and expand its cross product (minus `exclude` rules)."""
+    path = Path(path) if path is not None else demo_grid_path()
+    spec = read_toml(path)
+    unknown = [k for k in spec if k not in GRID_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown grid key '{unknown[0]}'; allowed: {', '.join(GRID_KEYS)}"
+        )
+    if "base_config" in spec:
+        start = read_toml(path.parent / spec["base_config"])
+    else:
+        from bench.config import default_text
+
+        start = tomllib.loads(default_text())
+    base = _merge(start, spec.get("base", {}))
+    base = apply_overrides(base, list(overrides or []))
+    axes: dict[str, list[Any]] = spec.get("axes", {})
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
+    excludes = spec.get("exclude", [])
+    keys = list(axes)
+    cells = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        chosen = dict(zip(keys, combo))
+        if any(all(chosen.get(k) == v for k, v in rule.items()) for rule in excludes):
+            continue
+        cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
+        label = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
+        cfg = resolve(apply_overrides(base, cell_overrides))
+        cells.append(GridCell(label, cell_overrides, cfg))
+    return Grid(spec.get("name", path.stem), cells)
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """Deep-merge `b` over `a`; a grid's `objectives` and `tasks` replace the base's lists."""
+    out = dict(a)
+    for k, v in b.items():
+        replace = top and k in ("objectives", "tasks")
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
+            out[k] = _merge(out[k], v, top=False)
+        else:
+            out[k] = v
+    return out
+
+
+def code_version() -> str | None:
+    """The git commit of the checkout, when there is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def plugin_versions(cfg: RunConfig) -> dict[str, str]:
+    from bench.registry import registry
+
+    reg = registry()
+    out = {}
+    choices = [cfg.dataset, cfg.encoder, cfg.grouping, cfg.decoder, *cfg.objectives, *cfg.tasks]
+    for c in choices:
+        info = reg.info(c.kind, c.name)
+        out[f"{c.kind}.{c.name}"] = f"{info.distribution} {info.version}"
+    return out
+
+
+def run_cell(cell: GridCell, grid_name: str, runs_dir: Path, db_path: Path, progress: bool) -> str:
+    """Train and evaluate one cell into the store; returns its final status."""
+    from bench.evaluate import evaluate, load_run
+    from bench.train import train
+
+    store = ResultStore(db_path)
+    cfg = cell.config
+    digest = cfg.digest()
+    run_dir = runs_dir / digest
+    store.start(
+        Cell(
+            config_hash=digest,
+            config=cfg.to_dict(),
+            plugins=plugin_versions(cfg),
+            dataset=cfg.dataset.name,
+            split=cfg.eval.split,
+            seed=cfg.seed,
+            status="running",
+            grid=grid_name,
+            label=cell.label,
+            code_version=code_version(),
+            run_dir=str(run_dir),
+        )
+    )
+    try:
+        train(cfg, run_dir, progress=progress)
+        cfg2, model, step = load_run(run_dir)
+        metrics = evaluate(cfg2, model, run_dir, step, progress=progress)
+    except Exception as err:  # a failing cell is recorded and the grid goes on
+        detail = str(err) if isinstance(err, UserError) else traceback.format_exc(limit=3)
+        store.fail(digest, f"{type(err).__name__}: {detail}")
+        return "failed"
+    store.complete(digest, metrics["records"])
+    return "complete"
+
+
+def run_grid(
+    grid: Grid,
+    db_path: Path,
+    runs_dir: Path,
+    workers: int = 1,
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Run every cell not yet complete in the store; label -> status."""
+    store = ResultStore(db_path)
+    todo: list[GridCell] = []
+    statuses: dict[str, str] = {}
+    for cell in grid.cells:
+        if store.status(cell.config.digest()) == "complete":
+            statuses[cell.label] = "complete (stored)"
+        else:
+            todo.append(cell)
+    if executor == "submitit":
+        statuses.update(_run_submitit(grid.name, todo, db_path, runs_dir, slurm or {}))
+    elif executor != "local":
+        raise ConfigError(f"unknown executor '{executor}'; use 'local' or 'submitit'")
+    elif workers <= 1:
+        for cell in todo:
+            statuses[cell.label] = run_cell(cell, grid.name, runs_dir, db_path, progress)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = {
+                cell.label: pool.submit(run_cell, cell, grid.name, runs_dir, db_path, False)
+                for cell in todo
+            }
+            for label, fut in futures.items():
+                statuses[label] = fut.result()
+    return statuses
+
+
+def _run_submitit(
+    name: str, cells: list[GridCell], db_path: Path, runs_dir: Path, slurm: dict[str, Any]
+) -> dict[str, str]:
+    """One Slurm job per cell ('local' cluster runs them as local processes, for tests)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(
+            "--executor submitit needs the 'submitit' package: pip install submitit"
+        ) from None
+    folder = runs_dir / "submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster=slurm.get("cluster"))
+    params: dict[str, Any] = {"timeout_min": slurm.get("time", 60)}
+    if slurm.get("partition"):
+        params["slurm_partition"] = slurm["partition"]
+    if slurm.get("gpus"):
+        params["gpus_per_node"] = slurm["gpus"]
+    executor.update_parameters(**params)
+    jobs = [
+        (cell.label, executor.submit(run_cell, cell, name, runs_dir, db_path, False))
+        for cell in cells
+    ]
+    return {label: job.result() for label, job in jobs}

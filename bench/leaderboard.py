@@ -1,0 +1,249 @@
+"""Leaderboards: published numbers beside measured ones, from the results database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from bench.config import apply_overrides, default_text, read_toml, resolve, tomllib
+from bench.errors import ConfigError, UnknownPluginError, UserError
+from bench.store import ResultStore
+
+FORMATS = ("md", "csv", "html", "json")
+
+
+def leaderboard_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "leaderboards"
+
+
+def list_leaderboards(directory: Path | None = None) -> list[Path]:
+    return sorted((directory or leaderboard_dir()).glob("*.toml"))
+
+
+@dataclass
+class Column:
+    key: str
+    metric: str
+    task: str
+    dataset: str | None
+    label: str
+    masks: str | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class Row:
+    label: str
+    overrides: dict[str, Any]
+    published: dict[str, float]
+    notes: str = ""
+    measured: dict[str, float | None] = field(default_factory=dict)
+    missing: str | None = None  # why the row cannot be built or measured
+    config_hashes: dict[str, str] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Leaderboard:
+    name: str
+    title: str
+    source: dict[str, str]
+    columns: list[Column]
+    rows: list[Row]
+
+    @property
+    def runnable(self) -> int:
+        return sum(
+            1 for r in self.rows if r.missing is None or r.missing.startswith("not measured")
+        )
+
+
+def _row_config(row: Row, base: dict[str, Any], dataset: str | None) -> Any:
+    raw = tomllib.loads(default_text())
+    if dataset and dataset != "mixed":
+        raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
+    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides}.items()]
+    return resolve(apply_overrides(raw, flat))
+
+
+def load_leaderboard(
+    name_or_path: str | Path, db: Path | None = None, dataset: str | None = None
+) -> Leaderboard:
+    """Read a leaderboard TOML and fill in what the database measured."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = leaderboard_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in list_leaderboards())
+        raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
+    spec = read_toml(path)
+    if "axes" in spec:  # a grid file: its cells are the rows
+        return _from_grid(path, db)
+    columns = [
+        Column(
+            key=c["key"],
+            metric=c.get("metric", c["key"]),
+            task=c["task"],
+            dataset=c.get("dataset", spec.get("dataset")),
+            label=c.get("label", c["key"]),
+            masks=c.get("masks"),
+            scale=float(c.get("scale", 1)),
+        )
+        for c in spec.get("columns", [])
+    ]
+    if dataset:
+        columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
+    rows = [
+        Row(
+            r["label"],
+            dict(r.get("overrides", {})),
+            dict(r.get("published", {})),
+            r.get("notes", ""),
+        )
+        for r in spec.get("rows", [])
+    ]
+    store = ResultStore(db) if db is not None and Path(db).exists() else None
+    base = dict(spec.get("base", {}))
+    for row in rows:
+        _measure(row, columns, base, store)
+    return Leaderboard(
+        spec.get("name", path.stem), spec.get("title", ""), spec.get("source", {}), columns, rows
+    )
+
+
+def _measure(
+    row: Row, columns: list[Column], base: dict[str, Any], store: ResultStore | None
+) -> None:
+    if not row.overrides:
+        row.missing = "no ocl-bench recipe (published only)"
+        return
+    cells = {}
+    for ds in sorted({c.dataset or "" for c in columns}):
+        try:
+            cfg = _row_config(row, base, ds or None)
+        except UnknownPluginError as err:
+            row.missing = f"needs plugin: {str(err).split(';')[0].replace('unknown ', '')}"
+            return
+        except ConfigError as err:
+            row.missing = f"needs: {err}"
+            return
+        row.config_hashes[ds] = cfg.digest()
+        cells[ds] = store.get(cfg.digest()) if store else None
+    for col in columns:
+        cell = cells.get(col.dataset or "")
+        if cell is None or cell.status != "complete":
+            row.measured[col.key] = None
+            continue
+        value = cell.value(col.task, col.metric, col.masks)
+        row.measured[col.key] = None if value is None else value * col.scale
+        if cell.run_dir:
+            row.figures = sorted(str(p) for p in Path(cell.run_dir).glob("figures/*.png"))[-1:]
+    if all(v is None for v in row.measured.values()):
+        row.missing = "not measured yet (run its grid)"
+
+
+def _from_grid(path: Path, db: Path | None) -> Leaderboard:
+    from bench.grid import load_grid
+
+    spec = read_toml(path)
+    grid = load_grid(path)
+    metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
+    masks = spec.get("masks", "decoder")
+    columns = [Column(m, m, "object_discovery", None, m, masks, 100.0) for m in metrics]
+    store = ResultStore(db) if db is not None and Path(db).exists() else None
+    rows = []
+    for cell in grid.cells:
+        row = Row(cell.label, {}, {})
+        stored = store.get(cell.config.digest()) if store else None
+        for col in columns:
+            v = (
+                stored.value(col.task, col.metric, col.masks)
+                if stored and stored.status == "complete"
+                else None
+            )
+            row.measured[col.key] = None if v is None else v * col.scale
+        if stored is None:
+            row.missing = "not measured yet (run its grid)"
+        elif stored.status == "failed":
+            row.missing = f"failed: {(stored.error or '').splitlines()[0][:120]}"
+        elif stored.run_dir:
+            row.figures = sorted(str(p) for p in Path(stored.run_dir).glob("figures/*.png"))[-1:]
+        rows.append(row)
+    return Leaderboard(
+        grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows
+    )
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
+    headers = ["system"]
+    for c in board.columns:
+        suffix = f" [{c.dataset}]" if c.dataset else ""
+        headers += [f"{c.label}{suffix} pub", "meas", "diff"]
+    body = []
+    for r in board.rows:
+        line = [r.label]
+        for c in board.columns:
+            pub, meas = r.published.get(c.key), r.measured.get(c.key)
+            diff = None if pub is None or meas is None else meas - pub
+            line += [
+                _fmt(pub),
+                _fmt(meas) if r.missing is None or meas is not None else "-",
+                _fmt(diff),
+            ]
+        if r.missing:
+            line[-1] = (line[-1] + " " if line[-1] else "") + f"({r.missing})"
+        body.append(line)
+    return headers, body
+
+
+def render(board: Leaderboard, fmt: str = "md") -> str:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
+    headers, body = table(board)
+    if fmt == "md":
+        head = f"## {board.name}: {board.title}\n"
+        if board.source:
+            head += (
+                f"Published: {board.source.get('document', '')} {board.source.get('table', '')}\n"
+            )
+        return head + "\n" + tabulate(body, headers=headers, tablefmt="github")
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(headers)
+        writer.writerows(body)
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps(
+            {
+                "name": board.name,
+                "title": board.title,
+                "source": board.source,
+                "columns": [c.__dict__ for c in board.columns],
+                "rows": [
+                    {
+                        "label": r.label,
+                        "published": r.published,
+                        "measured": r.measured,
+                        "missing": r.missing,
+                        "config_hashes": r.config_hashes,
+                    }
+                    for r in board.rows
+                ],
+            },
+            indent=2,
+        )
+    from bench.report_html import leaderboard_html
+
+    return leaderboard_html(board, headers, body)

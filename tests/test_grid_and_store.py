@@ -1,0 +1,149 @@
+"""Grid expansion, the results store, resuming a killed grid, leaderboard rendering."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ConfigError
+from bench.grid import load_grid, run_grid
+from bench.leaderboard import load_leaderboard, render
+from bench.store import Cell, ResultStore
+from tests.conftest import TINY
+
+
+def write_grid(path: Path, steps: int = 2, extra: str = "") -> Path:
+    overrides = "\n".join(f"{o.split('=')[0]} = {o.split('=', 1)[1]}" for o in TINY)
+    path.write_text(
+        f"""
+name = "tiny"
+columns = ["fg_ari", "mbo_i"]
+[base]
+tasks = {{ object_discovery = {{}} }}
+[base.train]
+steps = {steps}
+[axes]
+"grouping.num_slots" = [3, 4]
+"grouping.init" = ["shared_gaussian", "learned_queries"]
+[[exclude]]
+"grouping.num_slots" = 4
+"grouping.init" = "learned_queries"
+{extra}
+"""
+    )
+    # TINY overrides go on the command line
+    return path
+
+
+def test_grid_expands_cross_product_minus_excludes(tmp_path: Path) -> None:
+    grid = load_grid(write_grid(tmp_path / "g.toml"), TINY)
+    labels = [c.label for c in grid.cells]
+    assert len(labels) == 3
+    assert "grouping.num_slots=4, grouping.init=learned_queries" not in labels
+    assert len({c.config.digest() for c in grid.cells}) == 3
+    assert [t.name for t in grid.cells[0].config.tasks] == ["object_discovery"]
+    assert grid.cells[0].config.train.steps == 2
+
+
+def test_unknown_grid_key_and_bad_axis_are_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('nme = "x"\n[axes]\n"grouping.num_slots" = [3]\n')
+    with pytest.raises(ConfigError, match="nme"):
+        load_grid(bad)
+    bad.write_text('[axes]\n"grouping.num_slots" = 3\n')
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_grid(bad)
+    bad.write_text('[axes]\n"grouping.num_slotz" = [3]\n')
+    with pytest.raises(ConfigError, match="grouping.num_slotz"):
+        load_grid(bad)
+
+
+def test_store_roundtrip_and_atomic_completion(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "r.sqlite")
+    cell = Cell("abc", {"seed": 0}, {"encoder.cnn": "ocl-bench 0.1.0"}, "shapes", "val", 0, "running")
+    store.start(cell)
+    assert store.status("abc") == "running"
+    records = [
+        {"task": "object_discovery", "metric": "fg_ari", "masks": "decoder", "value": 0.5,
+         "resolution": [64, 64], "num_images": 10},
+    ]
+    store.complete("abc", records)
+    got = store.get("abc")
+    assert got.status == "complete" and got.value("object_discovery", "fg_ari", "decoder") == 0.5
+    assert got.metrics[0]["resolution"] == [64, 64] and got.metrics[0]["num_images"] == 10
+    # A bad record rolls the whole completion back: status and metrics stay as they were.
+    store.start(Cell("def", {}, {}, "shapes", "val", 0, "running"))
+    with pytest.raises(KeyError):
+        store.complete("def", [{"metric": "no task key", "value": 1.0}])
+    assert store.status("def") == "running"
+    assert store.get("def").metrics == []
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_grid_runs_skips_completed_and_records_failures(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.toml")
+    grid = load_grid(path, TINY)
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    # Make one cell fail: an unreadable checkpoint directory in its run dir.
+    failing = grid.cells[1].config.digest()
+    (runs / failing / "checkpoint").mkdir(parents=True)
+    (runs / failing / "checkpoint" / "COMPLETE").write_text("1")
+    (runs / failing / "checkpoint" / "model.safetensors").write_bytes(b"junk")
+    (runs / failing / "config.toml").write_text(grid.cells[1].config.to_toml())
+    statuses = run_grid(grid, db, runs, progress=False)
+    assert list(statuses.values()).count("failed") == 1
+    store = ResultStore(db)
+    failed = store.get(failing)
+    assert failed.status == "failed" and "model.safetensors" in failed.error
+    # rerun: complete cells are skipped, the failed one is retried (and fails again)
+    again = run_grid(grid, db, runs, progress=False)
+    assert list(again.values()).count("complete (stored)") == 2
+    assert len(store.cells()) == 3
+    board = load_leaderboard(path, db)
+    measured = [r for r in board.rows if r.missing is None]
+    assert len(measured) == 2
+    assert all(0.0 <= r.measured["fg_ari"] <= 100.0 for r in measured)
+    md = render(board, "md")
+    assert "failed" in md and board.rows[0].label in md
+    assert json.loads(render(board, "json"))["rows"][0]["label"] == board.rows[0].label
+    html = render(board, "html")
+    assert html.count("<img") == 2 and "<table>" in html
+
+
+def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.toml", steps=8)
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    cmd = [sys.executable, "-m", "bench.cli", "grid", str(path), *TINY, "train.steps=8",
+           "train.checkpoint_every=2", "--db", str(db), "--runs", str(runs), "-q"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                cells = ResultStore(db).cells()
+            except sqlite3.OperationalError:
+                cells = []
+            if sum(c.status == "complete" for c in cells) == 1 and any(
+                c.status == "running" and Path(c.run_dir, "checkpoint", "COMPLETE").exists()
+                for c in cells
+            ):
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = ResultStore(db).cells()
+    assert sum(c.status == "complete" for c in before) == 1, "killed during the second cell"
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    cells = ResultStore(db).cells()
+    assert len(cells) == 3 and all(c.status == "complete" for c in cells)
+    assert len({c.config_hash for c in cells}) == 3
