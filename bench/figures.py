@@ -57,7 +57,8 @@ def mask_figure(
             panels.append(("ground truth", np.ones_like(img)))
         panels.append((f"{source} masks", _palette(k)[pred[r]] * 0.6 + img * 0.4))
         for s in range(k):
-            panels.append((f"slot {s}", img * soft_up[r, s, :, :, None].numpy()))
+            m = soft_up[r, s, :, :, None].numpy()
+            panels.append((f"slot {s}", img * m + (1.0 - m)))  # white where the slot is absent
         if recon is not None:
             panels.append(
                 ("reconstruction", recon[r].float().cpu().permute(1, 2, 0).clamp(0, 1).numpy())

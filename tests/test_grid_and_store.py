@@ -21,7 +21,6 @@ from tests.conftest import TINY
 
 
 def write_grid(path: Path, steps: int = 2, extra: str = "") -> Path:
-    overrides = "\n".join(f"{o.split('=')[0]} = {o.split('=', 1)[1]}" for o in TINY)
     path.write_text(
         f"""
 name = "tiny"
@@ -39,8 +38,7 @@ steps = {steps}
 {extra}
 """
     )
-    # TINY overrides go on the command line
-    return path
+    return path  # the TINY overrides are passed alongside, as on the command line
 
 
 def test_grid_expands_cross_product_minus_excludes(tmp_path: Path) -> None:
@@ -68,12 +66,20 @@ def test_unknown_grid_key_and_bad_axis_are_errors(tmp_path: Path) -> None:
 
 def test_store_roundtrip_and_atomic_completion(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "r.sqlite")
-    cell = Cell("abc", {"seed": 0}, {"encoder.cnn": "ocl-bench 0.1.0"}, "shapes", "val", 0, "running")
+    cell = Cell(
+        "abc", {"seed": 0}, {"encoder.cnn": "ocl-bench 0.1.0"}, "shapes", "val", 0, "running"
+    )
     store.start(cell)
     assert store.status("abc") == "running"
     records = [
-        {"task": "object_discovery", "metric": "fg_ari", "masks": "decoder", "value": 0.5,
-         "resolution": [64, 64], "num_images": 10},
+        {
+            "task": "object_discovery",
+            "metric": "fg_ari",
+            "masks": "decoder",
+            "value": 0.5,
+            "resolution": [64, 64],
+            "num_images": 10,
+        },
     ]
     store.complete("abc", records)
     got = store.get("abc")
@@ -122,8 +128,21 @@ def test_grid_runs_skips_completed_and_records_failures(tmp_path: Path) -> None:
 def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Path) -> None:
     path = write_grid(tmp_path / "g.toml", steps=8)
     db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
-    cmd = [sys.executable, "-m", "bench.cli", "grid", str(path), *TINY, "train.steps=8",
-           "train.checkpoint_every=2", "--db", str(db), "--runs", str(runs), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "grid",
+        str(path),
+        *TINY,
+        "train.steps=8",
+        "train.checkpoint_every=2",
+        "--db",
+        str(db),
+        "--runs",
+        str(runs),
+        "-q",
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -147,3 +166,16 @@ def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Pat
     cells = ResultStore(db).cells()
     assert len(cells) == 3 and all(c.status == "complete" for c in cells)
     assert len({c.config_hash for c in cells}) == 3
+
+
+def test_submitit_local_executor_runs_each_cell_as_a_job(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    path = write_grid(tmp_path / "g.toml")
+    grid = load_grid(path, TINY)
+    grid.cells = grid.cells[:2]
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    statuses = run_grid(grid, db, runs, executor="submitit", slurm={"cluster": "local", "time": 10})
+    assert list(statuses.values()) == ["complete", "complete"]
+    # each cell ran as its own submitit job, with its own log folder entries
+    assert len(list((runs / "submitit").glob("*_result.pkl"))) == 2
+    assert all(c.status == "complete" for c in ResultStore(db).cells())

@@ -115,7 +115,7 @@ def test_missing_module_is_reported_broken_and_the_rest_still_resolves(
     assert "no_such_module_xyz" in broken[0].error
     # the real plugins are unaffected
     assert reg.get("encoder", "cnn").name == "cnn"
-    assert reg.names("decoder") == ["mlp", "spatial_broadcast"]
+    assert {"mlp", "spatial_broadcast"} <= set(reg.names("decoder"))
     # and asking for the broken one says why
     with pytest.raises(UnknownPluginError, match="broken.*ModuleNotFoundError"):
         reg.get("encoder", "ghost")

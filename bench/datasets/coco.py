@@ -1,0 +1,321 @@
+"""COCO 2017 instance segmentation (`instances_{split}2017.json`, decoded with pycocotools).
+
+Layout under `root` (from https://cocodataset.org/#download, annotations_trainval2017.zip plus
+train2017.zip / val2017.zip):
+
+    root/annotations/instances_train2017.json   root/train2017/*.jpg
+    root/annotations/instances_val2017.json     root/val2017/*.jpg
+
+Every image listed in the annotation file is a sample, in file order, annotated or not (as in
+SPOT). Defaults follow the SPOT / OCLF "ccrop" evaluation (see bench.datasets.segmentation):
+image short side 224 (bicubic) + centre crop 224, masks short side 320 (nearest-exact) + centre
+crop 320. The train split adds a horizontal flip (p = 0.5) after the centre crop, as in SPOT's
+and DINOSAUR's COCO training; the flip is a pure function of (seed, index), so a run is
+deterministic (the same image gets the same flip every epoch).
+
+Per sample: instance masks (one per annotation, annotation order, dropped when the crop leaves
+it empty) with labels = COCO category ids (1..90) and boxes computed from the transformed masks
+(x2/y2 exclusive, in mask pixels); ignore_mask = pixels covered by two or more instances (SPOT's
+`mask_ignore`; see `overlaps_ignored`), plus crowd pixels with `crowd = "ignore"`; class masks
+built from the instance masks as OCLF does (each pixel takes the highest category id covering
+it, so class masks keep overlap pixels), ascending category id.
+
+Crowd annotations (`iscrowd = 1`), parameter `crowd`:
+
+- "keep" (default): crowd regions are ordinary objects. This is what SPOT's evaluation does
+  (its COCO loader decodes every annotation of an image, crowd included); the published SPOT
+  COCO numbers were measured this way.
+- "drop": crowd annotations are removed and their pixels are background. This is OCLF's
+  `coco_nocrowd` validation set (DINOSAUR), which keeps all 5000 images.
+- "ignore": crowd annotations are removed and their pixels go to ignore_mask.
+- "drop_image": images with any crowd annotation are left out of the split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from bench.contracts import Batch
+from bench.datasets import DatasetParamError, check_split
+from bench.datasets import collate as collate_samples
+from bench.datasets.segmentation import (
+    Crop,
+    Interpolation,
+    View,
+    class_masks_from_instances,
+    draw_view,
+    make_sample,
+    open_rgb,
+    overlap_mask,
+    transform_image,
+    transform_maps,
+    validate_params,
+)
+from bench.errors import DataError
+from bench.hookspecs import hookimpl
+from bench.params import param
+from bench.plugin import Plugin
+
+ENV_ROOT = "OCL_BENCH_COCO"
+SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
+WHERE = (
+    "COCO 2017 is at https://cocodataset.org/#download: unpack annotations_trainval2017.zip and "
+    "{folder}.zip into one folder so that it holds annotations/instances_{folder}.json and "
+    f"{{folder}}/, then set dataset.root (or ${ENV_ROOT}) to that folder"
+)
+
+
+def _mask_api() -> Any:
+    try:
+        from pycocotools import mask as mask_api
+    except ImportError as err:  # pragma: no cover - a declared dependency
+        raise DataError(
+            "dataset 'coco' needs pycocotools to decode masks: pip install 'pycocotools>=2.0'"
+        ) from err
+    return mask_api
+
+
+@dataclass(frozen=True)
+class CocoParams:
+    root: str = param(
+        "", f"folder holding annotations/ and train2017/, val2017/ ('' reads ${ENV_ROOT})"
+    )
+    image_size: int = param(224, "side of the square images (short-side resize + crop)")
+    mask_size: int = param(
+        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
+    )
+    interpolation: Interpolation = param(
+        "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
+    )
+    crowd: Literal["keep", "drop", "ignore", "drop_image"] = param(
+        "keep",
+        "iscrowd annotations: 'keep' as objects (SPOT eval), 'drop' them (pixels become "
+        "background; OCLF coco_nocrowd), 'ignore' their pixels, 'drop_image' skips such images",
+    )
+    overlaps_ignored: bool = param(
+        True,
+        "put pixels covered by several instances in ignore_mask (SPOT: its mBO_c ignores them "
+        "too); false leaves them to the task's ignore_overlaps (OCLF: class mBO scores them)",
+    )
+    min_area: float = param(
+        0.0, "drop objects whose COCO 'area' (original pixels) is below this; 0 keeps all"
+    )
+    train_crop: Crop = param(
+        "center", "crop of the train split: 'center' (SPOT, DINOSAUR) or 'random'"
+    )
+    hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
+    seed: int = param(0, "seed of the train split's flips and random crops")
+
+    def __post_init__(self) -> None:
+        validate_params(self, "coco")
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"dataset 'coco': cannot read annotation file {path}: {err}") from err
+    if not isinstance(data, dict):
+        data = {}
+    missing = [k for k in ("images", "annotations") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DataError(
+            f"dataset 'coco': {path} is not a COCO instances file (no {', '.join(missing)} list)"
+        )
+    return data
+
+
+class CocoDataset(Plugin):
+    """COCO 2017 instance masks (pycocotools) with SPOT/OCLF centre-crop evaluation geometry.
+
+    Images are float[3,224,224] in [0, 1]; masks, ignore_mask and boxes are at mask_size (320).
+    """
+
+    kind = "dataset"
+    name = "coco"
+    Params = CocoParams
+    provides = frozenset(
+        {
+            "batch.images",
+            "batch.instance_masks",
+            "batch.class_masks",
+            "batch.ignore_mask",
+            "batch.boxes",
+            "batch.labels",
+            "batch.index",
+        }
+    )
+
+    def __init__(self, params: CocoParams | None = None, split: str = "train"):
+        self.params = params if params is not None else CocoParams()
+        p = self.params
+        validate_params(p, self.name)
+        self.split = split
+        self.split_id = check_split(split)
+        if split not in SPLIT_DIRS:
+            raise DatasetParamError(
+                f"dataset 'coco' has no annotated {split!r} split; use 'train' (train2017) or "
+                "'val' (val2017)"
+            )
+        folder = SPLIT_DIRS[split]
+        where = WHERE.format(folder=folder)
+        root_text = p.root or os.environ.get(ENV_ROOT, "")
+        if not root_text:
+            raise DataError(f"dataset 'coco': no root given (dataset.root or ${ENV_ROOT}). {where}")
+        self.root = Path(root_text).expanduser()
+        self.annotation_file = self.root / "annotations" / f"instances_{folder}.json"
+        self.image_dir = self.root / folder
+        if not self.annotation_file.is_file():
+            raise DataError(
+                f"dataset 'coco': annotation file not found: {self.annotation_file}. {where}"
+            )
+        if not self.image_dir.is_dir():
+            raise DataError(f"dataset 'coco': image folder not found: {self.image_dir}. {where}")
+        self._mask_api = _mask_api()
+
+        data = _load_json(self.annotation_file)
+        self.categories: dict[int, str] = {
+            int(c["id"]): str(c.get("name", c["id"])) for c in data.get("categories", [])
+        }
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        images = data["images"]
+        if p.crowd == "drop_image":
+            crowded = {i for i, anns in by_image.items() if any(a.get("iscrowd", 0) for a in anns)}
+            images = [im for im in images if int(im["id"]) not in crowded]
+        self._images: list[dict[str, Any]] = images
+        self._anns = by_image
+
+    # ----------------------------------------------------------------- description
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.params.image_size, self.params.image_size)
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        side = self.params.mask_size or self.params.image_size
+        return (side, side)
+
+    @property
+    def num_classes(self) -> int:
+        """One more than the largest category id (labels are raw COCO ids, 1..90)."""
+        return max(self.categories, default=0) + 1
+
+    @property
+    def class_names(self) -> dict[int, str]:
+        return dict(self.categories)
+
+    def property_specs(self) -> dict[str, tuple[str, int]]:
+        """COCO samples carry no per-object properties."""
+        return {}
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> Batch:
+        return collate_samples(samples)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    # ----------------------------------------------------------------- samples
+    def image_info(self, index: int) -> dict[str, Any]:
+        """The annotation file's entry of sample `index` (id, file_name, height, width, ...)."""
+        return self._images[self._check_index(index)]
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        n = len(self._images)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for coco {self.split} split of {n}")
+        return index
+
+    def _view(self, index: int) -> View:
+        if self.split != "train":
+            return View()
+        rng = np.random.default_rng([self.params.seed, self.split_id, index])
+        return draw_view(rng, self.params.train_crop, self.params.hflip)
+
+    def _decode(self, ann: dict[str, Any], height: int, width: int, path: Path) -> np.ndarray:
+        api = self._mask_api
+        seg = ann.get("segmentation")
+        try:
+            if isinstance(seg, list):  # polygons
+                rle = api.merge(api.frPyObjects(seg, height, width))
+            elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
+                rle = api.frPyObjects(seg, height, width)
+            elif isinstance(seg, dict):  # compressed RLE
+                rle = seg
+            else:
+                raise ValueError(f"unsupported segmentation {type(seg).__name__}")
+            with warnings.catch_warnings():  # pycocotools' numpy-2 copy=False notice
+                warnings.simplefilter("ignore", DeprecationWarning)
+                mask = api.decode(rle)
+        except Exception as err:
+            raise DataError(
+                f"dataset 'coco': cannot decode segmentation of annotation {ann.get('id')} "
+                f"(image {path}) in {self.annotation_file}: {err}"
+            ) from err
+        if mask.shape != (height, width):
+            raise DataError(
+                f"dataset 'coco': annotation {ann.get('id')} of {path} has mask size "
+                f"{mask.shape}, expected {(height, width)}"
+            )
+        return mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        p = self.params
+        info = self._images[index]
+        path = self.image_dir / str(info["file_name"])
+        img = open_rgb(path, "dataset 'coco'")
+        height, width = int(info["height"]), int(info["width"])
+        if (img.height, img.width) != (height, width):
+            raise DataError(
+                f"dataset 'coco': {path} is {img.width}x{img.height} but "
+                f"{self.annotation_file.name} says {width}x{height}"
+            )
+        view = self._view(index)
+        image = transform_image(img, p.image_size, p.interpolation, view)
+
+        objects: list[np.ndarray] = []
+        labels: list[int] = []
+        crowd = np.zeros((height, width), dtype=np.uint8)
+        for ann in self._anns.get(int(info["id"]), []):
+            is_crowd = bool(ann.get("iscrowd", 0))
+            if is_crowd and p.crowd == "drop":
+                continue
+            if is_crowd and p.crowd == "ignore":
+                crowd |= self._decode(ann, height, width, path)
+                continue
+            if p.min_area > 0 and float(ann.get("area", 0.0)) < p.min_area:
+                continue
+            objects.append(self._decode(ann, height, width, path))
+            labels.append(int(ann["category_id"]))
+
+        side = p.mask_size or p.image_size
+        stack = np.stack(objects) if objects else np.zeros((0, height, width), np.uint8)
+        masks = transform_maps(torch.from_numpy(stack), side, view).bool()
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        ignore = torch.zeros((side, side), dtype=torch.bool)
+        if p.overlaps_ignored:
+            ignore |= overlap_mask(masks)
+        if p.crowd == "ignore":
+            ignore |= transform_maps(torch.from_numpy(crowd[None]), side, view)[0].bool()
+        class_masks, class_ids = class_masks_from_instances(masks, label_tensor)
+        return make_sample(image, masks, label_tensor, ignore, class_masks, class_ids, index)
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [CocoDataset]

@@ -1,0 +1,264 @@
+"""PASCAL VOC 2012 segmentation (SegmentationObject / SegmentationClass palette PNGs).
+
+Layout under `root` (VOCtrainval_11-May-2012.tar from
+http://host.robots.ox.ac.uk/pascal/VOC/voc2012/; `root` may be the VOC2012 folder itself or a
+folder holding VOCdevkit/VOC2012 or VOC2012):
+
+    JPEGImages/<id>.jpg   SegmentationObject/<id>.png   SegmentationClass/<id>.png
+    ImageSets/Segmentation/{train,val}.txt   (+ trainaug.txt, the 10,582-image SBD list, optional)
+
+Splits: "train" reads ImageSets/Segmentation/trainaug.txt when present (SPOT's training set),
+else train.txt; "val" reads val.txt (1,449 images, SPOT's and OCLF's evaluation set).
+
+Both PNGs are read as palette indices. Object ids 1..254 of SegmentationObject are the instances
+(the object PNG is a partition, so instances never overlap); each instance's label is the most
+frequent SegmentationClass value under it (255 excluded, ties to the smaller id). Class masks are
+the SegmentationClass values present (1..20, ascending). Pixels that are 255 (object boundaries
+and "difficult" regions) in either PNG go to ignore_mask, as OCLF does with
+`_metrics_add_ignore_mask` (SPOT instead sets them to background).
+
+Geometry follows the SPOT / OCLF "ccrop" protocol (see bench.datasets.segmentation): image short
+side 224 (bicubic) + centre crop, label maps short side 320 (nearest-exact) + centre crop. The
+train split uses SPOT's VOC augmentation, a random 224 crop and a horizontal flip (p = 0.5),
+drawn from (seed, index) so runs are deterministic (the same image gets the same view every
+epoch); its masks use the same crop fractions at mask resolution.
+
+SBD's trainaug images mostly have no SegmentationObject PNG: a train list with any image lacking
+either PNG yields images only (no masks), which is all training needs. The val split requires
+both PNGs for every image.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.contracts import Batch
+from bench.datasets import DatasetParamError, check_split
+from bench.datasets import collate as collate_samples
+from bench.datasets.segmentation import (
+    Crop,
+    Interpolation,
+    View,
+    draw_view,
+    label_map_masks,
+    make_sample,
+    open_label_png,
+    open_rgb,
+    transform_image,
+    transform_maps,
+    validate_params,
+)
+from bench.errors import DataError
+from bench.hookspecs import hookimpl
+from bench.params import param
+from bench.plugin import Plugin
+
+ENV_ROOT = "OCL_BENCH_VOC"
+IGNORE = 255
+CLASS_NAMES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+WHERE = (
+    "VOC 2012 is VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ "
+    "(trainaug.txt comes with the SBD augmented set); set dataset.root (or "
+    f"${ENV_ROOT}) to its VOCdevkit/VOC2012 folder"
+)
+
+
+@dataclass(frozen=True)
+class VocParams:
+    root: str = param(
+        "", f"VOC2012 folder (or one holding VOCdevkit/VOC2012); '' reads ${ENV_ROOT}"
+    )
+    image_size: int = param(224, "side of the square images (short-side resize + crop)")
+    mask_size: int = param(
+        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
+    )
+    interpolation: Interpolation = param(
+        "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
+    )
+    train_list: str = param(
+        "",
+        "image list of the train split in ImageSets/Segmentation ('' = trainaug.txt if "
+        "present, else train.txt)",
+    )
+    train_crop: Crop = param("random", "crop of the train split: 'random' (SPOT VOC) or 'center'")
+    hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
+    seed: int = param(0, "seed of the train split's flips and random crops")
+
+    def __post_init__(self) -> None:
+        validate_params(self, "voc")
+
+
+def _find_root(text: str) -> Path:
+    root = Path(text).expanduser()
+    for candidate in (root, root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    raise DataError(
+        f"dataset 'voc': no JPEGImages/ folder in {root} (nor in VOCdevkit/VOC2012 or VOC2012 "
+        f"below it). {WHERE}"
+    )
+
+
+class VocDataset(Plugin):
+    """PASCAL VOC 2012 instance and class masks with SPOT/OCLF centre-crop evaluation geometry.
+
+    Images are float[3,224,224] in [0, 1]; masks, ignore_mask (label 255) and boxes are at
+    mask_size (320).
+    """
+
+    kind = "dataset"
+    name = "voc"
+    Params = VocParams
+    provides = frozenset(
+        {
+            "batch.images",
+            "batch.instance_masks",
+            "batch.class_masks",
+            "batch.ignore_mask",
+            "batch.boxes",
+            "batch.labels",
+            "batch.index",
+        }
+    )
+
+    def __init__(self, params: VocParams | None = None, split: str = "train"):
+        self.params = params if params is not None else VocParams()
+        p = self.params
+        validate_params(p, self.name)
+        self.split = split
+        self.split_id = check_split(split)
+        if split not in ("train", "val"):
+            raise DatasetParamError(
+                f"dataset 'voc' has no annotated {split!r} split; use 'train' or 'val'"
+            )
+        root_text = p.root or os.environ.get(ENV_ROOT, "")
+        if not root_text:
+            raise DataError(f"dataset 'voc': no root given (dataset.root or ${ENV_ROOT}). {WHERE}")
+        self.root = _find_root(root_text)
+        lists = self.root / "ImageSets" / "Segmentation"
+        if split == "val":
+            self.list_file = lists / "val.txt"
+        elif p.train_list:
+            self.list_file = lists / p.train_list
+        else:
+            trainaug = lists / "trainaug.txt"
+            self.list_file = trainaug if trainaug.is_file() else lists / "train.txt"
+        if not self.list_file.is_file():
+            raise DataError(f"dataset 'voc': image list not found: {self.list_file}. {WHERE}")
+        try:
+            text = self.list_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"dataset 'voc': cannot read {self.list_file}: {err}") from err
+        self.ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+
+        missing = [f for i in self.ids for f in self._label_files(i) if not f.is_file()]
+        if missing and split == "val":
+            raise DataError(
+                f"dataset 'voc': {len(missing)} label PNGs of {self.list_file.name} are missing, "
+                f"first {missing[0]}. {WHERE}"
+            )
+        self.has_masks = not missing
+
+    def _label_files(self, image_id: str) -> tuple[Path, Path]:
+        return (
+            self.root / "SegmentationObject" / f"{image_id}.png",
+            self.root / "SegmentationClass" / f"{image_id}.png",
+        )
+
+    # ----------------------------------------------------------------- description
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.params.image_size, self.params.image_size)
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        side = self.params.mask_size or self.params.image_size
+        return (side, side)
+
+    @property
+    def num_classes(self) -> int:
+        """21: background (0) and the 20 VOC classes; labels are 1..20."""
+        return len(CLASS_NAMES)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES
+
+    def property_specs(self) -> dict[str, tuple[str, int]]:
+        """VOC samples carry no per-object properties."""
+        return {}
+
+    @staticmethod
+    def collate(samples: list[dict[str, Any]]) -> Batch:
+        return collate_samples(samples)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ----------------------------------------------------------------- samples
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        n = len(self.ids)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for voc {self.split} split of {n}")
+        return index
+
+    def _view(self, index: int) -> View:
+        if self.split != "train":
+            return View()
+        rng = np.random.default_rng([self.params.seed, self.split_id, index])
+        return draw_view(rng, self.params.train_crop, self.params.hflip)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        p = self.params
+        image_id = self.ids[index]
+        path = self.root / "JPEGImages" / f"{image_id}.jpg"
+        img = open_rgb(path, "dataset 'voc'")
+        view = self._view(index)
+        image = transform_image(img, p.image_size, p.interpolation, view)
+        if not self.has_masks:
+            return {"image": image, "index": index}
+
+        object_file, class_file = self._label_files(image_id)
+        objects = open_label_png(object_file, "dataset 'voc'")
+        classes = open_label_png(class_file, "dataset 'voc'")
+        for name, array in (("SegmentationObject", objects), ("SegmentationClass", classes)):
+            if array.shape != (img.height, img.width):
+                raise DataError(
+                    f"dataset 'voc': {name}/{image_id}.png is {array.shape[1]}x{array.shape[0]} "
+                    f"but {path.name} is {img.width}x{img.height}"
+                )
+        ids = [int(i) for i in np.unique(objects) if i not in (0, IGNORE)]
+        labels = []
+        for i in ids:
+            under = classes[objects == i]
+            under = under[under != IGNORE]
+            labels.append(int(np.bincount(under).argmax()) if under.size else 0)
+
+        side = p.mask_size or p.image_size
+        maps = transform_maps(torch.from_numpy(np.stack([objects, classes])), side, view)
+        object_map, class_map = maps[0].long(), maps[1].long()
+        ignore = (object_map == IGNORE) | (class_map == IGNORE)
+        id_tensor = torch.tensor(ids, dtype=torch.long)
+        masks = object_map[None] == id_tensor[:, None, None]
+        class_masks, class_ids = label_map_masks(class_map, exclude=(0, IGNORE))
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        return make_sample(image, masks, label_tensor, ignore, class_masks, class_ids, index)
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [VocDataset]

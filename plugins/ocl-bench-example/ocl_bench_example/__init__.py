@@ -1,0 +1,1 @@
+"""Example ocl-bench plugins, installed as their own distribution."""
