@@ -63,13 +63,17 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from bench import distributed
     from bench.config import load_config
     from bench.evaluate import evaluate
     from bench.train import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, Path(args.out), progress=not args.quiet)
-    if args.no_eval:
+    try:
+        result = train(cfg, Path(args.out), progress=not args.quiet)
+    finally:
+        distributed.teardown()
+    if args.no_eval or not distributed.current().main:
         return 0
     from bench.evaluate import load_run
 
@@ -84,6 +88,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
     _print_metrics(metrics, f"evaluated step {metrics['step']}")
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from bench.spot_import import import_spot
+
+    result = import_spot(
+        args.path,
+        args.out,
+        args.overrides,
+        encoder=args.encoder,
+        num_slots=args.num_slots,
+        num_heads=args.num_heads,
+        eval_order=args.eval_order,
+    )
+    lay = result.layout
+    print(
+        f"imported SPOT stage-{lay.stage} checkpoint into {args.out}: {lay.num_slots} slots "
+        f"x {lay.slot_dim}, D={lay.dim}, {lay.num_layers} decoder blocks, "
+        f"{lay.num_orders} order(s); evaluate with `ocl-bench eval {args.out}`"
+    )
+    for note in result.notes:
+        print(f"  {note}")
     return 0
 
 
@@ -106,7 +133,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     if args.grid is None or args.leaderboard:
         from bench.grid import demo_grid_path
 
-        print(render(load_leaderboard(args.grid or demo_grid_path(), db), "md"))
+        board = load_leaderboard(args.grid or demo_grid_path(), db, overrides=args.overrides)
+        print(render(board, "md"))
     return 0 if all(s.startswith("complete") for s in statuses.values()) else 1
 
 
@@ -188,6 +216,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides of eval/tasks settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("import", help="turn an official checkpoint into a run directory")
+    p.add_argument("format", choices=["spot"], help="checkpoint layout (gkakogeorgiou/spot)")
+    p.add_argument("path", help="official checkpoint file (checkpoint.pt.tar, best_model.pt)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset.name=coco")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--encoder", default="dino_vitb16", help="encoder plugin for encoder.*")
+    p.add_argument("--num-slots", type=int, help="slots (required for stage-1 files)")
+    p.add_argument("--num-heads", type=int, default=6, help="decoder heads (not in shapes)")
+    p.add_argument(
+        "--eval-order",
+        choices=["standard", "random", "all"],
+        default="all",
+        help="decoder orders at eval ('all' as SPOT's README numbers)",
+    )
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("grid", help="run an ablation grid into the results database")
     p.add_argument("grid", nargs="?", help="grid TOML (default: leaderboards/shapes-demo.toml)")

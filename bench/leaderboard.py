@@ -74,9 +74,15 @@ def _row_config(row: Row, base: dict[str, Any], dataset: str | None) -> Any:
 
 
 def load_leaderboard(
-    name_or_path: str | Path, db: Path | None = None, dataset: str | None = None
+    name_or_path: str | Path,
+    db: Path | None = None,
+    dataset: str | None = None,
+    overrides: list[str] | None = None,
 ) -> Leaderboard:
-    """Read a leaderboard TOML and fill in what the database measured."""
+    """Read a leaderboard TOML and fill in what the database measured.
+
+    `overrides` apply to a grid file's base (as `ocl-bench grid FILE overrides...` did).
+    """
     path = Path(name_or_path)
     if not path.suffix:
         path = leaderboard_dir() / f"{name_or_path}.toml"
@@ -85,7 +91,7 @@ def load_leaderboard(
         raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
     spec = read_toml(path)
     if "axes" in spec:  # a grid file: its cells are the rows
-        return _from_grid(path, db)
+        return _from_grid(path, db, overrides)
     columns = [
         Column(
             key=c["key"],
@@ -149,11 +155,11 @@ def _measure(
         row.missing = "not measured yet (run its grid)"
 
 
-def _from_grid(path: Path, db: Path | None) -> Leaderboard:
+def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
     from bench.grid import load_grid
 
     spec = read_toml(path)
-    grid = load_grid(path)
+    grid = load_grid(path, overrides)
     metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
     masks = spec.get("masks", "decoder")
     columns = [Column(m, m, "object_discovery", None, m, masks, 100.0) for m in metrics]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bench import checkpoint
+from bench import checkpoint, distributed
 from bench.compose import build_model, build_objectives
 from bench.config import RunConfig, read_toml
 from bench.data import StepBatchSampler, make_dataset
@@ -84,14 +85,16 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    world, device = distributed.setup(resolve_device(t.device))
     seed_everything(cfg.seed)
     dataset = make_dataset(cfg.dataset, "train")
     model = build_model(cfg, dataset.image_size).to(device)
     objectives = build_objectives(cfg).to(device)
     # Only once the model is built: a bad combination or param leaves no run directory.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, run_dir)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, run_dir)
+    distributed.barrier()
     parameters = [
         p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad
     ]
@@ -111,10 +114,21 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             objectives.load_state_dict(state["objectives"])
         set_rng_state(state["rng"])
         start = int(state["step"])
+    if world.size > 1:
+        # Different slot-init noise per rank, as a single process would draw for its batch.
+        torch.manual_seed(cfg.seed * 7919 + start * 104729 + world.rank)
+    trained = model
+    if world.size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     log_path = run_dir / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    if world.main:
+        _truncate_log(log_path, start)
 
-    sampler = StepBatchSampler(len(dataset), t.batch_size, cfg.seed, start, t.steps)
+    sampler = StepBatchSampler(
+        len(dataset), t.batch_size, cfg.seed, start, t.steps, world.rank, world.size
+    )
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -126,6 +140,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     )
 
     def save(step: int) -> None:
+        if not world.main:
+            return
         checkpoint.save(
             ckpt_dir,
             model,
@@ -149,19 +165,19 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         unit="step",
         dynamic_ncols=True,
     )
-    with open(log_path, "a") as log:
+    with open(log_path if world.main else os.devnull, "a") as log:
         for step, batch in zip(range(start, t.steps), loader):
             batch = batch.to(device)
             with autocast(device, t.precision):
-                out = model(batch)
+                out = trained(batch)
                 terms = {}
                 for objective in objectives:
                     terms.update(objective(out, batch))
             total = sum(terms.values())
-            if not torch.isfinite(total):
+            if distributed.any_true(not bool(torch.isfinite(total.detach())), device):
                 raise TrainingDiverged(
-                    f"loss became {float(total)} at step {step + 1}; stopped, the last good "
-                    f"checkpoint (step {_saved_step(ckpt_dir)}) is kept in {ckpt_dir}"
+                    f"loss became {float(total.detach())} at step {step + 1}; stopped, the "
+                    f"last good checkpoint (step {_saved_step(ckpt_dir)}) is kept in {ckpt_dir}"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -172,8 +188,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses = {k: float(v.detach()) for k, v in terms.items()}
-            loss = float(total.detach())
+            # Logged values are means over all ranks: the global-batch loss.
+            losses = {k: distributed.mean(v.detach()) for k, v in terms.items()}
+            loss = distributed.mean(total.detach())
             log.write(json.dumps({"step": step + 1, "loss": loss, **losses}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             bar.update(1)
@@ -183,6 +200,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     bar.close()
     if found is None and start == t.steps == 0:
         save(0)
+    distributed.barrier()
     return TrainResult(t.steps, start, time.perf_counter() - began, losses)
 
 
