@@ -25,6 +25,11 @@ class MLPDecoderParams:
         "of the coordinates relative to each slot's attention centroid and spread (as in "
         "invariant slot attention), which gives every slot a place to paint from step one",
     )
+    attn_prior: bool = param(
+        False,
+        "add log(slot attention) to the alpha logits, so decoder masks start from the "
+        "grouping's masks and reconstruction gradients reach the attention directly",
+    )
     pos_std: float = param(0.02, "std of the learned position embedding at initialisation")
     target: Literal["pixels", "features"] = param(
         "pixels", "reconstruct image patches on the token grid, or the encoder's targets"
@@ -45,7 +50,7 @@ class MLPDecoder(nn.Module, Plugin):
         needs, gives = super().capabilities(params)
         if params.target == "features":
             needs.add("features.targets")
-        if params.position == "relative":
+        if params.position == "relative" or params.attn_prior:
             needs.add("slots.attn")
         return needs, gives
 
@@ -89,6 +94,8 @@ class MLPDecoder(nn.Module, Plugin):
         s = slots.slots
         x = self.net(s.unsqueeze(2) + self.position_code(slots))  # [B,K,N,D+1]
         values, alpha_logits = x[..., :-1], x[..., -1]
+        if self.params.attn_prior:
+            alpha_logits = alpha_logits + slots.attn.transpose(1, 2).clamp(min=1e-6).log()
         alpha = alpha_logits.softmax(dim=1)  # over slots
         recon = torch.einsum("bkn,bknd->bnd", alpha, values)
         if self.params.target == "pixels":

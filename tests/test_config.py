@@ -77,7 +77,7 @@ def test_switching_decoder_drops_old_params() -> None:
     assert cfg.decoder.name == "spatial_broadcast"
     # params given after the switch stay
     raw = load_raw(None, ["decoder.name=mlp", "decoder.hidden=32"])
-    assert raw["decoder"] == {"name": "mlp", "hidden": 32}
+    assert raw["decoder"]["name"] == "mlp" and raw["decoder"]["hidden"] == 32
     assert resolve(raw).decoder.params.hidden == 32
 
 
