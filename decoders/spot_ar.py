@@ -1,0 +1,390 @@
+"""SPOT's autoregressive transformer decoder, as the official code builds it.
+
+Kakogeorgiou et al., "SPOT: Self-Training with Patch-Order Permutation for Object-Centric
+Learning with Autoregressive Transformers" (CVPR 2024); the official code is
+github.com/gkakogeorgiou/spot (spot.py, transformer.py). This module re-implements it
+from the facts listed in ../shared/reference/spot-and-mage.md (section c):
+
+- teacher forcing: the input is `input_proj(cat[BOS, target[:, perm][:, :-1]])` with
+  `input_proj = Linear(D, D, bias=False) + LayerNorm`; the target is the (detached)
+  encoder target features; no position embedding is added;
+- `slot_proj = Linear(slot_dim, D, bias=False) + LayerNorm` gives the cross-attention
+  keys/values; a pre-LN TransformerDecoder (causal self-attention, cross-attention to
+  the slots, ReLU FFN) ends with a LayerNorm whose output *is* the reconstruction;
+- A_dec is the last block's cross-attention softmax [B, heads, N, K] (before dropout),
+  summed over heads and L1-normalised over slots, un-permuted back to raster order;
+- 9 patch orders with one learned BOS token per order; training picks one random
+  order per batch, evaluation uses "standard", "random" or the average over "all".
+
+The official code's quirks are named params whose default is the official behaviour
+(`first_block_norm_residual`, `first_block_uses_num_heads`, `bos_per_order`).
+The module keys mirror the official ones (`input_proj`, `slot_proj`, `bos_tokens`,
+`blocks.i.{self_attn,encoder_decoder_attn}.proj_{q,k,v,o}`, ...) so an official
+checkpoint maps onto it by prefix (bench/spot_import.py); the official bool
+`self_attn_mask` parameters are not stored (the causal mask is rebuilt on the fly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.contracts import Batch, Decoding, Dims, Features, Slots
+from bench.hookspecs import hookimpl
+from bench.params import param
+from bench.plugin import Plugin
+
+# The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
+ORDER_NAMES = (
+    "standard",  # rows top->bottom, columns left->right (raster)
+    "top_left",  # columns left->right, rows top->bottom
+    "top_right",  # columns right->left, rows top->bottom
+    "right_top",  # rows top->bottom, columns right->left
+    "bottom_right",  # columns right->left, rows bottom->top
+    "right_bottom",  # rows bottom->top, columns right->left (reversed raster)
+    "bottom_left",  # columns left->right, rows bottom->top
+    "left_bottom",  # rows bottom->top, columns left->right
+    "spiral",  # reversed clockwise spiral from the top-right corner: centre -> (0, w-1)
+)
+
+
+def spiral_order(h: int, w: int) -> Tensor:
+    """SPOT's spiral: the clockwise spiral that starts at the top-right corner and runs
+    down the last column, then reversed (so it starts at the centre and ends at (0, w-1)).
+
+    Built by repeatedly taking the first row of the grid rotated 90 degrees
+    counter-clockwise and rotating the rest again.
+    """
+    rest = torch.rot90(torch.arange(h * w).reshape(h, w), 1, (0, 1))
+    pieces = []
+    while rest.numel():
+        pieces.append(rest[0])
+        rest = torch.rot90(rest[1:], 1, (0, 1))
+    return torch.cat(pieces).flip(0)
+
+
+def patch_orders(h: int, w: int) -> list[Tensor]:
+    """The 9 SPOT patch orders on an h x w grid; order[i] lists raster indices in the
+    sequence the decoder visits them."""
+    g = torch.arange(h * w).reshape(h, w)
+    flipped_lr, flipped_ud = g.flip(1), g.flip(0)
+    both = g.flip(0).flip(1)
+    orders = [
+        g.flatten(),
+        g.t().flatten(),
+        flipped_lr.t().flatten(),
+        flipped_lr.flatten(),
+        both.t().flatten(),
+        both.flatten(),
+        flipped_ud.t().flatten(),
+        flipped_ud.flatten(),
+        spiral_order(h, w),
+    ]
+    return [o.contiguous() for o in orders]
+
+
+def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
+    """bool[n, n], True where attention is forbidden (above the diagonal), as SPOT stores it."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+
+
+def _linear(d_in: int, d_out: int, bias: bool = True, init: str = "xavier", gain: float = 1.0):
+    """SLATE/SPOT initialisation: xavier-uniform (with gain) or kaiming-uniform, zero bias."""
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
+    else:
+        nn.init.xavier_uniform_(layer.weight, gain)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v/o projections (SLATE/SPOT layout)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, gain: float = 1.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"decoder dimension {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.dropout = dropout
+        self.attn_dropout = nn.Dropout(dropout)
+        self.output_dropout = nn.Dropout(dropout)
+        self.proj_q = _linear(dim, dim, bias=False)
+        self.proj_k = _linear(dim, dim, bias=False)
+        self.proj_v = _linear(dim, dim, bias=False)
+        self.proj_o = _linear(dim, dim, bias=False, gain=gain)
+
+    def split(self, x: Tensor, proj: nn.Linear) -> Tensor:
+        b, n, _ = x.shape
+        return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, context: Tensor, causal: bool = False, explicit: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """x [B,T,D] attends to context [B,S,D], causally (T == S) or not.
+
+        Returns (output [B,T,D], the softmax weights [B,heads,T,S] before dropout when
+        `explicit`, else None: the fused kernel never materialises them).
+        """
+        b, t, _ = x.shape
+        q = self.split(x, self.proj_q)
+        k, v = self.split(context, self.proj_k), self.split(context, self.proj_v)
+        weights = None
+        if explicit:
+            q = q * q.shape[-1] ** -0.5
+            logits = q @ k.transpose(-1, -2)
+            if causal:  # the official bool mask: True above the diagonal = blocked
+                logits = logits.masked_fill(causal_mask(t, x.device), float("-inf"))
+            weights = logits.softmax(dim=-1)
+            out = self.attn_dropout(weights) @ v
+        else:
+            p = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.output_dropout(self.proj_o(out)), weights
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN block: causal self-attention -> cross-attention to slots -> ReLU FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        cross_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        gain: float,
+        norm_residual: bool,
+    ):
+        super().__init__()
+        self.norm_residual = norm_residual
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout, gain)
+        self.encoder_decoder_attn_layer_norm = nn.LayerNorm(dim)
+        self.encoder_decoder_attn = Attention(dim, cross_heads, dropout, gain)
+        self.ffn_layer_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            _linear(dim, ffn_dim, init="kaiming"),
+            nn.ReLU(),
+            _linear(ffn_dim, dim, gain=gain),
+            nn.Dropout(dropout),
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        slots: Tensor,
+        explicit_self: bool = False,
+        explicit_cross: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.norm_residual:
+            # Official quirk of block 0: the input itself is replaced by its LayerNorm,
+            # so the residual stream starts from LN(input).
+            x = self.self_attn_layer_norm(x)
+            h = x
+        else:
+            h = self.self_attn_layer_norm(x)
+        x = x + self.self_attn(h, h, True, explicit_self)[0]
+        h, weights = self.encoder_decoder_attn(
+            self.encoder_decoder_attn_layer_norm(x), slots, False, explicit_cross
+        )
+        x = x + h
+        x = x + self.ffn(self.ffn_layer_norm(x))
+        return x, weights
+
+
+@dataclass(frozen=True)
+class SpotARParams:
+    num_layers: int = param(4, "transformer decoder blocks")
+    num_heads: int = param(6, "attention heads (head dim = D / heads; D = 768 gives 128)")
+    num_cross_heads: int = param(0, "cross-attention heads of blocks 1.. (0 = num_heads)")
+    first_block_uses_num_heads: bool = param(
+        True, "official quirk: block 0's cross-attention uses num_heads, not num_cross_heads"
+    )
+    first_block_norm_residual: bool = param(
+        True, "official quirk: block 0 replaces its input by LN(input) before the residual"
+    )
+    ffn_multiplier: int = param(4, "FFN hidden size = ffn_multiplier * D (ReLU)")
+    dropout: float = param(0.0, "dropout on attention weights, attention and FFN outputs")
+    orders: Literal["standard", "all"] = param(
+        "all", "patch orders enabled: the raster order only, or all 9 SPOT orders"
+    )
+    train_order: Literal["random", "standard", "all"] = param(
+        "random",
+        "orders used in training: one random enabled order per batch (SPOT), the raster "
+        "order, or the average of all enabled orders",
+    )
+    eval_order: Literal["standard", "random", "all"] = param(
+        "standard",
+        "orders used in eval: raster (official script default), one random order per "
+        "batch, or A_dec/reconstruction averaged over all enabled orders (SPOT's README "
+        "numbers use 'all')",
+    )
+    bos_per_order: bool = param(
+        True, "one learned BOS token per order, the only order signal (official)"
+    )
+    bos_std: float = param(0.02, "std of the BOS tokens at initialisation")
+    attention: Literal["sdpa", "explicit"] = param(
+        "sdpa",
+        "fused scaled_dot_product_attention (the last block's cross-attention is always "
+        "explicit, for A_dec), or explicit attention matrices in every block",
+    )
+
+
+class SpotARDecoder(nn.Module, Plugin):
+    """SPOT's autoregressive transformer decoder over encoder features, 9 patch orders."""
+
+    kind = "decoder"
+    name = "spot_ar"
+    Params = SpotARParams
+    requires = frozenset({"features.targets", "slots.slots"})
+    provides = frozenset({"decoding.masks"})
+
+    def __init__(self, params: SpotARParams, dims: Dims):
+        super().__init__()
+        if dims.grid is None or dims.slot_dim is None:
+            raise ValueError("the spot_ar decoder needs the token grid and the slot dimension")
+        if dims.target_dim is None:
+            raise ValueError("the spot_ar decoder needs an encoder that provides targets")
+        if params.num_layers < 1:
+            raise ValueError(f"num_layers must be at least 1, got {params.num_layers}")
+        self.params = params
+        self.grid = dims.grid
+        d = self.dim = dims.target_dim
+        cross = params.num_cross_heads or params.num_heads
+        for heads in {params.num_heads, cross}:
+            if heads < 1 or d % heads:
+                raise ValueError(f"target dimension {d} is not divisible by {heads} heads")
+        orders = patch_orders(*dims.grid)[: 9 if params.orders == "all" else 1]
+        self.register_buffer("orders", torch.stack(orders), persistent=False)
+        n_bos = len(orders) if params.bos_per_order else 1
+        self.bos_tokens = nn.Parameter(torch.randn(n_bos, 1, 1, d) * params.bos_std)
+        self.input_proj = nn.Sequential(_linear(d, d, bias=False), nn.LayerNorm(d))
+        self.slot_proj = nn.Sequential(_linear(dims.slot_dim, d, bias=False), nn.LayerNorm(d))
+        gain = (3 * params.num_layers) ** -0.5
+        self.blocks = nn.ModuleList(
+            DecoderBlock(
+                d,
+                params.num_heads,
+                params.num_heads if i == 0 and params.first_block_uses_num_heads else cross,
+                params.ffn_multiplier * d,
+                params.dropout,
+                gain,
+                norm_residual=i == 0 and params.first_block_norm_residual,
+            )
+            for i in range(params.num_layers)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+
+    def output_dims(self, dims: Dims) -> Dims:
+        return dims
+
+    @property
+    def num_orders(self) -> int:
+        return int(self.orders.shape[0])
+
+    def order_ids(self, mode: str) -> list[int]:
+        """Which orders one forward pass uses: 'standard', 'random' (one per batch) or 'all'."""
+        if mode == "standard":
+            return [0]
+        if mode == "random":  # torch's RNG, so resumed runs draw the same orders
+            return [int(torch.randint(self.num_orders, ()).item())]
+        if mode == "all":
+            return list(range(self.num_orders))
+        raise ValueError(f"unknown order mode {mode!r}")
+
+    def transformer(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """(final-LN output [B,N,D], last block's cross-attention [B,heads,N,K])."""
+        explicit = self.params.attention == "explicit"
+        weights = None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, slots, explicit, explicit or i == last)
+        assert weights is not None
+        return self.layer_norm(x), weights
+
+    def decode(
+        self, slots: Tensor, targets: Tensor, order_ids: list[int], grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Teacher-forced decoding in each order of `order_ids`, averaged.
+
+        slots [B,K,Ds], targets [B,N,D] -> (reconstruction [B,N,D], A_dec [B,N,K]), both
+        in raster order.
+        """
+        b, n, d = targets.shape
+        orders = self.orders if tuple(grid) == tuple(self.grid) else None
+        if orders is None:
+            orders = torch.stack(patch_orders(*grid)[: self.num_orders]).to(targets.device)
+        kv = self.slot_proj(slots)
+        recons, masks = [], []
+        for i in order_ids:
+            perm = orders[i]
+            inverse = torch.argsort(perm)
+            bos = self.bos_tokens[i if self.params.bos_per_order else 0].expand(b, 1, d)
+            x = self.input_proj(torch.cat([bos.to(targets.dtype), targets[:, perm[:-1]]], 1))
+            out, weights = self.transformer(x, kv)
+            a_dec = weights.sum(dim=1)
+            a_dec = a_dec / a_dec.sum(dim=-1, keepdim=True)
+            recons.append(out[:, inverse])
+            masks.append(a_dec[:, inverse])
+        if len(order_ids) == 1:
+            return recons[0], masks[0]
+        return torch.stack(recons).mean(0), torch.stack(masks).mean(0)
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
+        if features.targets is None:
+            raise ValueError("the spot_ar decoder needs Features.targets")
+        targets = features.targets.detach()  # SPOT's targets come from a frozen encoder
+        mode = self.params.train_order if self.training else self.params.eval_order
+        ids = self.order_ids(mode)
+        recon, masks = self.decode(slots.slots, targets, ids, features.grid)
+        return Decoding(
+            reconstruction=recon,
+            target=targets,
+            masks=masks,
+            extras={"orders": torch.tensor(ids)},
+        )
+
+
+@dataclass(frozen=True)
+class DinosaurTransformerParams(SpotARParams):
+    orders: Literal["standard", "all"] = param(
+        "standard", "patch orders enabled: the raster order only (DINOSAUR), or all 9"
+    )
+    train_order: Literal["random", "standard", "all"] = param(
+        "standard", "orders used in training (DINOSAUR: the raster order)"
+    )
+
+
+class DinosaurTransformerDecoder(SpotARDecoder):
+    """DINOSAUR's autoregressive transformer decoder: SPOT's decoder in raster order only.
+
+    This is the DINOSAUR baseline as SPOT re-implements it
+    (`train_spot.py --train_permutations standard`): one BOS token, raster order.
+    """
+
+    name = "dinosaur_transformer"
+    Params = DinosaurTransformerParams
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [SpotARDecoder, DinosaurTransformerDecoder]
+
+
+__all__ = [
+    "ORDER_NAMES",
+    "DinosaurTransformerDecoder",
+    "SpotARDecoder",
+    "SpotARParams",
+    "causal_mask",
+    "patch_orders",
+    "spiral_order",
+]
