@@ -47,6 +47,7 @@ from bench.contracts import Batch
 from bench.datasets import DatasetParamError, check_split
 from bench.datasets import collate as collate_samples
 from bench.datasets.segmentation import (
+    SEGMENTATION_PROVIDES,
     Crop,
     Interpolation,
     View,
@@ -143,17 +144,7 @@ class CocoDataset(Plugin):
     kind = "dataset"
     name = "coco"
     Params = CocoParams
-    provides = frozenset(
-        {
-            "batch.images",
-            "batch.instance_masks",
-            "batch.class_masks",
-            "batch.ignore_mask",
-            "batch.boxes",
-            "batch.labels",
-            "batch.index",
-        }
-    )
+    provides = SEGMENTATION_PROVIDES
 
     def __init__(self, params: CocoParams | None = None, split: str = "train"):
         self.params = params if params is not None else CocoParams()
