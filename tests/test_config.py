@@ -9,12 +9,17 @@ import pytest
 from bench.config import (
     RunConfig,
     apply_overrides,
+    default_text,
     load_config,
     load_raw,
     parse_override,
     resolve,
+    tomllib,
 )
 from bench.errors import ConfigError, DataError, UnknownPluginError
+
+# The embedded default config's slot count, read from the file itself.
+DEFAULT_SLOTS = tomllib.loads(default_text())["grouping"]["num_slots"]
 
 
 def resolved(*overrides: str) -> RunConfig:
@@ -83,7 +88,7 @@ def test_switching_decoder_drops_old_params() -> None:
 
 def test_switching_grouping_to_same_name_keeps_params() -> None:
     raw = load_raw(None, ["grouping.name=slot_attention"])
-    assert raw["grouping"]["num_slots"] == 6
+    assert raw["grouping"]["num_slots"] == DEFAULT_SLOTS
 
 
 # ------------------------------------------------------------------ resolve
@@ -94,7 +99,7 @@ def test_default_config_resolves() -> None:
     assert cfg.dataset.name == "shapes"
     assert cfg.encoder.name == "cnn"
     assert cfg.grouping.name == "slot_attention"
-    assert cfg.grouping.params.num_slots == 6
+    assert cfg.grouping.params.num_slots == DEFAULT_SLOTS
     assert cfg.decoder.name == "mlp"
     assert [c.name for c in cfg.objectives] == ["reconstruction"]
     assert [c.name for c in cfg.tasks] == ["object_discovery", "property_prediction"]
@@ -222,7 +227,8 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
 def test_digest_is_stable_and_changes_with_any_param() -> None:
     base = resolved()
     assert resolved().digest() == base.digest()
-    assert resolved("grouping.num_slots=6").digest() == base.digest()  # same as the default
+    same = f"grouping.num_slots={DEFAULT_SLOTS}"
+    assert resolved(same).digest() == base.digest()  # same as the default
     changed = {
         resolved(o).digest()
         for o in ("grouping.num_slots=5", "train.lr=1e-3", "seed=1", "decoder.hidden=8")

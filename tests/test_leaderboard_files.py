@@ -30,7 +30,11 @@ else:  # pragma: no cover
 
 ROOT = Path(__file__).resolve().parents[1]
 LEADERBOARDS = ROOT / "leaderboards"
-SEEDS = Path(os.environ.get("OCL_BENCH_SEEDS", ROOT.parent / "shared" / "seeds"))
+# The seed documents live beside the checkout (../shared/seeds) in this workplace.
+_SEED_DIRS = [ROOT.parent / "shared" / "seeds", Path("/work/shared/seeds")]
+SEEDS = Path(
+    os.environ.get("OCL_BENCH_SEEDS", next((d for d in _SEED_DIRS if d.is_dir()), _SEED_DIRS[0]))
+)
 THESIS = "000_4e7179695c88d863.txt"
 GLASS = "001_075a852d6c5942eb.txt"
 
