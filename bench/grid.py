@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench.config import RunConfig, apply_overrides, read_toml, resolve, tomllib
+from bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
 from bench.errors import ConfigError, UserError
 from bench.store import Cell, ResultStore
 
@@ -87,10 +87,14 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any], top: bool = True) -> dict[str, Any]:
-    """Deep-merge `b` over `a`; a grid's `objectives` and `tasks` replace the base's lists."""
+    """Deep-merge `b` over `a`."""
     out = dict(a)
     for k, v in b.items():
-        replace = top and k in ("objectives", "tasks")
+        # A grid's objectives and tasks replace the base's; so does a stage table that
+        # names another plugin (the old plugin's params would not apply).
+        switched = isinstance(v, dict) and isinstance(out.get(k), dict) and "name" in v
+        switched = switched and k in STAGES and v["name"] != out[k].get("name")
+        replace = top and (k in ("objectives", "tasks") or switched)
         if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
             out[k] = _merge(out[k], v, top=False)
         else:

@@ -182,3 +182,17 @@ def test_submitit_local_executor_runs_each_cell_as_a_job(tmp_path: Path) -> None
     # each cell ran as its own submitit job, with its own log folder entries
     assert len(list((runs / "submitit").glob("*_result.pkl"))) == 2
     assert all(c.status == "complete" for c in ResultStore(db).cells())
+
+
+def test_grid_base_naming_another_plugin_replaces_the_stage(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        '[base]\ndecoder = { name = "spatial_broadcast", channels = 8 }\n'
+        "grouping = { num_slots = 3 }\n[axes]\nseed = [0, 1]\n"
+    )
+    grid = load_grid(path)
+    cfg = grid.cells[0].config
+    # the default's mlp params (hidden, position, ...) are gone; its grouping params merged
+    assert cfg.decoder.name == "spatial_broadcast" and cfg.decoder.params.channels == 8
+    assert cfg.grouping.params.num_slots == 3 and cfg.grouping.params.slot_dim == 64
+    assert [c.config.seed for c in grid.cells] == [0, 1]
