@@ -83,6 +83,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from bench.config import preset_names, preset_summary
+
+    rows = [[name, preset_summary(name)] for name in preset_names()]
+    print(tabulate(rows, headers=["preset", "summary"]))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from bench.evaluate import evaluate_run
 
@@ -204,12 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("train", help="train a run (and evaluate it)")
-    p.add_argument("config", nargs="?", help="run config TOML (default: the embedded demo)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="run config TOML or preset name (see `ocl-bench presets`; default: the embedded demo)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     p.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("presets", help="list the named run configs (official hyperparameters)")
+    p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")

@@ -110,14 +110,40 @@ def default_text() -> str:
     return resources.files("bench").joinpath("configs/default.toml").read_text()
 
 
+def _presets_dir() -> Any:
+    return resources.files("bench").joinpath("configs/presets")
+
+
+def preset_names() -> list[str]:
+    """The named run configs packaged in bench/configs/presets/ (`ocl-bench presets`)."""
+    folder = _presets_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(f.name[: -len(".toml")] for f in folder.iterdir() if f.name.endswith(".toml"))
+
+
+def preset_summary(name: str) -> str:
+    """A preset's first comment line."""
+    for line in _presets_dir().joinpath(f"{name}.toml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+    return ""
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file or, when no such file exists, the preset of that name."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"config file not found: {p}")
+    if p.is_file():
+        where, read = f"config file {p}", p.read_text
+    elif str(path) in preset_names():
+        where, read = f"preset {path}", _presets_dir().joinpath(f"{path}.toml").read_text
+    else:
+        presets = ", ".join(preset_names()) or "none"
+        raise DataError(f"config file not found: {p} (nor a preset name; presets: {presets})")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(read())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"config file {p} is not valid TOML: {err}") from None
+        raise DataError(f"{where} is not valid TOML: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -155,7 +181,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_raw(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The base config (a file, or the embedded default) with overrides applied."""
+    """The base config (a file, a preset name, or the embedded default) with overrides applied."""
     raw = read_toml(path) if path is not None else tomllib.loads(default_text())
     return apply_overrides(raw, list(overrides or []))
 
