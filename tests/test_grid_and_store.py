@@ -196,3 +196,20 @@ def test_grid_base_naming_another_plugin_replaces_the_stage(tmp_path: Path) -> N
     assert cfg.decoder.name == "spatial_broadcast" and cfg.decoder.params.channels == 8
     assert cfg.grouping.params.num_slots == 3 and cfg.grouping.params.slot_dim == 64
     assert [c.config.seed for c in grid.cells] == [0, 1]
+
+
+def test_published_leaderboard_names_missing_plugins_and_renders(tmp_path: Path) -> None:
+    board = load_leaderboard("thesis-table-5-1", tmp_path / "empty.sqlite")
+    rows = {r.label: r for r in board.rows}
+    assert rows["SLATE"].missing.startswith("no ocl-bench recipe")
+    # the thesis model needs plugins that do not exist yet; the message names one
+    assert rows["Ours + Mage"].missing.startswith("needs plugin")
+    assert "mage" in rows["Ours + Mage"].missing or "mask_pooling" in rows["Ours + Mage"].missing
+    # SPOT on COCO can be built from existing plugins: only the measurement is missing
+    assert rows["Spot + DINO ViT"].missing == "not measured yet (run its grid)"
+    assert rows["Spot + DINO ViT"].published == {"mbo_i": 35, "mbo_c": 44.7, "fg_ari": 37}
+    md = render(board, "md")
+    assert "44.7" in md and "Ours + Mage" in md
+    csv_text = render(board, "csv")
+    assert csv_text.splitlines()[0].startswith("system,")
+    assert len(csv_text.splitlines()) == 1 + len(board.rows)
