@@ -7,12 +7,11 @@ import json
 import subprocess
 import traceback
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
-from bench.errors import ConfigError, UserError
+from bench.errors import ConfigError, DataError, UserError
 from bench.store import Cell, ResultStore
 
 GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
@@ -44,11 +43,14 @@ def _format(value: Any) -> str:
 
 
 def demo_grid_path() -> Path:
-    """leaderboards/shapes-demo.toml from a checkout, or the copy packaged with bench."""
+    """leaderboards/shapes-demo.toml of the checkout ocl-bench is installed from."""
     checkout = Path(__file__).resolve().parent.parent / "leaderboards" / "shapes-demo.toml"
-    if checkout.is_file():
-        return checkout
-    return Path(str(resources.files("bench").joinpath("configs/shapes-demo.toml")))
+    if not checkout.is_file():
+        raise DataError(
+            f"the demo grid {checkout} is not there: install ocl-bench from a checkout "
+            "(pip install -e .) or pass a grid file"
+        )
+    return checkout
 
 
 def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:

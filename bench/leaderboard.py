@@ -192,21 +192,24 @@ def _fmt(v: float | None) -> str:
 
 
 def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells: published, measured and their difference per column; a board
+    with no published numbers at all (a grid's) shows the measured values only."""
+    published = any(r.published for r in board.rows)
     headers = ["system"]
     for c in board.columns:
-        suffix = f" [{c.dataset}]" if c.dataset else ""
-        headers += [f"{c.label}{suffix} pub", "meas", "diff"]
+        label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
+        headers += [f"{label} pub", "meas", "diff"] if published else [label]
     body = []
     for r in board.rows:
         line = [r.label]
         for c in board.columns:
             pub, meas = r.published.get(c.key), r.measured.get(c.key)
+            shown = _fmt(meas) if r.missing is None or meas is not None else "-"
+            if not published:
+                line.append(shown)
+                continue
             diff = None if pub is None or meas is None else meas - pub
-            line += [
-                _fmt(pub),
-                _fmt(meas) if r.missing is None or meas is not None else "-",
-                _fmt(diff),
-            ]
+            line += [_fmt(pub), shown, _fmt(diff)]
         if r.missing:
             line[-1] = (line[-1] + " " if line[-1] else "") + f"({r.missing})"
         body.append(line)
