@@ -41,6 +41,16 @@ def check_split(split: str) -> int:
     return SPLITS.index(split)
 
 
+def check_index(index: int, length: int, what: str) -> int:
+    """A sample index, negative ones counted from the end; IndexError names `what`."""
+    index = int(index)
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {what} of {length}")
+    return index
+
+
 def _all_have(samples: Sequence[dict[str, Any]], key: str) -> bool:
     return all(key in s and s[key] is not None for s in samples)
 

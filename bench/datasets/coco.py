@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from bench.contracts import Batch
-from bench.datasets import DatasetParamError, check_split
+from bench.datasets import DatasetParamError, check_index, check_split
 from bench.datasets import collate as collate_samples
 from bench.datasets.segmentation import (
     SEGMENTATION_PROVIDES,
@@ -223,13 +223,7 @@ class CocoDataset(Plugin):
         return self._images[self._check_index(index)]
 
     def _check_index(self, index: int) -> int:
-        index = int(index)
-        n = len(self._images)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for coco {self.split} split of {n}")
-        return index
+        return check_index(index, len(self._images), f"coco {self.split} split")
 
     def _view(self, index: int) -> View:
         if self.split != "train":

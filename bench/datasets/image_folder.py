@@ -11,7 +11,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from bench.contracts import Batch
-from bench.datasets import DatasetParamError, check_split
+from bench.datasets import DatasetParamError, check_index, check_split
 from bench.datasets import collate as collate_samples
 from bench.errors import DataError
 from bench.hookspecs import hookimpl
@@ -96,11 +96,7 @@ class ImageFolderDataset(Plugin):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if index < 0:
-            index += len(self.files)
-        if not 0 <= index < len(self.files):
-            raise IndexError(f"index {index} out of range for {len(self.files)} images")
+        index = check_index(index, len(self.files), "image folder")
         image = load_image(self.files[index], self.params.image_size)
         return {"image": image, "index": index}
 

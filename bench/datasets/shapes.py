@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from bench.contracts import Batch
-from bench.datasets import DatasetParamError, check_split
+from bench.datasets import DatasetParamError, check_index, check_split
 from bench.datasets import collate as collate_samples
 from bench.hookspecs import hookimpl
 from bench.params import param
@@ -325,12 +325,7 @@ class ShapesDataset(Plugin):
         return torch.from_numpy(out)
 
     def _check_index(self, index: int) -> int:
-        index = int(index)
-        if index < 0:
-            index += self._length
-        if not 0 <= index < self._length:
-            raise IndexError(f"index {index} out of range for {self.split} split of {self._length}")
-        return index
+        return check_index(index, self._length, f"{self.split} split")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from bench.contracts import Batch
-from bench.datasets import DatasetParamError, check_split
+from bench.datasets import DatasetParamError, check_index, check_split
 from bench.datasets import collate as collate_samples
 from bench.datasets.segmentation import (
     SEGMENTATION_PROVIDES,
@@ -198,13 +198,7 @@ class VocDataset(Plugin):
 
     # ----------------------------------------------------------------- samples
     def _check_index(self, index: int) -> int:
-        index = int(index)
-        n = len(self.ids)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for voc {self.split} split of {n}")
-        return index
+        return check_index(index, len(self.ids), f"voc {self.split} split")
 
     def _view(self, index: int) -> View:
         if self.split != "train":
