@@ -142,6 +142,7 @@ def _measure(
             return
         row.config_hashes[ds] = cfg.digest()
         cells[ds] = store.get(cfg.digest()) if store else None
+    shown = None  # the figure comes from the last column's measured cell
     for col in columns:
         cell = cells.get(col.dataset or "")
         if cell is None or cell.status != "complete":
@@ -149,10 +150,18 @@ def _measure(
             continue
         value = cell.value(col.task, col.metric, col.masks)
         row.measured[col.key] = None if value is None else value * col.scale
-        if cell.run_dir:
-            row.figures = sorted(str(p) for p in Path(cell.run_dir).glob("figures/*.png"))[-1:]
+        shown = cell
+    if shown is not None:
+        row.figures = _latest_figure(shown)
     if all(v is None for v in row.measured.values()):
         row.missing = "not measured yet (run its grid)"
+
+
+def _latest_figure(cell: Any) -> list[str]:
+    """The newest evaluation figure of a stored cell's run directory (none if absent)."""
+    if not cell.run_dir:
+        return []
+    return sorted(str(p) for p in Path(cell.run_dir).glob("figures/*.png"))[-1:]
 
 
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
@@ -179,8 +188,8 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
             row.missing = "not measured yet (run its grid)"
         elif stored.status == "failed":
             row.missing = f"failed: {(stored.error or '').splitlines()[0][:120]}"
-        elif stored.run_dir:
-            row.figures = sorted(str(p) for p in Path(stored.run_dir).glob("figures/*.png"))[-1:]
+        else:
+            row.figures = _latest_figure(stored)
         rows.append(row)
     return Leaderboard(
         grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows

@@ -172,11 +172,22 @@ class ResultStore:
         return row[0] if row else None
 
     def cells(self, grid: str | None = None) -> list[Cell]:
+        if grid:
+            return self._select("WHERE grid = ?", (grid,))
+        return self._select("", ())
+
+    def get(self, config_hash: str) -> Cell | None:
+        found = self._select("WHERE config_hash = ?", (config_hash,))
+        return found[0] if found else None
+
+    def _select(self, where: str, args: tuple[Any, ...]) -> list[Cell]:
+        """The cells matching `where`, with their metrics only (not the whole table's)."""
         with self._connect() as db:
             db.row_factory = sqlite3.Row
-            query = "SELECT * FROM cells" + (" WHERE grid = ?" if grid else "") + " ORDER BY id"
-            rows = db.execute(query, (grid,) if grid else ()).fetchall()
-            metrics = db.execute("SELECT * FROM metrics").fetchall()
+            rows = db.execute(f"SELECT * FROM cells {where} ORDER BY id", args).fetchall()
+            metrics = db.execute(
+                f"SELECT * FROM metrics WHERE cell_id IN (SELECT id FROM cells {where})", args
+            ).fetchall()
         by_cell: dict[int, list[dict[str, Any]]] = {}
         for m in metrics:
             entry = dict(m)
@@ -190,7 +201,3 @@ class ResultStore:
             d["plugins"] = json.loads(d["plugins"])
             out.append(Cell(**d, metrics=by_cell.get(cid, [])))
         return out
-
-    def get(self, config_hash: str) -> Cell | None:
-        found = [c for c in self.cells() if c.config_hash == config_hash]
-        return found[0] if found else None
