@@ -34,6 +34,12 @@ class TrainSettings:
     lr: float = param(4e-4, "peak learning rate (Adam)")
     warmup_steps: int = param(200, "linear warm-up steps")
     decay_half_life: int = param(0, "steps per halving of the lr after warm-up; 0 = no decay")
+    schedule: Literal["half_life", "cosine"] = param(
+        "half_life",
+        "lr after warm-up: 'half_life' (decay_half_life) or 'cosine' to min_lr at the last"
+        " step, as SPOT's cosine_scheduler (warm-up then starts at 0)",
+    )
+    min_lr: float = param(0.0, "final lr of the cosine schedule (SPOT: 4e-7)")
     weight_decay: float = param(0.0, "AdamW weight decay")
     grad_clip: float = param(1.0, "max gradient norm; 0 disables clipping")
     grad_clip_norm: Literal["2", "inf"] = param("2", "norm used by clipping ('inf' as SPOT)")
@@ -46,6 +52,11 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
+        if self.schedule == "cosine" and self.warmup_steps >= self.steps:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) must be below train.steps"
+                f" ({self.steps}) for the cosine schedule"
+            )
 
 
 @dataclass(frozen=True)

@@ -73,10 +73,24 @@ def write_config(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def lr_factor(settings: Any, step: int) -> float:
+    """The lr at `step` as a fraction of `settings.lr`."""
+    if settings.schedule == "cosine":
+        return _cosine_factor(settings, step)
     warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps > 0 else 1.0
     if settings.decay_half_life > 0:
         return warm * 0.5 ** (step / settings.decay_half_life)
     return warm
+
+
+def _cosine_factor(settings: Any, step: int) -> float:
+    # SPOT's utils_spot.cosine_scheduler: np.linspace(0, lr, W) for the warm-up (so step 0
+    # trains at lr 0), then min_lr + (lr - min_lr)(1 + cos(pi i / (steps - W))) / 2.
+    w, lr = settings.warmup_steps, settings.lr
+    if step < w:
+        return step / (w - 1) if w > 1 else 0.0
+    i = min(step, settings.steps - 1) - w
+    floor = settings.min_lr / lr if lr > 0 else 0.0
+    return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * i / (settings.steps - w)))
 
 
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
@@ -185,14 +199,15 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
                 scaler.unscale_(optimizer)
                 norm_type = math.inf if t.grad_clip_norm == "inf" else 2.0
                 torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip, norm_type=norm_type)
+            lr = optimizer.param_groups[0]["lr"]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             # Logged values are means over all ranks: the global-batch loss.
             losses = {k: distributed.mean(v.detach()) for k, v in terms.items()}
             loss = distributed.mean(total.detach())
-            log.write(json.dumps({"step": step + 1, "loss": loss, **losses}) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
+            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, **losses}) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             bar.update(1)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 log.flush()

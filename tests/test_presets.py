@@ -39,7 +39,7 @@ SMOKE = [
     "grouping.mlp_hidden=32",
     "decoder.num_layers=1",
     "decoder.num_heads=2",
-    "train.steps=1",
+    "train.steps=2",
     "train.batch_size=2",
     "train.warmup_steps=1",
     "train.checkpoint_every=1",
@@ -84,6 +84,7 @@ def test_spot_coco_has_the_official_values() -> None:
     per_epoch = 118287 // 64  # COCO train2017 at batch 64
     assert t.warmup_steps == int(10000 / (118287 / 64)) * per_epoch == 9240
     assert t.steps == 50 * per_epoch
+    assert (t.schedule, t.min_lr) == ("cosine", 4e-7)
     od = next(c for c in cfg.tasks if c.name == "object_discovery").params
     assert od.masks == ["decoder", "attn"] and od.mask_size == 320
     assert [c.name for c in cfg.objectives] == ["reconstruction"]
@@ -95,6 +96,8 @@ def test_spot_voc_and_stage_two() -> None:
     per_epoch = 10582 // 64  # VOC trainaug at batch 64
     assert voc.train.warmup_steps == int(10000 / (10582 / 64)) * per_epoch == 9900
     assert voc.train.steps == 560 * per_epoch
+    for cfg in (voc, load_config("spot-coco-stage2")):
+        assert (cfg.train.schedule, cfg.train.min_lr, cfg.train.lr) == ("cosine", 4e-7, 4e-4)
 
     s2 = load_config("spot-coco-stage2")
     assert s2.encoder.params.finetune_from == 8
@@ -128,7 +131,7 @@ def test_dinosaur_presets() -> None:
 def test_loading_by_name_equals_loading_by_path() -> None:
     for name in EXPECTED:
         assert load_config(name).digest() == load_config(PRESETS / f"{name}.toml").digest()
-    over = ["train.steps=10"]
+    over = ["train.steps=10", "train.warmup_steps=2"]
     assert (
         load_config("spot-coco", over).digest()
         == load_config(str(PRESETS / "spot-coco.toml"), over).digest()
@@ -165,7 +168,7 @@ def test_spot_coco_shrunk_trains_one_step(tmp_path) -> None:
     assert cfg.dataset.name == "shapes" and "root" not in cfg.raw["dataset"]
     assert cfg.train.grad_clip_norm == "inf" and cfg.decoder.params.orders == "all"
     result = train(cfg, tmp_path / "run", progress=False)
-    assert result.step == 1
+    assert result.step == 2
     weights = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     assert any(k.startswith("decoder.bos_tokens") for k in weights)
     assert (tmp_path / "run" / "config.toml").is_file()

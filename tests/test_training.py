@@ -19,7 +19,7 @@ from bench import checkpoint
 from bench.config import load_config
 from bench.errors import ConfigError, TrainingDiverged
 from bench.evaluate import evaluate_run, load_run
-from bench.train import train
+from bench.train import lr_factor, train
 from tests.conftest import TINY
 
 
@@ -31,6 +31,44 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def spot_cosine_scheduler(base: float, final: float, total: int, warmup: int) -> list[float]:
+    """SPOT's utils_spot.cosine_scheduler written out per iteration (an independent check)."""
+    warm = [base * i / (warmup - 1) for i in range(warmup)] if warmup > 1 else [0.0] * warmup
+    n = total - warmup
+    rest = [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / n)) for i in range(n)]
+    return warm + rest
+
+
+@pytest.mark.parametrize("steps,warmup", [(50, 10), (1000, 0), (7, 1), (92400, 9240)])
+def test_cosine_schedule_is_spots_cosine_scheduler(steps: int, warmup: int) -> None:
+    over = [f"train.steps={steps}", f"train.warmup_steps={warmup}", "train.schedule=cosine"]
+    t = load_config(None, [*over, "train.lr=4e-4", "train.min_lr=4e-7"]).train
+    expected = spot_cosine_scheduler(4e-4, 4e-7, steps, warmup)
+    got = [t.lr * lr_factor(t, s) for s in range(steps)]
+    assert got == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    if warmup > 1:
+        assert got[0] == 0.0 and got[warmup - 1] == pytest.approx(4e-4)
+    assert got[warmup] == pytest.approx(4e-4)
+    assert got[-1] < 4e-4 * 0.1
+    assert all(a >= b for a, b in zip(got[warmup:], got[warmup + 1 :]))
+
+
+def test_cosine_schedule_needs_steps_after_warmup() -> None:
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(None, ["train.schedule=cosine", "train.steps=10", "train.warmup_steps=10"])
+
+
+def test_training_logs_the_cosine_lr_of_every_step(tmp_path: Path) -> None:
+    over = [*TINY, "train.steps=6", "train.warmup_steps=2", "train.schedule=cosine"]
+    cfg = load_config(None, [*over, "train.min_lr=1e-5"])
+    train(cfg, tmp_path / "a", progress=False)
+    log = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    lrs = [json.loads(line)["lr"] for line in log]
+    expected = spot_cosine_scheduler(cfg.train.lr, 1e-5, 6, 2)
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert lrs[0] == 0.0 and lrs[-1] < cfg.train.lr / 2
 
 
 def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> None:
