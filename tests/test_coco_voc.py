@@ -22,6 +22,7 @@ from bench.datasets import DatasetParamError, collate_class_ids
 from bench.datasets.coco import CocoDataset, CocoParams
 from bench.datasets.voc import VocDataset, VocParams
 from bench.errors import DataError
+from bench.params import describe
 from bench.registry import discover
 from tasks.object_discovery_metrics import all_metrics, fg_ari, ignore_overlaps, mbo, miou
 
@@ -387,6 +388,18 @@ def test_voc_defaults_follow_spot_ccrop():
     p = VocParams()
     assert (p.image_size, p.mask_size, p.interpolation) == (224, 320, "bicubic")
     assert p.train_crop == "random" and p.hflip
+
+
+def test_coco_and_voc_share_geometry_params_after_their_own_root():
+    coco_params, voc_params = describe(CocoParams), describe(VocParams)
+    first = ["root", "image_size", "mask_size", "interpolation"]
+    assert list(coco_params)[:4] == first and list(voc_params)[:4] == first
+    for name in first[1:]:
+        assert coco_params[name] == voc_params[name]
+        assert coco_params[name]["doc"]
+    assert coco_params["root"]["default"] == voc_params["root"]["default"] == ""
+    assert "$OCL_BENCH_COCO" in coco_params["root"]["doc"]
+    assert "$OCL_BENCH_VOC" in voc_params["root"]["doc"]
 
 
 def test_voc_masks_labels_and_255_ignore(tmp_path: Path):

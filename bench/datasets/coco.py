@@ -43,16 +43,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bench.contracts import Batch
 from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets import collate as collate_samples
 from bench.datasets.segmentation import (
     SEGMENTATION_PROVIDES,
     Crop,
-    Interpolation,
-    View,
+    GeometryParams,
+    SegmentationDataset,
     class_masks_from_instances,
-    draw_view,
     make_sample,
     open_rgb,
     overlap_mask,
@@ -63,7 +60,6 @@ from bench.datasets.segmentation import (
 from bench.errors import DataError
 from bench.hookspecs import hookimpl
 from bench.params import param
-from bench.plugin import Plugin
 
 ENV_ROOT = "OCL_BENCH_COCO"
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
@@ -85,16 +81,12 @@ def _mask_api() -> Any:
 
 
 @dataclass(frozen=True)
-class CocoParams:
+class CocoParams(GeometryParams):
+    """After `root` come GeometryParams' image_size (224), mask_size (320) and interpolation
+    ("bicubic"), then the COCO params below."""
+
     root: str = param(
         "", f"folder holding annotations/ and train2017/, val2017/ ('' reads ${ENV_ROOT})"
-    )
-    image_size: int = param(224, "side of the square images (short-side resize + crop)")
-    mask_size: int = param(
-        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
-    )
-    interpolation: Interpolation = param(
-        "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
     )
     crowd: Literal["keep", "drop", "ignore", "drop_image"] = param(
         "keep",
@@ -135,10 +127,11 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-class CocoDataset(Plugin):
+class CocoDataset(SegmentationDataset):
     """COCO 2017 instance masks (pycocotools) with SPOT/OCLF centre-crop evaluation geometry.
 
     Images are float[3,224,224] in [0, 1]; masks, ignore_mask and boxes are at mask_size (320).
+    SegmentationDataset adds len(), image_size, mask_size, collate and the train view.
     """
 
     kind = "dataset"
@@ -185,18 +178,10 @@ class CocoDataset(Plugin):
             crowded = {i for i, anns in by_image.items() if any(a.get("iscrowd", 0) for a in anns)}
             images = [im for im in images if int(im["id"]) not in crowded]
         self._images: list[dict[str, Any]] = images
+        self._length = len(images)
         self._anns = by_image
 
     # ----------------------------------------------------------------- description
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.params.image_size, self.params.image_size)
-
-    @property
-    def mask_size(self) -> tuple[int, int]:
-        side = self.params.mask_size or self.params.image_size
-        return (side, side)
-
     @property
     def num_classes(self) -> int:
         """One more than the largest category id (labels are raw COCO ids, 1..90)."""
@@ -206,17 +191,6 @@ class CocoDataset(Plugin):
     def class_names(self) -> dict[int, str]:
         return dict(self.categories)
 
-    def property_specs(self) -> dict[str, tuple[str, int]]:
-        """COCO samples carry no per-object properties."""
-        return {}
-
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> Batch:
-        return collate_samples(samples)
-
-    def __len__(self) -> int:
-        return len(self._images)
-
     # ----------------------------------------------------------------- samples
     def image_info(self, index: int) -> dict[str, Any]:
         """The annotation file's entry of sample `index` (id, file_name, height, width, ...)."""
@@ -224,12 +198,6 @@ class CocoDataset(Plugin):
 
     def _check_index(self, index: int) -> int:
         return check_index(index, len(self._images), f"coco {self.split} split")
-
-    def _view(self, index: int) -> View:
-        if self.split != "train":
-            return View()
-        rng = np.random.default_rng([self.params.seed, self.split_id, index])
-        return draw_view(rng, self.params.train_crop, self.params.hflip)
 
     def _decode(self, ann: dict[str, Any], height: int, width: int, path: Path) -> np.ndarray:
         api = self._mask_api

@@ -10,13 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bench.contracts import Batch
 from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets import collate as collate_samples
+from bench.datasets.base import DatasetPlugin
 from bench.errors import DataError
 from bench.hookspecs import hookimpl
 from bench.params import param
-from bench.plugin import Plugin
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 
@@ -43,7 +41,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
-class ImageFolderDataset(Plugin):
+class ImageFolderDataset(DatasetPlugin):
     """Unlabelled images from a folder (png/jpg/jpeg/bmp/webp, recursive), resized and cropped.
 
     Every split ("train", "val", "test") reads the same folder: there are no labels to
@@ -79,21 +77,7 @@ class ImageFolderDataset(Plugin):
         if not self.files:
             allowed = ", ".join(sorted(EXTENSIONS))
             raise DataError(f"image folder {root} contains no images ({allowed})")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.params.image_size, self.params.image_size)
-
-    def property_specs(self) -> dict[str, tuple[str, int]]:
-        """No per-object properties: the images are unlabelled."""
-        return {}
-
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> Batch:
-        return collate_samples(samples)
-
-    def __len__(self) -> int:
-        return len(self.files)
+        self._length = len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = check_index(index, len(self.files), "image folder")

@@ -1,4 +1,4 @@
-"""Geometry and mask helpers shared by the real-image segmentation datasets (coco, voc).
+"""Geometry, params and mask helpers shared by the real-image segmentation datasets (coco, voc).
 
 The evaluation protocol is OCLF's "ccrop" one, which SPOT also uses:
 
@@ -27,7 +27,9 @@ from PIL import Image
 from torch import Tensor
 
 from bench.datasets import DatasetParamError
+from bench.datasets.base import DatasetPlugin
 from bench.errors import DataError
+from bench.params import param
 
 Interpolation = Literal["bicubic", "bilinear"]
 Crop = Literal["center", "random"]
@@ -81,6 +83,44 @@ def draw_view(rng: np.random.Generator, crop: Crop, flip: bool) -> View:
     """A training view: the crop fractions and the flip (probability 0.5) drawn from `rng`."""
     fy, fx, coin = rng.random(3).tolist()
     return View(crop=crop, fy=fy, fx=fx, flip=flip and coin < 0.5)
+
+
+@dataclass(frozen=True)
+class GeometryParams:
+    """The first params of coco and voc: `root`, then the image and mask geometry.
+
+    `root` has no default here: each dataset declares it again with its own default and doc
+    (where its files are), which keeps it first. Subclasses must be frozen dataclasses too.
+    """
+
+    root: str
+    image_size: int = param(224, "side of the square images (short-side resize + crop)")
+    mask_size: int = param(
+        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
+    )
+    interpolation: Interpolation = param(
+        "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
+    )
+
+
+class SegmentationDataset(DatasetPlugin):
+    """Base of coco and voc: mask size and the train split's augmentation view.
+
+    Its Params extend GeometryParams and also have `train_crop`, `hflip` and `seed`.
+    """
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """(height, width) of the masks, ignore_mask and boxes: square, mask_size or image_size."""
+        side = self.params.mask_size or self.params.image_size
+        return (side, side)
+
+    def _view(self, index: int) -> View:
+        """Centred outside train; in train, a crop and flip drawn from (seed, split, index)."""
+        if self.split != "train":
+            return View()
+        rng = np.random.default_rng([self.params.seed, self.split_id, index])
+        return draw_view(rng, self.params.train_crop, self.params.hflip)
 
 
 def open_rgb(path: Path, what: str) -> Image.Image:

@@ -22,12 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.contracts import Batch
 from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets import collate as collate_samples
+from bench.datasets.base import DatasetPlugin
 from bench.hookspecs import hookimpl
 from bench.params import param
-from bench.plugin import Plugin
 
 # Saturated or bright colours; backgrounds are dull greys, so objects always stand out.
 # The first eight are the default palette and are pairwise well separated.
@@ -117,7 +115,7 @@ class _Scene:
     objects: list[_Object]
 
 
-class ShapesDataset(Plugin):
+class ShapesDataset(DatasetPlugin):
     """Procedural multi-object scenes of coloured shapes (embedded, no files needed).
 
     Samples carry images, exact instance and class masks, boxes, labels, per-object properties
@@ -204,10 +202,6 @@ class ShapesDataset(Plugin):
     def colour_names(self) -> tuple[str, ...]:
         return COLOUR_NAMES[: self.params.num_colours]
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.params.image_size, self.params.image_size)
-
     def property_specs(self) -> dict[str, tuple[str, int]]:
         """name -> ("categorical", number of classes) or ("continuous", dimension)."""
         return {
@@ -217,13 +211,6 @@ class ShapesDataset(Plugin):
             "x": ("continuous", 1),
             "y": ("continuous", 1),
         }
-
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> Batch:
-        return collate_samples(samples)
-
-    def __len__(self) -> int:
-        return self._length
 
     # ------------------------------------------------------------------ generation
     def _rasterise(

@@ -38,15 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.contracts import Batch
 from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets import collate as collate_samples
 from bench.datasets.segmentation import (
     SEGMENTATION_PROVIDES,
     Crop,
-    Interpolation,
-    View,
-    draw_view,
+    GeometryParams,
+    SegmentationDataset,
     label_map_masks,
     make_sample,
     open_label_png,
@@ -58,7 +55,6 @@ from bench.datasets.segmentation import (
 from bench.errors import DataError
 from bench.hookspecs import hookimpl
 from bench.params import param
-from bench.plugin import Plugin
 
 ENV_ROOT = "OCL_BENCH_VOC"
 IGNORE = 255
@@ -75,16 +71,12 @@ WHERE = (
 
 
 @dataclass(frozen=True)
-class VocParams:
+class VocParams(GeometryParams):
+    """After `root` come GeometryParams' image_size (224), mask_size (320) and interpolation
+    ("bicubic"), then the VOC params below."""
+
     root: str = param(
         "", f"VOC2012 folder (or one holding VOCdevkit/VOC2012); '' reads ${ENV_ROOT}"
-    )
-    image_size: int = param(224, "side of the square images (short-side resize + crop)")
-    mask_size: int = param(
-        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
-    )
-    interpolation: Interpolation = param(
-        "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
     )
     train_list: str = param(
         "",
@@ -110,11 +102,12 @@ def _find_root(text: str) -> Path:
     )
 
 
-class VocDataset(Plugin):
+class VocDataset(SegmentationDataset):
     """PASCAL VOC 2012 instance and class masks with SPOT/OCLF centre-crop evaluation geometry.
 
     Images are float[3,224,224] in [0, 1]; masks, ignore_mask (label 255) and boxes are at
-    mask_size (320).
+    mask_size (320). SegmentationDataset adds len(), image_size, mask_size, collate and the
+    train view.
     """
 
     kind = "dataset"
@@ -151,6 +144,7 @@ class VocDataset(Plugin):
         except (OSError, UnicodeDecodeError) as err:
             raise DataError(f"dataset 'voc': cannot read {self.list_file}: {err}") from err
         self.ids = [line.split()[0] for line in text.splitlines() if line.strip()]
+        self._length = len(self.ids)
 
         missing = [f for i in self.ids for f in self._label_files(i) if not f.is_file()]
         if missing and split == "val":
@@ -168,15 +162,6 @@ class VocDataset(Plugin):
 
     # ----------------------------------------------------------------- description
     @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.params.image_size, self.params.image_size)
-
-    @property
-    def mask_size(self) -> tuple[int, int]:
-        side = self.params.mask_size or self.params.image_size
-        return (side, side)
-
-    @property
     def num_classes(self) -> int:
         """21: background (0) and the 20 VOC classes; labels are 1..20."""
         return len(CLASS_NAMES)
@@ -185,26 +170,9 @@ class VocDataset(Plugin):
     def class_names(self) -> tuple[str, ...]:
         return CLASS_NAMES
 
-    def property_specs(self) -> dict[str, tuple[str, int]]:
-        """VOC samples carry no per-object properties."""
-        return {}
-
-    @staticmethod
-    def collate(samples: list[dict[str, Any]]) -> Batch:
-        return collate_samples(samples)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
     # ----------------------------------------------------------------- samples
     def _check_index(self, index: int) -> int:
         return check_index(index, len(self.ids), f"voc {self.split} split")
-
-    def _view(self, index: int) -> View:
-        if self.split != "train":
-            return View()
-        rng = np.random.default_rng([self.params.seed, self.split_id, index])
-        return draw_view(rng, self.params.train_crop, self.params.hflip)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
