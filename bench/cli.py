@@ -188,7 +188,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
             rows.append([path.stem, board.title[:60], f"{board.runnable}/{len(board.rows)}"])
         print(tabulate(rows, headers=["leaderboard", "title", "runnable rows"]))
         return 0
-    print(render(load_leaderboard(args.name, db, args.dataset), args.format))
+    board = load_leaderboard(args.name, db, args.dataset, args.overrides)
+    print(render(board, args.format))
     return 0
 
 
@@ -249,8 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("grid", help="run an ablation grid into the results database")
-    p.add_argument("grid", nargs="?", help="grid TOML (default: leaderboards/shapes-demo.toml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides applied to the grid's base")
+    p.add_argument(
+        "grid",
+        nargs="?",
+        help="grid TOML, or a leaderboard name to run its buildable rows"
+        " (default: leaderboards/shapes-demo.toml)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides applied to the grid's base (to a leaderboard's rows, last)",
+    )
     p.add_argument("--db", default=DEFAULT_DB, help="results database (SQLite file)")
     p.add_argument("--runs", default="runs", help="where cell run directories go")
     p.add_argument("--workers", type=int, default=1, help="local worker processes")
@@ -270,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="published vs measured tables")
     p.add_argument("name", nargs="?", help="leaderboard name (see --list)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="the overrides its cells were run with (`ocl-bench grid NAME overrides...`)",
+    )
     p.add_argument("--list", action="store_true", help="list leaderboards and runnable rows")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--dataset", help="only the columns of this dataset")

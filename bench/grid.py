@@ -1,12 +1,23 @@
-"""Ablation grids: a base run config plus axes, expanded into cells, run, stored."""
+"""Ablation grids: a base run config plus axes, expanded into cells, run, stored.
+
+A published leaderboard (leaderboards/*.toml with `rows`) is a grid too: each buildable
+row on each dataset of its columns is a cell.
+
+A config value "@PRESET" (e.g. `objectives.spot_self_training.teacher = "@spot-coco"`)
+names a run the cell needs: the grid adds a cell for that preset on the same dataset,
+with the same command-line overrides, runs it first, and hands its run directory to the
+cell. The stored config (and so its hash) keeps "@PRESET", which is what a leaderboard
+recomputes; the run directory's config.toml holds the resolved path.
+"""
 
 from __future__ import annotations
 
 import itertools
 import json
 import subprocess
+import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +35,7 @@ class GridCell:
     label: str
     overrides: list[str]
     config: RunConfig
+    needs: dict[str, GridCell] = field(default_factory=dict)  # dotted key -> producing cell
 
 
 @dataclass
@@ -56,7 +68,13 @@ def demo_grid_path() -> Path:
 def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
     """Read a grid file and expand its cross product (minus `exclude` rules)."""
     path = Path(path) if path is not None else demo_grid_path()
+    if not path.suffix and not path.exists():  # a leaderboard by name
+        from bench.leaderboard import board_path
+
+        path = board_path(path)
     spec = read_toml(path)
+    if "rows" in spec and "axes" not in spec:
+        return _board_grid(path, spec, list(overrides or []))
     unknown = [k for k in spec if k not in GRID_KEYS]
     if unknown:
         raise ConfigError(
@@ -83,9 +101,93 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
             continue
         cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
         label = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
-        cfg = resolve(apply_overrides(base, cell_overrides))
-        cells.append(GridCell(label, cell_overrides, cfg))
-    return Grid(spec.get("name", path.stem), cells)
+        raw = apply_overrides(base, cell_overrides)
+        cells.append(GridCell(label, cell_overrides, resolve(raw), _needs(raw, overrides)))
+    return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
+    """A published leaderboard's buildable rows, one cell per row and column dataset."""
+    from bench.errors import UnknownPluginError
+    from bench.leaderboard import _read_rows, column_datasets, row_raw
+
+    base = dict(spec.get("base", {}))
+    cells: list[GridCell] = []
+    skipped = []
+    for row in _read_rows(spec):
+        if not row.buildable:
+            continue
+        not_applied: list[str] = []
+        for ds in column_datasets(spec):
+            try:
+                raw = row_raw(row, base, ds or None, overrides, not_applied)
+                cfg = resolve(raw)
+            except UnknownPluginError as err:
+                skipped.append(f"{row.label}: {str(err).split(';')[0]}")
+                break
+            except ConfigError as err:
+                raise ConfigError(f"{path.stem} row '{row.label}' [{ds}]: {err}") from None
+            where = ds if cfg.dataset.name == ds else f"{ds} as {cfg.dataset.name}"
+            cells.append(GridCell(f"{row.label} [{where}]", [], cfg, _needs(raw, overrides)))
+        if not_applied:
+            unique = " ".join(dict.fromkeys(not_applied))
+            print(f"{row.label}: its plugins have no {unique}; not applied", file=sys.stderr)
+    for reason in skipped:
+        print(f"skipping {reason}", file=sys.stderr)
+    return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _references(raw: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> preset name for every "@PRESET" string value in a raw config."""
+    found: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            found.update(_references(v, f"{prefix}{k}."))
+    elif isinstance(raw, str) and raw.startswith("@") and len(raw) > 1:
+        found[prefix[:-1]] = raw[1:]
+    return found
+
+
+def _needs(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, GridCell]:
+    """The cells a config's "@PRESET" values name: each preset on the config's dataset."""
+    needs = {}
+    for key, preset in _references(raw).items():
+        dep = read_toml(preset)
+        dep["dataset"] = dict(raw["dataset"])
+        dep_raw = apply_overrides(dep, list(overrides or []))
+        label = f"@{preset} [{raw['dataset'].get('name', '')}]"
+        needs[key] = GridCell(label, [], resolve(dep_raw), _needs(dep_raw, overrides))
+    return needs
+
+
+def _with_needs(cells: list[GridCell]) -> list[GridCell]:
+    """Cells with the cells they need placed before them, each config once."""
+    ordered: dict[str, GridCell] = {}
+
+    def add(cell: GridCell) -> None:
+        for dep in cell.needs.values():
+            add(dep)
+        ordered.setdefault(cell.config.digest(), cell)
+
+    for cell in cells:
+        add(cell)
+    return list(ordered.values())
+
+
+def _waves(cells: list[GridCell]) -> list[list[GridCell]]:
+    """Cells grouped so that every cell runs in a later wave than the cells it needs."""
+    depth: dict[str, int] = {}
+
+    def level(cell: GridCell) -> int:
+        key = cell.config.digest()
+        if key not in depth:
+            depth[key] = 1 + max((level(d) for d in cell.needs.values()), default=-1)
+        return depth[key]
+
+    waves: dict[int, list[GridCell]] = {}
+    for cell in cells:
+        waves.setdefault(level(cell), []).append(cell)
+    return [waves[k] for k in sorted(waves)]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any], top: bool = True) -> dict[str, Any]:
@@ -156,6 +258,7 @@ def run_cell(cell: GridCell, grid_name: str, runs_dir: Path, db_path: Path, prog
         )
     )
     try:
+        cfg = _resolve_needs(cell, store, runs_dir)
         train(cfg, run_dir, progress=progress)
         cfg2, model, step = load_run(run_dir)
         metrics = evaluate(cfg2, model, run_dir, step, progress=progress)
@@ -165,6 +268,21 @@ def run_cell(cell: GridCell, grid_name: str, runs_dir: Path, db_path: Path, prog
         return "failed"
     store.complete(digest, metrics["records"])
     return "complete"
+
+
+def _resolve_needs(cell: GridCell, store: ResultStore, runs_dir: Path) -> RunConfig:
+    """The cell's config with each "@PRESET" replaced by that (complete) run's directory."""
+    if not cell.needs:
+        return cell.config
+    paths = []
+    for key, dep in cell.needs.items():
+        stored = store.get(dep.config.digest())
+        if stored is None or stored.status != "complete":
+            state = "failed" if stored is not None else "not run"
+            raise UserError(f"{key}: the run it needs ({dep.label}) is {state}")
+        where = Path(stored.run_dir or runs_dir / dep.config.digest()).resolve()
+        paths.append(f"{key}={json.dumps(str(where))}")
+    return resolve(apply_overrides(cell.config.raw, paths))
 
 
 def run_grid(
@@ -177,6 +295,8 @@ def run_grid(
     progress: bool = True,
 ) -> dict[str, str]:
     """Run every cell not yet complete in the store; label -> status."""
+    if executor not in ("local", "submitit"):
+        raise ConfigError(f"unknown executor '{executor}'; use 'local' or 'submitit'")
     store = ResultStore(db_path)
     todo: list[GridCell] = []
     statuses: dict[str, str] = {}
@@ -185,24 +305,23 @@ def run_grid(
             statuses[cell.label] = "complete (stored)"
         else:
             todo.append(cell)
-    if executor == "submitit":
-        statuses.update(_run_submitit(grid.name, todo, db_path, runs_dir, slurm or {}))
-    elif executor != "local":
-        raise ConfigError(f"unknown executor '{executor}'; use 'local' or 'submitit'")
-    elif workers <= 1:
-        for cell in todo:
-            statuses[cell.label] = run_cell(cell, grid.name, runs_dir, db_path, progress)
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-        from multiprocessing import get_context
+    for wave in _waves(todo):  # a cell's teacher runs (and is stored) before the cell
+        if executor == "submitit":
+            statuses.update(_run_submitit(grid.name, wave, db_path, runs_dir, slurm or {}))
+        elif workers <= 1:
+            for cell in wave:
+                statuses[cell.label] = run_cell(cell, grid.name, runs_dir, db_path, progress)
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
 
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = {
-                cell.label: pool.submit(run_cell, cell, grid.name, runs_dir, db_path, False)
-                for cell in todo
-            }
-            for label, fut in futures.items():
-                statuses[label] = fut.result()
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                futures = {
+                    cell.label: pool.submit(run_cell, cell, grid.name, runs_dir, db_path, False)
+                    for cell in wave
+                }
+                for label, fut in futures.items():
+                    statuses[label] = fut.result()
     return statuses
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -12,8 +13,17 @@ from typing import Any
 
 from tabulate import tabulate
 
-from bench.config import apply_overrides, default_text, read_toml, resolve, tomllib
+from bench.config import (
+    STAGES,
+    apply_overrides,
+    default_text,
+    parse_override,
+    read_toml,
+    resolve,
+    tomllib,
+)
 from bench.errors import ConfigError, UnknownPluginError, UserError
+from bench.registry import registry
 from bench.store import ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
@@ -48,6 +58,12 @@ class Row:
     missing: str | None = None  # why the row cannot be built or measured
     config_hashes: dict[str, str] = field(default_factory=dict)
     figures: list[str] = field(default_factory=list)
+    preset: str | None = None  # the run config the overrides apply to (default: default.toml)
+    dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def buildable(self) -> bool:
+        return bool(self.preset or self.overrides)
 
 
 @dataclass
@@ -57,6 +73,7 @@ class Leaderboard:
     source: dict[str, str]
     columns: list[Column]
     rows: list[Row]
+    overrides: list[str] = field(default_factory=list)  # applied to every measured row
 
     @property
     def runnable(self) -> int:
@@ -65,12 +82,87 @@ class Leaderboard:
         )
 
 
-def _row_config(row: Row, base: dict[str, Any], dataset: str | None) -> Any:
-    raw = tomllib.loads(default_text())
+def _param_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Params)}
+
+
+def applies(raw: dict[str, Any], text: str) -> bool:
+    """Whether a command-line override applies to a row: one that sets a stage param its
+    plugin lacks but another plugin of that kind has (`decoder.num_heads` on an `mlp`
+    row) does not; any other (including a typo) does, so that mistakes still fail."""
+    parts, _ = parse_override(text)
+    if len(parts) != 2 or parts[0] not in STAGES or parts[1] == "name":
+        return True
+    reg = registry()
+    try:
+        cls = reg.get(parts[0], raw.get(parts[0], {}).get("name", ""))
+    except UnknownPluginError:
+        return True
+    if parts[1] in _param_names(cls):
+        return True
+    others = (reg.get(parts[0], n) for n in reg.names(parts[0]))
+    return not any(parts[1] in _param_names(c) for c in others)
+
+
+def row_raw(
+    row: Row,
+    base: dict[str, Any],
+    dataset: str | None,
+    overrides: list[str] | None = None,
+    not_applied: list[str] | None = None,
+) -> dict[str, Any]:
+    """A row's run config before validation: its preset (or the embedded default), switched
+    to the column's dataset, then the board's `base`, the row's overrides, the row's
+    overrides for that dataset, and last the command-line `overrides` that apply to it."""
+    raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
     if dataset and dataset != "mixed":
         raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
-    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides}.items()]
-    return resolve(apply_overrides(raw, flat))
+    extra = row.dataset_overrides.get(dataset or "", {})
+    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
+    raw = apply_overrides(raw, flat)
+    for text in overrides or []:
+        if applies(raw, text):
+            raw = apply_overrides(raw, [text])
+        elif not_applied is not None:
+            not_applied.append(text)
+    return raw
+
+
+def _row_config(
+    row: Row, base: dict[str, Any], dataset: str | None, overrides: list[str] | None = None
+) -> Any:
+    return resolve(row_raw(row, base, dataset, overrides))
+
+
+def _read_rows(spec: dict[str, Any]) -> list[Row]:
+    return [
+        Row(
+            r["label"],
+            dict(r.get("overrides", {})),
+            dict(r.get("published", {})),
+            r.get("notes", ""),
+            preset=r.get("preset"),
+            dataset_overrides=dict(r.get("dataset_overrides", {})),
+        )
+        for r in spec.get("rows", [])
+    ]
+
+
+def board_path(name_or_path: str | Path) -> Path:
+    """A leaderboard file from its name (leaderboards/NAME.toml) or its path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = leaderboard_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in list_leaderboards())
+        raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
+    return path
+
+
+def column_datasets(spec: dict[str, Any]) -> list[str]:
+    """The datasets a published board's columns are measured on, in column order."""
+    found = [c.get("dataset", spec.get("dataset")) or "" for c in spec.get("columns", [])]
+    return list(dict.fromkeys(found))
 
 
 def load_leaderboard(
@@ -81,14 +173,11 @@ def load_leaderboard(
 ) -> Leaderboard:
     """Read a leaderboard TOML and fill in what the database measured.
 
-    `overrides` apply to a grid file's base (as `ocl-bench grid FILE overrides...` did).
+    `overrides` are the command-line overrides the board's cells were run with
+    (`ocl-bench grid NAME overrides...`): a grid file's base takes them, and a published
+    board's rows take them last, so the same overrides find the same stored cells.
     """
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = leaderboard_dir() / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = ", ".join(p.stem for p in list_leaderboards())
-        raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
+    path = board_path(name_or_path)
     spec = read_toml(path)
     if "axes" in spec:  # a grid file: its cells are the rows
         return _from_grid(path, db, overrides)
@@ -106,34 +195,35 @@ def load_leaderboard(
     ]
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
-    rows = [
-        Row(
-            r["label"],
-            dict(r.get("overrides", {})),
-            dict(r.get("published", {})),
-            r.get("notes", ""),
-        )
-        for r in spec.get("rows", [])
-    ]
+    rows = _read_rows(spec)
     store = ResultStore(db) if db is not None and Path(db).exists() else None
     base = dict(spec.get("base", {}))
     for row in rows:
-        _measure(row, columns, base, store)
+        _measure(row, columns, base, store, overrides)
     return Leaderboard(
-        spec.get("name", path.stem), spec.get("title", ""), spec.get("source", {}), columns, rows
+        spec.get("name", path.stem),
+        spec.get("title", ""),
+        spec.get("source", {}),
+        columns,
+        rows,
+        list(overrides or []),
     )
 
 
 def _measure(
-    row: Row, columns: list[Column], base: dict[str, Any], store: ResultStore | None
+    row: Row,
+    columns: list[Column],
+    base: dict[str, Any],
+    store: ResultStore | None,
+    overrides: list[str] | None = None,
 ) -> None:
-    if not row.overrides:
+    if not row.buildable:
         row.missing = "no ocl-bench recipe (published only)"
         return
     cells = {}
     for ds in sorted({c.dataset or "" for c in columns}):
         try:
-            cfg = _row_config(row, base, ds or None)
+            cfg = _row_config(row, base, ds or None, overrides)
         except UnknownPluginError as err:
             row.missing = f"needs plugin: {str(err).split(';')[0].replace('unknown ', '')}"
             return
@@ -235,6 +325,8 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
             head += (
                 f"Published: {board.source.get('document', '')} {board.source.get('table', '')}\n"
             )
+        if board.overrides:
+            head += f"Measured with: {' '.join(board.overrides)}\n"
         return head + "\n" + tabulate(body, headers=headers, tablefmt="github")
     if fmt == "csv":
         buf = io.StringIO()
@@ -249,6 +341,7 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                 "title": board.title,
                 "source": board.source,
                 "columns": [c.__dict__ for c in board.columns],
+                "measured_with": board.overrides,
                 "rows": [
                     {
                         "label": r.label,

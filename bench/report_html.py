@@ -38,11 +38,16 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
+    measured_with = (
+        f"<p>Measured with: <code>{html.escape(' '.join(board.overrides))}</code></p>"
+        if board.overrides
+        else ""
+    )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(board.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
-        f"<p>Published numbers: {html.escape(source)}</p>"
+        f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
         f"{figures}</body></html>"
     )

@@ -65,14 +65,13 @@ class Cell:
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def value(self, task: str, metric: str, masks: str | None = None) -> float | None:
-        for m in self.metrics:
-            if (
-                m["task"] == task
-                and m["metric"] == metric
-                and (masks is None or m["masks"] == masks)
-            ):
-                return m["value"]
-        return None
+        """A stored metric; with `masks` unset, the decoder masks' value when there is one
+        (what SPOT and DINOSAUR report), else the first recorded."""
+        found = [m for m in self.metrics if m["task"] == task and m["metric"] == metric]
+        if masks is not None:
+            found = [m for m in found if m["masks"] == masks]
+        found.sort(key=lambda m: m["masks"] != "decoder")
+        return found[0]["value"] if found else None
 
 
 class ResultStore:

@@ -41,7 +41,11 @@ from bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class SpotSelfTrainingParams:
-    teacher: str = param("", "run directory of the frozen stage-1 teacher (spot_ar decoder)")
+    teacher: str = param(
+        "",
+        "run directory of the frozen stage-1 teacher (spot_ar decoder); in a grid, '@PRESET'"
+        " trains that preset on the same dataset first and uses its run",
+    )
     weight: float = param(5e-3, "weight of the cross-entropy (official ce_weight)")
     final_weight: float | None = param(
         None, "if set, the weight follows a cosine from `weight` to this (final_ce_weight)"
@@ -99,6 +103,12 @@ class SpotSelfTraining(nn.Module, Plugin):
                 raise ConfigError(
                     "objectives.spot_self_training.teacher: give the run directory of a "
                     "trained stage-1 SPOT model (the teacher)"
+                )
+            if params.teacher.startswith("@"):
+                raise ConfigError(
+                    f"objectives.spot_self_training.teacher = '{params.teacher}' names the run"
+                    f" of preset '{params.teacher[1:]}', which only `ocl-bench grid` trains"
+                    " first; run this config through a grid or give a run directory"
                 )
             from bench.evaluate import load_run
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bench.config import STAGES, TOP_LEVEL
+from bench.config import STAGES, TOP_LEVEL, preset_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +45,7 @@ TOP_KEYS = {"name", "title", "source", "dataset", "base", "columns", "rows"}
 COLUMN_REQUIRED = {"key", "task", "dataset", "label", "scale"}
 COLUMN_OPTIONAL = {"masks", "metric"}
 ROW_REQUIRED = {"label", "overrides", "published"}
-ROW_OPTIONAL = {"notes"}
+ROW_OPTIONAL = {"notes", "preset", "dataset_overrides"}
 TASKS = {"object_discovery", "property_prediction", "conditional_generation", "other"}
 DATASETS = {"shapes", "coco", "voc"}
 MASKS = {"decoder", "attn"}
@@ -201,6 +201,13 @@ def schema_problems(data: dict[str, Any], stem: str) -> list[str]:
             p.append(f"{where}: duplicate row label")
         labels.add(label)
         p += check_overrides(row["overrides"], f"{where} overrides")
+        if "preset" in row and row["preset"] not in preset_names():
+            p.append(f"{where}: unknown preset {row['preset']!r}")
+        per_dataset = row.get("dataset_overrides", {})
+        for ds, table in per_dataset.items() if isinstance(per_dataset, dict) else []:
+            if ds not in {c.get("dataset") for c in columns}:
+                p.append(f"{where}: dataset_overrides for {ds!r}, which no column measures")
+            p += check_overrides(table, f"{where} dataset_overrides.{ds}")
         if not isinstance(row.get("notes", ""), str):
             p.append(f"{where}: notes must be a string")
         published = row["published"]
