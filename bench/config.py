@@ -34,10 +34,11 @@ class TrainSettings:
     lr: float = param(4e-4, "peak learning rate (Adam)")
     warmup_steps: int = param(200, "linear warm-up steps")
     decay_half_life: int = param(0, "steps per halving of the lr after warm-up; 0 = no decay")
-    schedule: Literal["half_life", "cosine"] = param(
+    schedule: Literal["half_life", "half_life_after_warmup", "cosine"] = param(
         "half_life",
-        "lr after warm-up: 'half_life' (decay_half_life) or 'cosine' to min_lr at the last"
-        " step, as SPOT's cosine_scheduler (warm-up then starts at 0)",
+        "lr shape: 'half_life' (warm-up (s+1)/W, halving every decay_half_life steps from"
+        " step 0), 'half_life_after_warmup' (OCLF: warm-up s/W, halving counted from the end"
+        " of the warm-up) or 'cosine' (SPOT: warm-up s/(W-1), cosine to min_lr at the end)",
     )
     min_lr: float = param(0.0, "final lr of the cosine schedule (SPOT: 4e-7)")
     weight_decay: float = param(0.0, "AdamW weight decay")

@@ -76,6 +76,12 @@ def lr_factor(settings: Any, step: int) -> float:
     """The lr at `step` as a fraction of `settings.lr`."""
     if settings.schedule == "cosine":
         return _cosine_factor(settings, step)
+    if settings.schedule == "half_life_after_warmup":
+        # OCLF's exponential_decay_after_optional_warmup (ocl/scheduling.py)
+        w, half = settings.warmup_steps, settings.decay_half_life
+        if step < w:
+            return step / w
+        return 0.5 ** ((step - w) / half) if half > 0 else 1.0
     warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps > 0 else 1.0
     if settings.decay_half_life > 0:
         return warm * 0.5 ** (step / settings.decay_half_life)

@@ -124,6 +124,7 @@ def test_dinosaur_presets() -> None:
     for cfg in (mlp, tr):
         t = cfg.train
         assert (t.steps, t.warmup_steps, t.decay_half_life) == (500_000, 10_000, 100_000)
+        assert t.schedule == "half_life_after_warmup"
         assert (t.lr, t.grad_clip, t.grad_clip_norm) == (4e-4, 1.0, "2")
         assert cfg.grouping.params.num_slots == 7 and cfg.dataset.params.crowd == "drop"
 

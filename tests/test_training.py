@@ -55,6 +55,20 @@ def test_cosine_schedule_is_spots_cosine_scheduler(steps: int, warmup: int) -> N
     assert all(a >= b for a, b in zip(got[warmup:], got[warmup + 1 :]))
 
 
+def test_half_life_after_warmup_is_oclfs_exponential_decay_after_warmup() -> None:
+    over = ["train.schedule=half_life_after_warmup", "train.steps=500000"]
+    over += ["train.warmup_steps=10000", "train.decay_half_life=100000"]
+    t = load_config(None, over).train
+    # OCLF: min(1, s / W) during the warm-up, then 0.5 ** ((s - W) / 100000)
+    assert lr_factor(t, 0) == 0.0 and lr_factor(t, 5000) == 0.5
+    assert lr_factor(t, 10000) == 1.0
+    assert lr_factor(t, 110000) == pytest.approx(0.5)
+    assert lr_factor(t, 310000) == pytest.approx(0.125)
+    # the plain half-life schedule counts the decay from step 0
+    plain = load_config(None, [*over[1:], "train.schedule=half_life"]).train
+    assert lr_factor(plain, 110000) == pytest.approx(0.5**1.1)
+
+
 def test_cosine_schedule_needs_steps_after_warmup() -> None:
     with pytest.raises(ConfigError, match="warmup_steps"):
         load_config(None, ["train.schedule=cosine", "train.steps=10", "train.warmup_steps=10"])
