@@ -74,6 +74,25 @@ class Cell:
         return found[0]["value"] if found else None
 
 
+def _wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
+    """Switch to WAL mode, waiting out other writers.
+
+    On a file not yet in WAL mode the switch needs a write lock, and SQLite answers
+    "database is locked" at once instead of waiting (busy_timeout does not apply), so two
+    commands opening a new store together would fail without this retry."""
+    deadline = time.monotonic() + patience
+    delay = 0.01
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class ResultStore:
     """Cells (one per resolved config) and their metrics."""
 
@@ -87,7 +106,7 @@ class ResultStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
+            _wal(db)
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=60000")
             yield db
@@ -183,10 +202,12 @@ class ResultStore:
         """The cells matching `where`, with their metrics only (not the whole table's)."""
         with self._connect() as db:
             db.row_factory = sqlite3.Row
+            db.execute("BEGIN")  # one snapshot: a cell's status and its metrics agree
             rows = db.execute(f"SELECT * FROM cells {where} ORDER BY id", args).fetchall()
             metrics = db.execute(
                 f"SELECT * FROM metrics WHERE cell_id IN (SELECT id FROM cells {where})", args
             ).fetchall()
+            db.execute("COMMIT")
         by_cell: dict[int, list[dict[str, Any]]] = {}
         for m in metrics:
             entry = dict(m)

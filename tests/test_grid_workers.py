@@ -1,0 +1,281 @@
+"""`grid --workers N`: cells run in spawned worker processes that share one results store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from bench.grid import load_grid, run_grid
+from bench.store import Cell, ResultStore
+from tests.conftest import TINY as ALL_TINY
+
+# The grids below choose their own tasks; runs are a few steps on a few images.
+TINY = [o for o in ALL_TINY if not o.startswith("tasks.")]
+assert "train.threads=1" in TINY
+
+
+def write_grid(path: Path, axes: str, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+name = "workers"
+[base]
+tasks = {{ object_discovery = {{}} }}
+[base.train]
+steps = 2
+[axes]
+{axes}
+{extra}
+"""
+    )
+    return path
+
+
+def metric_values(cell: Cell) -> dict[tuple[str, str, str | None], float]:
+    return {(m["task"], m["metric"], m["masks"]): m["value"] for m in cell.metrics}
+
+
+def status_lines(stderr: str) -> dict[str, str]:
+    """label -> status, from the `  STATUS  LABEL` lines `ocl-bench grid` prints."""
+    out = {}
+    for line in stderr.splitlines():
+        for status in ("complete (stored)", "complete", "failed"):
+            if line.startswith(f"  {status} "):
+                out[line[len(status) + 2 :].strip()] = status
+                break
+    return out
+
+
+def test_two_workers_store_every_cell_with_the_metrics_of_a_serial_run(tmp_path: Path) -> None:
+    path = write_grid(
+        tmp_path / "g.toml",
+        '"grouping.num_slots" = [3, 4]\n"grouping.init" = ["shared_gaussian", "learned_queries"]',
+    )
+    grid = load_grid(path, TINY)
+    assert len(grid.cells) == 4
+    digests = {c.label: c.config.digest() for c in grid.cells}
+    assert len(set(digests.values())) == 4
+
+    serial_db, parallel_db = tmp_path / "serial.sqlite", tmp_path / "parallel.sqlite"
+    serial = run_grid(grid, serial_db, tmp_path / "serial", workers=1, progress=False)
+    parallel = run_grid(grid, parallel_db, tmp_path / "parallel", workers=2, progress=False)
+    assert serial == parallel == {label: "complete" for label in digests}
+
+    expected = {c.config_hash: c for c in ResultStore(serial_db).cells()}
+    got = ResultStore(parallel_db).cells(grid="workers")
+    assert sorted(c.config_hash for c in got) == sorted(digests.values())  # one row per cell
+    for cell in got:
+        assert cell.status == "complete" and cell.error is None
+        assert cell.label is not None and digests[cell.label] == cell.config_hash
+        assert cell.run_dir == str(tmp_path / "parallel" / cell.config_hash)
+        assert (Path(cell.run_dir) / "metrics.json").is_file()
+        assert cell.started is not None and cell.ended is not None
+        assert cell.started <= cell.ended
+        values = metric_values(cell)
+        assert ("object_discovery", "fg_ari", "decoder") in values
+        assert ("object_discovery", "fg_ari", "attn") in values
+        # The runs are seeded: a worker process computes what the serial loop computed.
+        want = metric_values(expected[cell.config_hash])
+        assert values.keys() == want.keys()
+        for key, value in want.items():
+            assert values[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # The cells differ, so their metrics do too (the comparison above is not vacuous).
+    assert len({metric_values(c)[("object_discovery", "fg_ari", "decoder")] for c in got}) > 1
+
+    # A rerun with workers finds every cell stored and starts no work.
+    again = run_grid(grid, parallel_db, tmp_path / "parallel", workers=2, progress=False)
+    assert again == {label: "complete (stored)" for label in digests}
+    assert len(ResultStore(parallel_db).cells()) == 4
+
+
+def test_failing_cells_under_workers_are_stored_failed_and_the_rest_complete(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # encoder.patch_size=3 resolves but the cnn encoder refuses it when the model is built.
+    path = write_grid(
+        tmp_path / "g.toml",
+        '"grouping.num_slots" = [2, 3, 4]\n"encoder.patch_size" = [4, 3]',
+        '[[exclude]]\n"grouping.num_slots" = 2\n"encoder.patch_size" = 3\n'
+        '[[exclude]]\n"grouping.num_slots" = 4\n"encoder.patch_size" = 3\n',
+    )
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    cells = {c.label: c for c in load_grid(path, TINY).cells}
+    build_fails = "grouping.num_slots=3, encoder.patch_size=3"
+    train_fails = "grouping.num_slots=3, encoder.patch_size=4"
+    assert set(cells) == {
+        "grouping.num_slots=2, encoder.patch_size=4",
+        train_fails,
+        build_fails,
+        "grouping.num_slots=4, encoder.patch_size=4",
+    }
+    # Another cell fails once training has begun, with an error that is not a user error
+    # (so its traceback is stored): its train log path is taken by a directory.
+    (runs / cells[train_fails].config.digest() / "train_log.jsonl").mkdir(parents=True)
+
+    argv = ["grid", str(path), *TINY, "--db", str(db), "--runs", str(runs), "--workers", "2"]
+    assert main([*argv, "-q"]) == 1  # not every cell completed
+    printed = status_lines(capsys.readouterr().err)
+    assert printed == {label: "complete" for label in cells} | {
+        build_fails: "failed",
+        train_fails: "failed",
+    }
+
+    store = ResultStore(db)
+    stored = {c.label: c for c in store.cells()}
+    assert set(stored) == set(cells)
+    assert {label: c.config_hash for label, c in stored.items()} == {
+        label: c.config.digest() for label, c in cells.items()
+    }
+    built = stored[build_fails]
+    assert built.status == "failed" and built.metrics == [] and built.ended is not None
+    assert built.error.startswith("ConfigError: ")
+    assert "power of two" in built.error and "Traceback" not in built.error
+    assert not Path(built.run_dir).exists()  # a model that cannot be built leaves no run dir
+    trained = stored[train_fails]
+    assert trained.status == "failed" and trained.metrics == []
+    assert trained.error.startswith("IsADirectoryError: Traceback")
+    assert "train_log.jsonl" in trained.error
+    done = [c for c in stored.values() if c.status == "complete"]
+    assert len(done) == 2
+    for cell in done:
+        assert cell.error is None
+        assert ("object_discovery", "fg_ari", "decoder") in metric_values(cell)
+
+    # Rerun: the complete cells are skipped, the failed ones retried (and failing again).
+    assert main([*argv, "-q"]) == 1
+    printed = status_lines(capsys.readouterr().err)
+    assert sorted(printed.values()) == ["complete (stored)"] * 2 + ["failed"] * 2
+    assert len(store.cells()) == 4
+    assert store.get(cells[build_fails].config.digest()).status == "failed"
+
+
+WRITERS = 4
+CELLS_PER_WRITER = 24
+SHARED = "shared-cell"
+
+
+def _records(writer: int, i: int) -> list[dict]:
+    return [
+        {
+            "task": "object_discovery",
+            "metric": metric,
+            "masks": "decoder",
+            "value": writer * 1000 + i + k / 10,
+            "resolution": [32, 32],
+            "num_images": 16,
+        }
+        for k, metric in enumerate(("fg_ari", "mbo_i", "miou"))
+    ]
+
+
+def _cell(config_hash: str, writer: int, i: int) -> Cell:
+    return Cell(
+        config_hash=config_hash,
+        config={"writer": writer, "i": i},
+        plugins={"encoder.cnn": "ocl-bench 0"},
+        dataset="shapes",
+        split="val",
+        seed=i,
+        status="running",
+        grid="concurrent",
+        label=config_hash,
+    )
+
+
+def _writer(db: str, errors: str, writer: int, barrier) -> None:
+    """A worker process: its own cells (some failing), plus one cell every writer shares."""
+    try:
+        barrier.wait(timeout=120)
+        store = ResultStore(db)
+        for i in range(CELLS_PER_WRITER):
+            digest = f"w{writer}-{i}"
+            store.start(_cell(digest, writer, i))
+            if i % 4 == 3:
+                store.fail(digest, f"RuntimeError: cell {digest}")
+            else:
+                store.complete(digest, _records(writer, i))
+            if i == CELLS_PER_WRITER // 2:
+                store.start(_cell(SHARED, writer, i))
+                store.complete(SHARED, _records(writer, i))
+            store.cells(grid="concurrent")  # readers interleave with the writers
+    except BaseException:
+        (Path(errors) / f"writer{writer}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _run_processes(target, args: list[tuple]) -> list[int | None]:
+    """Start one spawned process per args tuple, released together; their exit codes."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(args))
+    procs = [ctx.Process(target=target, args=(*a, barrier)) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs]
+
+
+def test_concurrent_writer_processes_lose_no_cell_and_never_hit_a_lock(tmp_path: Path) -> None:
+    db, errors = tmp_path / "r.sqlite", tmp_path / "errors"
+    errors.mkdir()
+    ResultStore(db)  # as run_grid does before it starts its workers
+    codes = _run_processes(_writer, [(str(db), str(errors), w) for w in range(WRITERS)])
+    reports = sorted(p.read_text() for p in errors.iterdir())
+    assert reports == [], reports[0]  # e.g. sqlite3.OperationalError: database is locked
+    assert codes == [0] * WRITERS
+
+    cells = {c.config_hash: c for c in ResultStore(db).cells(grid="concurrent")}
+    assert len(cells) == WRITERS * CELLS_PER_WRITER + 1
+    for w in range(WRITERS):
+        for i in range(CELLS_PER_WRITER):
+            cell = cells[f"w{w}-{i}"]
+            assert cell.config == {"writer": w, "i": i}
+            if i % 4 == 3:
+                assert cell.status == "failed" and cell.error == f"RuntimeError: cell w{w}-{i}"
+                assert cell.metrics == []
+            else:
+                assert cell.status == "complete" and cell.error is None
+                assert metric_values(cell) == {
+                    (r["task"], r["metric"], r["masks"]): r["value"] for r in _records(w, i)
+                }
+    # The shared cell: one row, whose metrics are one writer's complete set (not a mix).
+    shared = cells[SHARED]
+    assert shared.status == "complete" and len(shared.metrics) == 3
+    values = sorted(metric_values(shared).values())
+    w = int(values[0]) // 1000
+    assert values == [r["value"] for r in _records(w, CELLS_PER_WRITER // 2)]
+
+
+def test_opening_a_new_store_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
+    # Two processes that open the same new store at once (two `grid` commands given the
+    # same new --db) meet like this: one converts the file to WAL while the other opens it.
+    path = tmp_path / "r.sqlite"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    result: dict[str, object] = {}
+
+    def open_store() -> None:
+        try:
+            result["cells"] = ResultStore(path).cells()
+        except sqlite3.OperationalError as err:
+            result["error"] = err
+
+    thread = threading.Thread(target=open_store)
+    thread.start()
+    time.sleep(0.5)
+    other.execute("COMMIT")
+    other.close()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "error" not in result, result["error"]
+    assert result["cells"] == []
