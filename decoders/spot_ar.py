@@ -18,10 +18,43 @@ from the facts listed in ../shared/reference/spot-and-mage.md (section c):
 
 The official code's quirks are named params whose default is the official behaviour
 (`first_block_norm_residual`, `first_block_uses_num_heads`, `bos_per_order`).
+
 The module keys mirror the official ones (`input_proj`, `slot_proj`, `bos_tokens`,
 `blocks.i.{self_attn,encoder_decoder_attn}.proj_{q,k,v,o}`, ...) so an official
 checkpoint maps onto it by prefix (bench/spot_import.py); the official bool
 `self_attn_mask` parameters are not stored (the causal mask is rebuilt on the fly).
+
+DINOSAUR's autoregressive decoder in OCLF (amazon-science/object-centric-learning-framework)
+is the same architecture without the first-block quirk (`first_block_norm_residual =
+false`: torch's layer has none) and with three more differences, each a named param whose
+default is SPOT's behaviour (the dinosaur-transformer-coco preset sets the OCLF values):
+
+- `attention_bias`: OCLF builds torch's `nn.TransformerDecoderLayer(norm_first=True,
+  activation="relu", dim_feedforward=4 * D, dropout=0.0, batch_first=True)`
+  (ocl/neural_networks/convenience.py build_transformer_decoder); its nn.MultiheadAttention
+  has biases on the q/k/v (in_proj_bias) and output (out_proj.bias) projections;
+- `final_norm`: OCLF's TransformerDecoderWithAttention is built with norm=None
+  (ocl/neural_networks/extensions.py), so the last block's output is the reconstruction,
+  with no final LayerNorm (and AutoregressivePatchDecoder adds no output transform,
+  ocl/decoding.py, use_output_transform false);
+- `init`: torch's own initialisation of that layer (xavier-uniform over the stacked
+  [3D, D] in_proj_weight, zero attention biases, nn.Linear's default init for out_proj
+  and the FFN) and nn.TransformerDecoder's `_get_clones`, which deep-copies one layer, so
+  every block starts from the same weights. SPOT uses xavier per projection, kaiming for
+  the FFN's first layer, a (3 * num_layers) ** -0.5 gain on the residual outputs, zero
+  biases and independent blocks.
+
+The rest matches OCLF's AutoregressivePatchDecoder (ocl/decoding.py) with the DINOSAUR
+config (configs/experiment/projects/bridging/dinosaur/coco_feat_rec_dino_base16_auto.yaml):
+one BOS token `randn * D ** -0.5` (`bos_std`), `use_input_transform` = Linear(D, D,
+bias=False) + LayerNorm on cat[BOS, targets[:, :-1]], the slots projected to memory by
+Linear(slot_dim, D, bias=False) + LayerNorm (decoder_cond_dim = D), no position
+embedding, the causal mask on the self-attention, and `use_decoder_masks` with
+attention_weight_type -1: the masks are the last block's cross-attention weights averaged
+over heads (nn.MultiheadAttention's average_attn_weights), which equals the sum over
+heads renormalised over slots used here. With dropout > 0 two details still differ:
+torch's layer also drops out the FFN hidden units, and its returned attention weights
+are taken after dropout (OCLF's DINOSAUR uses dropout 0).
 """
 
 from __future__ import annotations
@@ -105,9 +138,17 @@ def _linear(d_in: int, d_out: int, bias: bool = True, init: str = "xavier", gain
 
 
 class Attention(nn.Module):
-    """Multi-head attention with bias-free q/k/v/o projections (SLATE/SPOT layout)."""
+    """Multi-head attention with q/k/v/o projections (SLATE/SPOT layout: no biases, unless
+    `bias`, as torch's nn.MultiheadAttention)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, gain: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        gain: float = 1.0,
+        bias: bool = False,
+    ):
         super().__init__()
         if dim % heads:
             raise ValueError(f"decoder dimension {dim} is not divisible by {heads} heads")
@@ -115,10 +156,10 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.attn_dropout = nn.Dropout(dropout)
         self.output_dropout = nn.Dropout(dropout)
-        self.proj_q = _linear(dim, dim, bias=False)
-        self.proj_k = _linear(dim, dim, bias=False)
-        self.proj_v = _linear(dim, dim, bias=False)
-        self.proj_o = _linear(dim, dim, bias=False, gain=gain)
+        self.proj_q = _linear(dim, dim, bias=bias)
+        self.proj_k = _linear(dim, dim, bias=bias)
+        self.proj_v = _linear(dim, dim, bias=bias)
+        self.proj_o = _linear(dim, dim, bias=bias, gain=gain)
 
     def split(self, x: Tensor, proj: nn.Linear) -> Tensor:
         b, n, _ = x.shape
@@ -162,13 +203,14 @@ class DecoderBlock(nn.Module):
         dropout: float,
         gain: float,
         norm_residual: bool,
+        attention_bias: bool = False,
     ):
         super().__init__()
         self.norm_residual = norm_residual
         self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout, gain)
+        self.self_attn = Attention(dim, heads, dropout, gain, attention_bias)
         self.encoder_decoder_attn_layer_norm = nn.LayerNorm(dim)
-        self.encoder_decoder_attn = Attention(dim, cross_heads, dropout, gain)
+        self.encoder_decoder_attn = Attention(dim, cross_heads, dropout, gain, attention_bias)
         self.ffn_layer_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
             _linear(dim, ffn_dim, init="kaiming"),
@@ -198,6 +240,37 @@ class DecoderBlock(nn.Module):
         x = x + h
         x = x + self.ffn(self.ffn_layer_norm(x))
         return x, weights
+
+    @torch.no_grad()
+    def load_torch_layer(self, layer: nn.TransformerDecoderLayer) -> None:
+        """Copy the weights of a torch pre-LN nn.TransformerDecoderLayer into this block.
+
+        torch keeps q/k/v stacked in `in_proj_weight` [3D, D] / `in_proj_bias` [3D]; the
+        biases are copied only when this block has attention biases.
+        """
+        pairs = (
+            (self.self_attn, layer.self_attn),
+            (self.encoder_decoder_attn, layer.multihead_attn),
+        )
+        for ours, theirs in pairs:
+            projs = (ours.proj_q, ours.proj_k, ours.proj_v)
+            for proj, w in zip(projs, theirs.in_proj_weight.chunk(3)):
+                proj.weight.copy_(w)
+            ours.proj_o.weight.copy_(theirs.out_proj.weight)
+            if ours.proj_o.bias is not None:
+                assert theirs.in_proj_bias is not None and theirs.out_proj.bias is not None
+                for proj, b in zip(projs, theirs.in_proj_bias.chunk(3)):
+                    proj.bias.copy_(b)
+                ours.proj_o.bias.copy_(theirs.out_proj.bias)
+        norms = (
+            (self.self_attn_layer_norm, layer.norm1),
+            (self.encoder_decoder_attn_layer_norm, layer.norm2),
+            (self.ffn_layer_norm, layer.norm3),
+            (self.ffn[0], layer.linear1),
+            (self.ffn[2], layer.linear2),
+        )
+        for ours, theirs in norms:
+            ours.load_state_dict(theirs.state_dict())
 
 
 @dataclass(frozen=True)
@@ -235,6 +308,23 @@ class SpotARParams:
         "sdpa",
         "fused scaled_dot_product_attention (the last block's cross-attention is always "
         "explicit, for A_dec), or explicit attention matrices in every block",
+    )
+    attention_bias: bool = param(
+        False,
+        "biases on the q/k/v/out projections of every attention; false = SPOT (none), true ="
+        " OCLF (torch nn.MultiheadAttention's in_proj_bias and out_proj.bias)",
+    )
+    final_norm: bool = param(
+        True,
+        "LayerNorm on the last block's output (SPOT); false = none, the last block's output"
+        " is the reconstruction (OCLF: nn.TransformerDecoder with norm=None)",
+    )
+    init: Literal["spot", "torch"] = param(
+        "spot",
+        "block initialisation: 'spot' (xavier, kaiming FFN-in, (3 * num_layers) ** -0.5 gain"
+        " on residual outputs, zero biases, independent blocks) or 'torch' (OCLF: torch's"
+        " nn.TransformerDecoderLayer init, every block a copy of the first, as"
+        " nn.TransformerDecoder clones it)",
     )
 
 
@@ -278,10 +368,24 @@ class SpotARDecoder(nn.Module, Plugin):
                 params.dropout,
                 gain,
                 norm_residual=i == 0 and params.first_block_norm_residual,
+                attention_bias=params.attention_bias,
             )
             for i in range(params.num_layers)
         )
-        self.layer_norm = nn.LayerNorm(d)
+        if params.init == "torch":
+            # OCLF: one torch layer, deep-copied num_layers times by nn.TransformerDecoder
+            layer = nn.TransformerDecoderLayer(
+                d,
+                params.num_heads,
+                params.ffn_multiplier * d,
+                dropout=0.0,
+                batch_first=True,
+                norm_first=True,
+            )
+            for block in self.blocks:
+                block.load_torch_layer(layer)
+        # no module (so no state_dict keys) without the final norm
+        self.layer_norm = nn.LayerNorm(d) if params.final_norm else nn.Identity()
 
     def output_dims(self, dims: Dims) -> Dims:
         return dims
@@ -301,7 +405,8 @@ class SpotARDecoder(nn.Module, Plugin):
         raise ValueError(f"unknown order mode {mode!r}")
 
     def transformer(self, x: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """(final-LN output [B,N,D], last block's cross-attention [B,heads,N,K])."""
+        """(output [B,N,D] after the final LN if any, last block's cross-attention
+        [B,heads,N,K])."""
         explicit = self.params.attention == "explicit"
         weights = None
         last = len(self.blocks) - 1
@@ -367,7 +472,9 @@ class DinosaurTransformerDecoder(SpotARDecoder):
     """DINOSAUR's autoregressive transformer decoder: SPOT's decoder in raster order only.
 
     This is the DINOSAUR baseline as SPOT re-implements it
-    (`train_spot.py --train_permutations standard`): one BOS token, raster order.
+    (`train_spot.py --train_permutations standard`): one BOS token, raster order. With
+    `attention_bias = true`, `final_norm = false`, `init = "torch"` and
+    `first_block_norm_residual = false` it is OCLF's DINOSAUR decoder (module docstring).
     """
 
     name = "dinosaur_transformer"

@@ -1,4 +1,20 @@
-"""Slot Attention (Locatello et al. 2020) with the SPOT / BO-QSA options."""
+"""Slot Attention (Locatello et al. 2020) with the SPOT / BO-QSA / OCLF options.
+
+The defaults are the harness's SPOT-style module. OCLF (amazon-science/
+object-centric-learning-framework), DINOSAUR's official framework, differs in two places,
+each a named param:
+
+- `pre_mlp_out`: OCLF's pre-MLP is `build_two_layer_mlp(input_dim, output_dim=feature_dim,
+  hidden_dim=input_dim, initial_layer_norm=True)` with feature_dim = object_dim
+  (configs/experiment/projects/bridging/dinosaur/_base_feature_recon.yaml), i.e.
+  LN(768) -> Linear 768->768 -> ReLU -> Linear 768->256; slot attention's input LayerNorm
+  and k/v projections then act on 256-d features (ocl/perceptual_grouping.py SlotAttention:
+  norm_input = LayerNorm(feature_dim), to_k/to_v = Linear(feature_dim, kvq_dim)).
+  SPOT's pre-MLP keeps 768 -> 768 -> 768.
+- `zero_mlp_bias`: OCLF's build_mlp (ocl/neural_networks/convenience.py) zero-initialises
+  every Linear bias of the pre-MLP and of the slot update MLP (ff_mlp); the harness
+  keeps torch's default uniform bias init.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +44,17 @@ class SlotAttentionParams:
         "none", "'bi-level': gradient flows through the last iteration only (BO-QSA)"
     )
     pre_mlp: bool = param(False, "LayerNorm + 2-layer MLP on the input tokens (SPOT)")
+    pre_mlp_out: int = param(
+        0,
+        "output size of the pre-MLP (needs pre_mlp); 0 = the token dim (SPOT: 768 -> 768 ->"
+        " 768). OCLF's DINOSAUR uses slot_dim (768 -> 768 -> 256), so the input LayerNorm and"
+        " k/v then see pre_mlp_out-d features",
+    )
+    zero_mlp_bias: bool = param(
+        False,
+        "zero-initialise the Linear biases of the pre-MLP and the update MLP (OCLF build_mlp);"
+        " false = torch's default uniform init",
+    )
     eps: float = param(1e-8, "added to the attention before renormalising over tokens")
 
 
@@ -45,9 +72,15 @@ class SlotAttention(nn.Module, Plugin):
         if dims.token_dim is None:
             raise ValueError("slot attention needs the encoder's token dimension")
         self.params = params
-        d_in, d = dims.token_dim, params.slot_dim
+        if params.pre_mlp_out < 0:
+            raise ValueError(f"pre_mlp_out must be 0 or positive, got {params.pre_mlp_out}")
+        if params.pre_mlp_out and not params.pre_mlp:
+            raise ValueError("pre_mlp_out needs pre_mlp = true")
+        d_tokens, d = dims.token_dim, params.slot_dim
+        # d_in: the size of what the input LayerNorm and k/v see
+        d_in = params.pre_mlp_out or d_tokens
         self.pre_mlp = (
-            nn.Sequential(nn.LayerNorm(d_in), mlp([d_in, d_in, d_in]))
+            nn.Sequential(nn.LayerNorm(d_tokens), mlp([d_tokens, d_tokens, d_in]))
             if params.pre_mlp
             else nn.Identity()
         )
@@ -59,6 +92,10 @@ class SlotAttention(nn.Module, Plugin):
         self.gru = nn.GRUCell(d, d)
         self.norm_mlp = nn.LayerNorm(d)
         self.update_mlp = mlp([d, params.mlp_hidden, d])
+        if params.zero_mlp_bias:
+            for layer in [*self.pre_mlp.modules(), *self.update_mlp.modules()]:
+                if isinstance(layer, nn.Linear) and layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         if params.init == "shared_gaussian":
             self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
             self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
