@@ -34,6 +34,9 @@ class MLPDecoderParams:
     target: Literal["pixels", "features"] = param(
         "pixels", "reconstruct image patches on the token grid, or the encoder's targets"
     )
+    zero_bias: bool = param(
+        False, "start every Linear bias at zero, as OCLF's build_mlp does (DINOSAUR)"
+    )
 
 
 class MLPDecoder(nn.Module, Plugin):
@@ -74,6 +77,10 @@ class MLPDecoder(nn.Module, Plugin):
             self.coord_mlp = mlp([2, params.hidden, dims.slot_dim])
         self.net = mlp([dims.slot_dim] + [params.hidden] * params.layers + [self.out_dim + 1])
         self.channels = dims.channels
+        if params.zero_bias:
+            for layer in self.modules():
+                if isinstance(layer, nn.Linear) and layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def output_dims(self, dims: Dims) -> Dims:
         return dims

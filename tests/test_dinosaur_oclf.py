@@ -247,10 +247,26 @@ def test_zero_mlp_bias() -> None:
 # ------------------------------------------------------------------ presets
 
 
+def test_mlp_decoder_zero_bias() -> None:
+    from decoders.mlp import MLPDecoder, MLPDecoderParams
+
+    dims = Dims(image_size=(32, 32), channels=3, grid=(4, 4), slot_dim=16, target_dim=24)
+    biases = {}
+    for zero in (False, True):
+        torch.manual_seed(0)
+        params = MLPDecoderParams(hidden=32, target="features", zero_bias=zero)
+        decoder = MLPDecoder(params, dims)
+        biases[zero] = [m.bias for m in decoder.modules() if isinstance(m, nn.Linear)]
+    assert len(biases[True]) == 4  # three hidden layers and the output layer
+    assert all(torch.count_nonzero(b) == 0 for b in biases[True])
+    assert all(torch.count_nonzero(b) > 0 for b in biases[False])
+
+
 def test_dinosaur_presets_use_the_oclf_values() -> None:
     for name in ("dinosaur-transformer-coco", "dinosaur-mlp-coco"):
         g = load_config(name).grouping.params
         assert (g.pre_mlp, g.pre_mlp_out, g.zero_mlp_bias) == (True, g.slot_dim, True)
+    assert load_config("dinosaur-mlp-coco").decoder.params.zero_bias
     d = load_config("dinosaur-transformer-coco").decoder.params
     assert (d.attention_bias, d.final_norm, d.init) == (True, False, "torch")
     assert not d.first_block_norm_residual and d.dropout == 0.0
