@@ -95,6 +95,11 @@ PRETRAINED: dict[str, PretrainedViT] = {
         f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
         "DINOv2 ViT-B/14",
     ),
+    "dinov2_vits14_reg": PretrainedViT(
+        "vit_small_patch14_reg4_dinov2.lvd142m",
+        f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+        "DINOv2 ViT-S/14 with 4 registers",
+    ),
     "dinov2_vitb14_reg": PretrainedViT(
         "vit_base_patch14_reg4_dinov2.lvd142m",
         f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
