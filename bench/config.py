@@ -45,6 +45,12 @@ class TrainSettings:
     grad_clip: float = param(1.0, "max gradient norm; 0 disables clipping")
     grad_clip_norm: Literal["2", "inf"] = param("2", "norm used by clipping ('inf' as SPOT)")
     checkpoint_every: int = param(100, "steps between checkpoints")
+    eval_every: int = param(
+        0,
+        "steps between validation measurements while training (object discovery on"
+        " train.eval_images images, logged to eval_log.jsonl and plotted); 0 = none",
+    )
+    eval_images: int = param(64, "validation images each measurement while training uses")
     device: Literal["auto", "cpu", "cuda"] = param("cpu", "where to train")
     precision: Literal["fp32", "bf16", "fp16"] = param("fp32", "autocast precision")
     num_workers: int = param(0, "data loader worker processes")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench import checkpoint
@@ -98,6 +100,42 @@ def evaluate(
     tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
     tmp.replace(run_dir / "metrics.json")
     return metrics
+
+
+def measure(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, num_images: int
+) -> dict[str, float]:
+    """Object discovery on the first `num_images` images of the eval split, mid-training.
+
+    Runs under a forked RNG and gives the model back in training mode, so a run measured
+    this way trains exactly as one that is not. Uses the config's object_discovery task
+    (its default params when the config has none)."""
+    from tasks.object_discovery import ObjectDiscovery
+
+    choice = next((c for c in cfg.tasks if c.name == ObjectDiscovery.name), None)
+    task = ObjectDiscovery(choice.params if choice else ObjectDiscovery.Params())
+    data = make_dataset(cfg.dataset, cfg.eval.split)
+    ctx = EvalContext(
+        model=model,
+        dataset=lambda split: data,
+        split=cfg.eval.split,
+        num_images=num_images,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        precision=cfg.train.precision,
+        progress=False,
+    )
+    devices = [device] if device.type == "cuda" else []
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=devices):
+        seed_everything(cfg.seed)
+        try:
+            records = task.evaluate(ctx).records
+        finally:
+            model.train()
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+    return {r.key: r.value for r in records}
 
 
 def evaluate_run(

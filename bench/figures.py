@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -80,3 +81,73 @@ def mask_figure(
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def _read_log(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break  # a line cut by a kill ends the log
+    return rows
+
+
+def training_figure(run_dir: Path) -> Path | None:
+    """figures/training.png: the loss terms and lr per step and, when the run measured
+    them (train.eval_every), the validation scores; None when nothing was logged."""
+    run_dir = Path(run_dir)
+    train_log = _read_log(run_dir / "train_log.jsonl")
+    if not train_log:
+        return None
+    eval_log = _read_log(run_dir / "eval_log.jsonl")
+    panels = 2 if eval_log else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(6 * panels + (1.5 if eval_log else 0), 3.6), squeeze=False
+    )
+    ax = axes[0, 0]
+    steps = [r["step"] for r in train_log]
+    terms = [k for k in train_log[-1] if k not in ("step", "lr")]
+    if len(terms) == 2:  # the total is the one objective's term: draw it once
+        terms = ["loss"]
+    for key in terms:
+        values = [r.get(key, np.nan) for r in train_log]
+        ax.plot(steps, values, label=key, linewidth=0.8 if key == "loss" else 0.6)
+    if all(r.get("loss", 0) > 0 for r in train_log):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7, loc="upper right")
+    if "lr" in train_log[-1]:
+        lr_ax = ax.twinx()
+        lr_ax.plot(steps, [r.get("lr", np.nan) for r in train_log], color="grey", linewidth=0.6)
+        lr_ax.set_ylabel("lr", color="grey")
+    if eval_log:
+        # colour: the metric; line style: the masks scored (decoder solid, attention dashed)
+        ax = axes[0, 1]
+        eval_steps = [r["step"] for r in eval_log]
+        keys = [k for k in eval_log[-1] if k != "step"]
+        metrics = list(dict.fromkeys(k.rsplit(".", 1)[-1] for k in keys))
+        colours = plt.get_cmap("tab10")
+        for key in keys:
+            metric = key.rsplit(".", 1)[-1]
+            ax.plot(
+                eval_steps,
+                [r.get(key, np.nan) for r in eval_log],
+                marker=".",
+                color=colours(metrics.index(metric) % 10),
+                linestyle="--" if ".attn." in key else "-",
+                label=key.removeprefix("object_discovery."),
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation score")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    out = run_dir / "figures" / "training.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name("training.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -19,6 +19,8 @@ from bench.compose import build_model, build_objectives
 from bench.config import RunConfig, read_toml
 from bench.data import StepBatchSampler, make_dataset
 from bench.errors import ConfigError, TrainingDiverged
+from bench.evaluate import measure
+from bench.figures import training_figure
 from bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that may change between a run and its resumption without changing its result.
@@ -28,6 +30,8 @@ RESUMABLE_CHANGES = {
     ("train", "num_workers"),
     ("train", "threads"),
     ("train", "device"),
+    ("train", "eval_every"),
+    ("train", "eval_images"),
 }
 
 
@@ -143,8 +147,10 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     log_path = run_dir / "train_log.jsonl"
+    eval_log_path = run_dir / "eval_log.jsonl"
     if world.main:
         _truncate_log(log_path, start)
+        _truncate_log(eval_log_path, start)
 
     sampler = StepBatchSampler(
         len(dataset), t.batch_size, cfg.seed, start, t.steps, world.rank, world.size
@@ -215,12 +221,22 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, **losses}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             bar.update(1)
+            if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and world.main:
+                # rank 0 only, on the unwrapped model: no collective runs inside
+                scores = measure(cfg, model, device, t.eval_images)
+                with open(eval_log_path, "a") as eval_log:
+                    eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
+                shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if "fg_ari" in k)
+                if progress:
+                    bar.write(f"step {step + 1}: {shown}")
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 log.flush()
                 save(step + 1)
     bar.close()
     if found is None and start == t.steps == 0:
         save(0)
+    if world.main and start < t.steps:
+        training_figure(run_dir)
     distributed.barrier()
     return TrainResult(t.steps, start, time.perf_counter() - began, losses)
 

@@ -85,6 +85,38 @@ def test_training_logs_the_cosine_lr_of_every_step(tmp_path: Path) -> None:
     assert lrs[0] == 0.0 and lrs[-1] < cfg.train.lr / 2
 
 
+def test_measuring_while_training_changes_nothing_and_is_logged_and_plotted(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    over = [*TINY, "train.steps=4", "train.checkpoint_every=2"]
+    train(load_config(None, over), tmp_path / "plain", progress=False)
+    measured = [*over, "train.eval_every=2", "train.eval_images=8"]
+    train(load_config(None, measured), tmp_path / "m", progress=False)
+    # the measurements run under a forked RNG: the weights are bitwise those of the plain run
+    assert_same_weights(weights(tmp_path / "plain"), weights(tmp_path / "m"))
+    rows = [json.loads(x) for x in (tmp_path / "m" / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert 0 <= r["object_discovery.decoder.fg_ari"] <= 1
+        assert 0 <= r["object_discovery.attn.mbo_i"] <= 1
+    assert not (tmp_path / "plain" / "eval_log.jsonl").exists()
+    # the curves: one panel for the plain run, a second for the measured one
+    with Image.open(tmp_path / "plain" / "figures" / "training.png") as one:
+        single = one.size
+    with Image.open(tmp_path / "m" / "figures" / "training.png") as two:
+        two.load()
+        assert two.size[0] > 1.8 * single[0] and two.size[1] == single[1]
+    # a longer rerun resumes at step 4 and measures 6 once; lines past the resume point go
+    with open(tmp_path / "m" / "eval_log.jsonl", "a") as log:
+        log.write(json.dumps({"step": 9, "object_discovery.decoder.fg_ari": 0.5}) + "\n")
+    train(load_config(None, [*measured, "train.steps=6"]), tmp_path / "m", progress=False)
+    log_lines = (tmp_path / "m" / "eval_log.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in log_lines]
+    assert steps == [2, 4, 6]
+
+
 def test_same_config_twice_gives_bitwise_identical_weights(tmp_path: Path) -> None:
     cfg = load_config(None, [*TINY, "train.steps=5"])
     train(cfg, tmp_path / "a", progress=False)
