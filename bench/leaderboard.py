@@ -251,7 +251,7 @@ def _latest_figure(cell: Any) -> list[str]:
     """The newest evaluation figure of a stored cell's run directory (none if absent)."""
     if not cell.run_dir:
         return []
-    return sorted(str(p) for p in Path(cell.run_dir).glob("figures/*.png"))[-1:]
+    return sorted(str(p) for p in Path(cell.run_dir).glob("figures/step*.png"))[-1:]
 
 
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:

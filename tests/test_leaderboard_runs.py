@@ -72,6 +72,9 @@ def test_spot_row_trains_its_teacher_first_and_fills_the_table(tmp_path) -> None
     assert row.measured["mbo_i"] == pytest.approx(
         100 * s_cell.value("object_discovery", "mbo_i", "decoder")
     )
+    # the row's figure is the newest mask figure (not the training curves beside it)
+    assert [Path(f).name for f in row.figures] == ["step0000003_decoder.png"]
+    assert (Path(s_cell.run_dir) / "figures" / "training.png").is_file()
     text = render(board, "md")
     assert "Measured with: dataset.name=shapes" in text
     # without the overrides the same rows are other configs: nothing measured
