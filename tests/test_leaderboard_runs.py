@@ -13,33 +13,13 @@ from bench.errors import ConfigError
 from bench.grid import load_grid, run_grid
 from bench.leaderboard import load_leaderboard, render
 from bench.store import ResultStore
+from tests.test_presets import SMOKE
 
-# Every row's preset shrunk to seconds: shapes instead of COCO/VOC, a 2-block random ViT
-# at patch 16 on 64px images, a 1-block decoder, 3 steps.
-TINY_VIT = [
-    "dataset.name=shapes",
-    "dataset.image_size=64",
-    "dataset.train_size=16",
-    "dataset.val_size=8",
-    "encoder.random_init=true",
-    "encoder.embed_dim=32",
-    "encoder.depth=2",
-    "encoder.num_heads=2",
-    "encoder.image_size=64",
-    "grouping.slot_dim=16",
-    "grouping.mlp_hidden=32",
-    "train.steps=3",
-    "train.batch_size=2",
-    "train.warmup_steps=1",
-    "train.checkpoint_every=3",
-    "train.device=cpu",
-    "train.threads=1",
-    "eval.num_images=4",
-    "eval.batch_size=4",
-    "eval.figure_images=1",
-]
-SPOT = [*TINY_VIT, "encoder.finetune_from=1", "decoder.num_layers=1", "decoder.num_heads=2"]
-DINOSAUR = [*TINY_VIT, "decoder.hidden=32", "decoder.num_layers=1", "decoder.num_heads=2"]
+# Every row's preset shrunk to seconds (the presets' smoke settings: shapes instead of
+# COCO/VOC, a 2-block random ViT at patch 16 on 64px images, a 1-block decoder, 2 steps).
+TINY_VIT = [*SMOKE, "eval.num_images=4", "eval.batch_size=4", "eval.figure_images=1"]
+SPOT = [*TINY_VIT, "encoder.finetune_from=1"]
+DINOSAUR = [*TINY_VIT, "decoder.hidden=32"]
 
 
 def test_spot_row_trains_its_teacher_first_and_fills_the_table(tmp_path) -> None:
@@ -50,7 +30,7 @@ def test_spot_row_trains_its_teacher_first_and_fills_the_table(tmp_path) -> None
     assert student.needs == {"objectives.spot_self_training.teacher": teacher}
     assert teacher.config.grouping.params.init == "shared_gaussian"  # the stage-1 preset
     assert student.config.grouping.params.init == "learned_queries"  # the stage-2 preset
-    assert student.config.encoder.params.finetune_from == 1 and teacher.config.train.steps == 3
+    assert student.config.encoder.params.finetune_from == 1 and teacher.config.train.steps == 2
     db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
     statuses = run_grid(grid, db, runs, progress=False)
     assert set(statuses.values()) == {"complete"}
@@ -73,7 +53,7 @@ def test_spot_row_trains_its_teacher_first_and_fills_the_table(tmp_path) -> None
         100 * s_cell.value("object_discovery", "mbo_i", "decoder")
     )
     # the row's figure is the newest mask figure (not the training curves beside it)
-    assert [Path(f).name for f in row.figures] == ["step0000003_decoder.png"]
+    assert [Path(f).name for f in row.figures] == ["step0000002_decoder.png"]
     assert (Path(s_cell.run_dir) / "figures" / "training.png").is_file()
     text = render(board, "md")
     assert "Measured with: dataset.name=shapes" in text
