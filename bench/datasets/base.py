@@ -14,6 +14,20 @@ from bench.contracts import Batch
 from bench.datasets import collate as collate_samples
 from bench.plugin import Plugin
 
+# What every segmentation dataset yields (coco and voc exactly; shapes adds its properties
+# and captions).
+SEGMENTATION_PROVIDES = frozenset(
+    {
+        "batch.images",
+        "batch.instance_masks",
+        "batch.class_masks",
+        "batch.ignore_mask",
+        "batch.boxes",
+        "batch.labels",
+        "batch.index",
+    }
+)
+
 
 class DatasetPlugin(Plugin):
     """Base of the dataset plugins: length, image size, collate and property specs."""

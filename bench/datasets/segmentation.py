@@ -38,20 +38,6 @@ CROWD_MODES = ("keep", "drop", "ignore", "drop_image")
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-# What the COCO and VOC plugins yield (segmentation datasets without object properties).
-SEGMENTATION_PROVIDES = frozenset(
-    {
-        "batch.images",
-        "batch.instance_masks",
-        "batch.class_masks",
-        "batch.ignore_mask",
-        "batch.boxes",
-        "batch.labels",
-        "batch.index",
-    }
-)
-
-
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
     """(height, width) after torchvision's `Resize(size)`: short side `size`, long side cut."""
     if height <= width:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets.base import DatasetPlugin
+from bench.datasets.base import SEGMENTATION_PROVIDES, DatasetPlugin
 from bench.hookspecs import hookimpl
 from bench.params import param
 
@@ -124,19 +124,7 @@ class ShapesDataset(DatasetPlugin):
 
     kind = "dataset"
     name = "shapes"
-    provides = frozenset(
-        {
-            "batch.images",
-            "batch.instance_masks",
-            "batch.class_masks",
-            "batch.ignore_mask",
-            "batch.boxes",
-            "batch.labels",
-            "batch.properties",
-            "batch.captions",
-            "batch.index",
-        }
-    )
+    provides = SEGMENTATION_PROVIDES | {"batch.properties", "batch.captions"}
 
     @dataclass(frozen=True)
     class Params:

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from bench.datasets import DatasetParamError, check_index, check_split
+from bench.datasets.base import SEGMENTATION_PROVIDES
 from bench.datasets.segmentation import (
-    SEGMENTATION_PROVIDES,
     Crop,
     GeometryParams,
     SegmentationDataset,
