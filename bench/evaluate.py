@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,15 @@ def evaluate(
     return metrics
 
 
-def measure(
+def validation_probe(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device, num_images: int
-) -> dict[str, float]:
-    """Object discovery on the first `num_images` images of the eval split, mid-training.
+) -> Callable[[], dict[str, float]]:
+    """A function that scores object discovery on the first `num_images` images of the
+    eval split, for measuring while training. The dataset is opened once, here.
 
-    Runs under a forked RNG and gives the model back in training mode, so a run measured
-    this way trains exactly as one that is not. Uses the config's object_discovery task
-    (its default params when the config has none)."""
+    Each call runs under a forked RNG and gives the model back in training mode, so a run
+    measured this way trains exactly as one that is not. Uses the config's
+    object_discovery task (its default params when the config has none)."""
     from tasks.object_discovery import ObjectDiscovery
 
     choice = next((c for c in cfg.tasks if c.name == ObjectDiscovery.name), None)
@@ -126,16 +128,20 @@ def measure(
         progress=False,
     )
     devices = [device] if device.type == "cuda" else []
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        seed_everything(cfg.seed)
-        try:
-            records = task.evaluate(ctx).records
-        finally:
-            model.train()
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-    return {r.key: r.value for r in records}
+
+    def probe() -> dict[str, float]:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=devices):
+            seed_everything(cfg.seed)
+            try:
+                records = task.evaluate(ctx).records
+            finally:
+                model.train()
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+        return {r.key: r.value for r in records}
+
+    return probe
 
 
 def evaluate_run(

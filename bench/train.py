@@ -19,7 +19,7 @@ from bench.compose import build_model, build_objectives
 from bench.config import RunConfig, read_toml
 from bench.data import StepBatchSampler, make_dataset
 from bench.errors import ConfigError, TrainingDiverged
-from bench.evaluate import measure
+from bench.evaluate import validation_probe
 from bench.figures import training_figure
 from bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 
@@ -148,6 +148,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         )
     log_path = run_dir / "train_log.jsonl"
     eval_log_path = run_dir / "eval_log.jsonl"
+    measuring = t.eval_every > 0 and world.main
+    probe = validation_probe(cfg, model, device, t.eval_images) if measuring else None
     if world.main:
         _truncate_log(log_path, start)
         _truncate_log(eval_log_path, start)
@@ -221,9 +223,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, **losses}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             bar.update(1)
-            if t.eval_every > 0 and (step + 1) % t.eval_every == 0 and world.main:
+            if probe is not None and (step + 1) % t.eval_every == 0:
                 # rank 0 only, on the unwrapped model: no collective runs inside
-                scores = measure(cfg, model, device, t.eval_images)
+                scores = probe()
                 with open(eval_log_path, "a") as eval_log:
                     eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if "fg_ari" in k)
