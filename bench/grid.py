@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
-from bench.errors import ConfigError, DataError, UserError
+from bench.errors import ConfigError, DataError, UnknownPluginError, UserError
 from bench.store import Cell, ResultStore
 
 GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
@@ -108,13 +108,12 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
 
 def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
     """A published leaderboard's buildable rows, one cell per row and column dataset."""
-    from bench.errors import UnknownPluginError
-    from bench.leaderboard import _read_rows, column_datasets, row_raw
+    from bench.leaderboard import column_datasets, read_rows, row_raw
 
     base = dict(spec.get("base", {}))
     cells: list[GridCell] = []
     skipped = []
-    for row in _read_rows(spec):
+    for row in read_rows(spec):
         if not row.buildable:
             continue
         not_applied: list[str] = []

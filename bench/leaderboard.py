@@ -134,7 +134,8 @@ def _row_config(
     return resolve(row_raw(row, base, dataset, overrides))
 
 
-def _read_rows(spec: dict[str, Any]) -> list[Row]:
+def read_rows(spec: dict[str, Any]) -> list[Row]:
+    """The rows of a parsed published leaderboard (nothing measured yet)."""
     return [
         Row(
             r["label"],
@@ -195,7 +196,7 @@ def load_leaderboard(
     ]
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
-    rows = _read_rows(spec)
+    rows = read_rows(spec)
     store = ResultStore(db) if db is not None and Path(db).exists() else None
     base = dict(spec.get("base", {}))
     for row in rows:
