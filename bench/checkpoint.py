@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.errors import DataError
+from ocl_bench.errors import DataError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"

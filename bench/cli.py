@@ -10,11 +10,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from bench.errors import UserError
+from ocl_bench.errors import UserError
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from bench.registry import registry
+    from ocl_bench.registry import registry
 
     reg = registry()
     if args.action == "show":
@@ -63,10 +63,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bench import distributed
-    from bench.config import load_config
-    from bench.evaluate import evaluate
-    from bench.train import train
+    from ocl_bench import distributed
+    from ocl_bench.config import load_config
+    from ocl_bench.evaluate import evaluate
+    from ocl_bench.train import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -75,7 +75,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         distributed.teardown()
     if args.no_eval or not distributed.current().main:
         return 0
-    from bench.evaluate import load_run
+    from ocl_bench.evaluate import load_run
 
     cfg, model, step = load_run(args.out)
     metrics = evaluate(cfg, model, Path(args.out), step, progress=not args.quiet)
@@ -84,7 +84,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from bench.config import preset_names, preset_summary
+    from ocl_bench.config import preset_names, preset_summary
 
     rows = [[name, preset_summary(name)] for name in preset_names()]
     print(tabulate(rows, headers=["preset", "summary"]))
@@ -92,7 +92,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from bench.evaluate import evaluate_run
+    from ocl_bench.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
     _print_metrics(metrics, f"evaluated step {metrics['step']}")
@@ -100,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from bench.spot_import import import_spot
+    from ocl_bench.spot_import import import_spot
 
     result = import_spot(
         args.path,
@@ -126,8 +126,8 @@ DEFAULT_DB = "runs/results.sqlite"
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from bench.grid import load_grid, run_grid
-    from bench.leaderboard import load_leaderboard, render
+    from ocl_bench.grid import load_grid, run_grid
+    from ocl_bench.leaderboard import load_leaderboard, render
 
     grid = load_grid(args.grid, args.overrides)
     db, runs = Path(args.db), Path(args.runs)
@@ -139,7 +139,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     for label, status in statuses.items():
         print(f"  {status:18s} {label}", file=sys.stderr)
     if args.grid is None or args.leaderboard:
-        from bench.grid import demo_grid_path
+        from ocl_bench.grid import demo_grid_path
 
         board = load_leaderboard(args.grid or demo_grid_path(), db, overrides=args.overrides)
         print(render(board, "md"))
@@ -147,7 +147,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from bench.store import ResultStore
+    from ocl_bench.store import ResultStore
 
     if not Path(args.db).exists():
         raise UserError(f"results database not found: {args.db}")
@@ -178,7 +178,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.leaderboard import list_leaderboards, load_leaderboard, render
+    from ocl_bench.leaderboard import list_leaderboards, load_leaderboard, render
 
     db = Path(args.db)
     if args.list or not args.name:

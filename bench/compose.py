@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from bench.config import RunConfig
-from bench.contracts import Batch, Dims, ModelOutput
-from bench.errors import ConfigError, IncompatiblePluginsError
+from ocl_bench.config import RunConfig
+from ocl_bench.contracts import Batch, Dims, ModelOutput
+from ocl_bench.errors import ConfigError, IncompatiblePluginsError
 
 # Which stage is expected to supply a capability, by its prefix.
-SUPPLIER = {"batch": "dataset", "features": "encoder", "slots": "grouping", "decoding": "decoder"}
+SUPPLIER = {
+    "batch": "dataset",
+    "features": "encoder",
+    "slots": "grouping",
+    "decoding": "decoder",
+    "generation": "decoder",
+}
 ORDER = ("dataset", "encoder", "grouping", "decoder", "objective", "task")
 
 

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import tomli_w
 
-from bench.errors import ConfigError, DataError
-from bench.params import build_params, param, to_dict
-from bench.registry import Registry, registry
+from ocl_bench.errors import ConfigError, DataError
+from ocl_bench.params import build_params, param, to_dict
+from ocl_bench.registry import Registry, registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,11 +125,11 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_text() -> str:
-    return resources.files("bench").joinpath("configs/default.toml").read_text()
+    return resources.files("ocl_bench").joinpath("configs/default.toml").read_text()
 
 
 def _presets_dir() -> Any:
-    return resources.files("bench").joinpath("configs/presets")
+    return resources.files("ocl_bench").joinpath("configs/presets")
 
 
 def preset_names() -> list[str]:

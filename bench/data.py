@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from bench.config import PluginChoice
+from ocl_bench.config import PluginChoice
 
 
 def make_dataset(choice: PluginChoice, split: str) -> Any:

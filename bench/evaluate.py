@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import checkpoint
-from bench.compose import SlotModel, build_model
-from bench.config import RunConfig, load_config
-from bench.data import make_dataset
-from bench.errors import DataError
-from bench.figures import mask_figure
-from bench.runtime import resolve_device, seed_everything
-from bench.tasking import EvalContext, MetricRecord
+from ocl_bench import checkpoint
+from ocl_bench.compose import SlotModel, build_model
+from ocl_bench.config import RunConfig, load_config
+from ocl_bench.data import make_dataset
+from ocl_bench.errors import DataError
+from ocl_bench.figures import mask_figure
+from ocl_bench.runtime import resolve_device, seed_everything
+from ocl_bench.tasking import EvalContext, MetricRecord
 
 
 def load_run(
@@ -112,7 +112,7 @@ def validation_probe(
     Each call runs under a forked RNG and gives the model back in training mode, so a run
     measured this way trains exactly as one that is not. Uses the config's
     object_discovery task (its default params when the config has none)."""
-    from tasks.object_discovery import ObjectDiscovery
+    from ocl_bench.tasks.object_discovery import ObjectDiscovery
 
     choice = next((c for c in cfg.tasks if c.name == ObjectDiscovery.name), None)
     task = ObjectDiscovery(choice.params if choice else ObjectDiscovery.Params())

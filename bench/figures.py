@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.contracts import Batch, ModelOutput  # noqa: E402
-from tasks.object_discovery_metrics import masks_to_pred  # noqa: E402
+from ocl_bench.contracts import Batch, ModelOutput  # noqa: E402
+from ocl_bench.tasks.object_discovery_metrics import masks_to_pred  # noqa: E402
 
 
 def _palette(n: int) -> np.ndarray:

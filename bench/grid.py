@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
-from bench.errors import ConfigError, DataError, UnknownPluginError, UserError
-from bench.store import Cell, ResultStore
+from ocl_bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
+from ocl_bench.errors import ConfigError, DataError, UnknownPluginError, UserError
+from ocl_bench.store import Cell, ResultStore
 
 GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
 
@@ -55,21 +55,20 @@ def _format(value: Any) -> str:
 
 
 def demo_grid_path() -> Path:
-    """leaderboards/shapes-demo.toml of the checkout ocl-bench is installed from."""
-    checkout = Path(__file__).resolve().parent.parent / "leaderboards" / "shapes-demo.toml"
-    if not checkout.is_file():
-        raise DataError(
-            f"the demo grid {checkout} is not there: install ocl-bench from a checkout "
-            "(pip install -e .) or pass a grid file"
-        )
-    return checkout
+    """The packaged demo grid (leaderboards/shapes-demo.toml)."""
+    from ocl_bench.leaderboard import leaderboard_dir
+
+    path = leaderboard_dir() / "shapes-demo.toml"
+    if not path.is_file():
+        raise DataError(f"the demo grid {path} is missing from this installation; pass a grid file")
+    return path
 
 
 def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
     """Read a grid file and expand its cross product (minus `exclude` rules)."""
     path = Path(path) if path is not None else demo_grid_path()
     if not path.suffix and not path.exists():  # a leaderboard by name
-        from bench.leaderboard import board_path
+        from ocl_bench.leaderboard import board_path
 
         path = board_path(path)
     spec = read_toml(path)
@@ -83,7 +82,7 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
     if "base_config" in spec:
         start = read_toml(path.parent / spec["base_config"])
     else:
-        from bench.config import default_text
+        from ocl_bench.config import default_text
 
         start = tomllib.loads(default_text())
     base = _merge(start, spec.get("base", {}))
@@ -108,7 +107,7 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
 
 def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
     """A published leaderboard's buildable rows, one cell per row and column dataset."""
-    from bench.leaderboard import column_datasets, read_rows, row_raw
+    from ocl_bench.leaderboard import column_datasets, read_rows, row_raw
 
     base = dict(spec.get("base", {}))
     cells: list[GridCell] = []
@@ -221,7 +220,7 @@ def code_version() -> str | None:
 
 
 def plugin_versions(cfg: RunConfig) -> dict[str, str]:
-    from bench.registry import registry
+    from ocl_bench.registry import registry
 
     reg = registry()
     out = {}
@@ -234,8 +233,8 @@ def plugin_versions(cfg: RunConfig) -> dict[str, str]:
 
 def run_cell(cell: GridCell, grid_name: str, runs_dir: Path, db_path: Path, progress: bool) -> str:
     """Train and evaluate one cell into the store; returns its final status."""
-    from bench.evaluate import evaluate, load_run
-    from bench.train import train
+    from ocl_bench.evaluate import evaluate, load_run
+    from ocl_bench.train import train
 
     store = ResultStore(db_path)
     cfg = cell.config

@@ -13,7 +13,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from bench.config import (
+from ocl_bench.config import (
     STAGES,
     apply_overrides,
     default_text,
@@ -22,15 +22,18 @@ from bench.config import (
     resolve,
     tomllib,
 )
-from bench.errors import ConfigError, UnknownPluginError, UserError
-from bench.registry import registry
-from bench.store import ResultStore
+from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
+from ocl_bench.registry import registry
+from ocl_bench.store import ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
 
 
 def leaderboard_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "leaderboards"
+    """The packaged tables: leaderboards/ of a checkout, ocl_bench/leaderboards in a wheel."""
+    import ocl_bench.leaderboards
+
+    return Path(ocl_bench.leaderboards.__file__).resolve().parent
 
 
 def list_leaderboards(directory: Path | None = None) -> list[Path]:
@@ -256,7 +259,7 @@ def _latest_figure(cell: Any) -> list[str]:
 
 
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
-    from bench.grid import load_grid
+    from ocl_bench.grid import load_grid
 
     spec = read_toml(path)
     grid = load_grid(path, overrides)
@@ -356,6 +359,6 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
             },
             indent=2,
         )
-    from bench.report_html import leaderboard_html
+    from ocl_bench.report_html import leaderboard_html
 
     return leaderboard_html(board, headers, body)

@@ -7,7 +7,7 @@ import types
 import typing
 from typing import Any, get_args, get_origin
 
-from bench.errors import ConfigError
+from ocl_bench.errors import ConfigError
 
 
 def param(default: Any, doc: str) -> Any:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pluggy
 
-from bench import hookspecs
-from bench.errors import UnknownPluginError
-from bench.params import describe
-from bench.plugin import KINDS
+from ocl_bench import hookspecs
+from ocl_bench.errors import UnknownPluginError
+from ocl_bench.params import describe
+from ocl_bench.plugin import KINDS
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.leaderboard import Leaderboard
+    from ocl_bench.leaderboard import Leaderboard
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; }

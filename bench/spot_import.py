@@ -49,12 +49,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench import checkpoint
-from bench import config as config_module
-from bench.compose import build_model
-from bench.config import RunConfig, apply_overrides, load_raw, resolve
-from bench.data import make_dataset
-from bench.errors import DataError
+from ocl_bench import checkpoint
+from ocl_bench import config as config_module
+from ocl_bench.compose import build_model
+from ocl_bench.config import RunConfig, apply_overrides, load_raw, resolve
+from ocl_bench.data import make_dataset
+from ocl_bench.errors import DataError
 
 # official key after "slot_attn." -> ours after "grouping."
 SLOT_ATTENTION_KEYS = {

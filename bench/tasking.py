@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from bench.contracts import Batch, ModelOutput
-from bench.data import ordered_loader
-from bench.runtime import autocast
+from ocl_bench.contracts import Batch, ModelOutput
+from ocl_bench.data import ordered_loader
+from ocl_bench.runtime import autocast
 
 
 @dataclass

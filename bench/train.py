@@ -14,14 +14,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from bench import checkpoint, distributed
-from bench.compose import build_model, build_objectives
-from bench.config import RunConfig, read_toml
-from bench.data import StepBatchSampler, make_dataset
-from bench.errors import ConfigError, TrainingDiverged
-from bench.evaluate import validation_probe
-from bench.figures import training_figure
-from bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from ocl_bench import checkpoint, distributed
+from ocl_bench.compose import build_model, build_objectives
+from ocl_bench.config import RunConfig, read_toml
+from ocl_bench.data import StepBatchSampler, make_dataset
+from ocl_bench.errors import ConfigError, TrainingDiverged
+from ocl_bench.evaluate import validation_probe
+from ocl_bench.figures import training_figure
+from ocl_bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
 
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {

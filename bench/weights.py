@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.errors import DataError
+from ocl_bench.errors import DataError
 
 # Containers that training scripts wrap a state dict in, most specific first. DINO's full
 # checkpoints hold {"student", "teacher", ...}; the teacher is the released backbone.

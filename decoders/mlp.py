@@ -8,11 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bench.contracts import Batch, Decoding, Dims, Features, Slots
-from bench.hookspecs import hookimpl
-from bench.layers import grid_coords, mlp, patchify, unpatchify
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.layers import grid_coords, mlp, patchify, unpatchify
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class MLPDecoder(nn.Module, Plugin):
         needs, gives = super().capabilities(params)
         if params.target == "features":
             needs.add("features.targets")
+        else:  # pixels on the token grid: an image from slots alone
+            gives.add("generation.images")
         if params.position == "relative" or params.attn_prior:
             needs.add("slots.attn")
         return needs, gives
@@ -97,14 +99,31 @@ class MLPDecoder(nn.Module, Plugin):
         spread = torch.einsum("bnk,bknc->bkc", weights, offset.pow(2)).sqrt()
         return self.coord_mlp(offset / (spread[:, :, None] + 0.05))
 
-    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
-        s = slots.slots
-        x = self.net(s.unsqueeze(2) + self.position_code(slots))  # [B,K,N,D+1]
+    def render(self, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reconstruction float[B,N,D], alpha float[B,K,N]) from the slots alone."""
+        x = self.net(slots.slots.unsqueeze(2) + self.position_code(slots))  # [B,K,N,D+1]
         values, alpha_logits = x[..., :-1], x[..., -1]
         if self.params.attn_prior:
             alpha_logits = alpha_logits + slots.attn.transpose(1, 2).clamp(min=1e-6).log()
         alpha = alpha_logits.softmax(dim=1)  # over slots
-        recon = torch.einsum("bkn,bknd->bnd", alpha, values)
+        return torch.einsum("bkn,bknd->bnd", alpha, values), alpha
+
+    def generate(
+        self,
+        slots: Slots,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Deterministic: the decoded patches are the sample (steps, guidance unused)."""
+        if self.params.target != "pixels":
+            raise ValueError("the mlp decoder generates images only with target='pixels'")
+        recon = self.render(slots)[0]
+        return unpatchify(recon, self.grid, self.channels).clamp(0, 1)
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> ReconstructionOutput:
+        recon, alpha = self.render(slots)
         if self.params.target == "pixels":
             target = patchify(batch.images, self.grid)
         else:
@@ -113,7 +132,7 @@ class MLPDecoder(nn.Module, Plugin):
         extras = {}
         if self.params.target == "pixels":
             extras["image"] = unpatchify(recon.detach(), self.grid, self.channels).clamp(0, 1)
-        return Decoding(
+        return ReconstructionOutput(
             reconstruction=recon, target=target, masks=alpha.transpose(1, 2), extras=extras
         )
 

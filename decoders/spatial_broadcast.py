@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from bench.contracts import Batch, Decoding, Dims, Features, Slots
-from bench.hookspecs import hookimpl
-from bench.layers import SoftPositionEmbed
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.layers import SoftPositionEmbed
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class SpatialBroadcastDecoder(nn.Module, Plugin):
     name = "spatial_broadcast"
     Params = SpatialBroadcastParams
     requires = frozenset({"slots.slots"})
-    provides = frozenset({"decoding.masks"})
+    provides = frozenset({"decoding.masks", "generation.images"})
 
     def __init__(self, params: SpatialBroadcastParams, dims: Dims):
         super().__init__()
@@ -59,15 +60,30 @@ class SpatialBroadcastDecoder(nn.Module, Plugin):
     def output_dims(self, dims: Dims) -> Dims:
         return dims
 
-    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
+    def render(self, slots: Slots) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image float[B,3,H,W], alpha float[B,K,1,H,W]) decoded from the slots alone."""
         b, k, d = slots.slots.shape
         x = slots.slots.reshape(b * k, 1, d).expand(-1, self.size * self.size, -1)
         x = self.pos(x).transpose(1, 2).reshape(b * k, d, self.size, self.size)
         out = self.net(x).reshape(b, k, -1, *self.image_size)
         rgb, alpha = out[:, :, :-1], out[:, :, -1:].softmax(dim=1)
-        recon = (alpha * rgb).sum(dim=1)
+        return (alpha * rgb).sum(dim=1), alpha
+
+    def generate(
+        self,
+        slots: Slots,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Deterministic: the decoded image is the sample (steps, guidance unused)."""
+        return self.render(slots)[0].clamp(0, 1)
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> ReconstructionOutput:
+        recon, alpha = self.render(slots)
         masks = alpha.squeeze(2).flatten(2).transpose(1, 2)  # [B,H*W,K]
-        return Decoding(
+        return ReconstructionOutput(
             reconstruction=recon,
             target=batch.images,
             masks=masks,

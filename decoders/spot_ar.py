@@ -66,10 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.contracts import Batch, Decoding, Dims, Features, Slots
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 # The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
 ORDER_NAMES = (
@@ -443,14 +443,14 @@ class SpotARDecoder(nn.Module, Plugin):
             return recons[0], masks[0]
         return torch.stack(recons).mean(0), torch.stack(masks).mean(0)
 
-    def forward(self, slots: Slots, features: Features, batch: Batch) -> Decoding:
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> ReconstructionOutput:
         if features.targets is None:
             raise ValueError("the spot_ar decoder needs Features.targets")
         targets = features.targets.detach()  # SPOT's targets come from a frozen encoder
         mode = self.params.train_order if self.training else self.params.eval_order
         ids = self.order_ids(mode)
         recon, masks = self.decode(slots.slots, targets, ids, features.grid)
-        return Decoding(
+        return ReconstructionOutput(
             reconstruction=recon,
             target=targets,
             masks=masks,

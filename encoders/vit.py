@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.contracts import Batch, Dims, Features
-from bench.errors import DataError
-from bench.feature_cache import FeatureCache, sample_ids
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
-from bench.weights import (
+from ocl_bench.contracts import Batch, Dims, Features
+from ocl_bench.errors import DataError
+from ocl_bench.feature_cache import FeatureCache, sample_ids
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.weights import (
     cached_hf_file,
     hf_hub_cache_dir,
     read_state_dict,

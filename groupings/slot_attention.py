@@ -24,11 +24,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bench.contracts import Dims, Features, Slots
-from bench.hookspecs import hookimpl
-from bench.layers import mlp
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.layers import mlp
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)

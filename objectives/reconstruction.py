@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bench.contracts import Batch, ModelOutput
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, ModelOutput, ReconstructionOutput
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class Reconstruction(nn.Module, Plugin):
     kind = "objective"
     name = "reconstruction"
     Params = ReconstructionParams
+    requires = frozenset({"decoding.reconstruction", "decoding.target"})
 
     def __init__(self, params: ReconstructionParams):
         super().__init__()
@@ -30,6 +31,7 @@ class Reconstruction(nn.Module, Plugin):
 
     def forward(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
         d = out.decoding
+        assert isinstance(d, ReconstructionOutput)
         mse = (d.reconstruction.float() - d.target.float().detach()).pow(2).mean()
         return {"reconstruction": self.params.weight * mse}
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from bench.contracts import Batch, ModelOutput
-from bench.errors import ConfigError
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, ModelOutput
+from ocl_bench.errors import ConfigError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class SpotSelfTraining(nn.Module, Plugin):
                     f" of preset '{params.teacher[1:]}', which only `ocl-bench grid` trains"
                     " first; run this config through a grid or give a run directory"
                 )
-            from bench.evaluate import load_run
+            from ocl_bench.evaluate import load_run
 
             _, teacher, _ = load_run(params.teacher)
         for p in teacher.parameters():

@@ -12,12 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.errors import ConfigError
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
-from bench.tasking import EvalContext, MetricRecord, TaskResult
-from tasks.object_discovery_metrics import (
+from ocl_bench.errors import ConfigError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,
     detection_rate,

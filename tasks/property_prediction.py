@@ -16,12 +16,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from bench.errors import ConfigError
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
-from bench.tasking import EvalContext, MetricRecord, TaskResult
-from tasks.object_discovery_metrics import masks_to_pred
+from ocl_bench.errors import ConfigError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.tasks.object_discovery_metrics import masks_to_pred
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ TINY_RUN = [
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args],
+        [sys.executable, "-m", "ocl_bench.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -203,8 +203,8 @@ def test_resume_with_a_different_config_names_the_key(tmp_path: Path, trained_ru
 
 def _image_folder_config(tmp_path: Path, folder: Path) -> Path:
     """A run config on the image_folder dataset (unlabelled, so no tasks) pointing at `folder`."""
-    from bench.params import describe
-    from bench.registry import discover
+    from ocl_bench.params import describe
+    from ocl_bench.registry import discover
 
     params = describe(discover().get("dataset", "image_folder").Params)
     roots = [n for n in ("root", "path", "folder", "directory", "dir") if n in params]

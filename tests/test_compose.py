@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from bench.compose import build_model, build_objectives, check_compatible
-from bench.config import RunConfig, load_raw, resolve
-from bench.contracts import Batch, ModelOutput
-from bench.errors import IncompatiblePluginsError
-from bench.params import param
-from bench.plugin import Plugin
-from bench.registry import PluginInfo, Registry, registry
+from ocl_bench.compose import build_model, build_objectives, check_compatible
+from ocl_bench.config import RunConfig, load_raw, resolve
+from ocl_bench.contracts import Batch, ModelOutput
+from ocl_bench.errors import IncompatiblePluginsError
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.registry import PluginInfo, Registry, registry
 
 TINY_MODEL = [
     "dataset.image_size=32",

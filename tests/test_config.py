@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import (
+from ocl_bench.config import (
     RunConfig,
     apply_overrides,
     default_text,
@@ -16,7 +16,7 @@ from bench.config import (
     resolve,
     tomllib,
 )
-from bench.errors import ConfigError, DataError, UnknownPluginError
+from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 
 # The embedded default config's slot count, read from the file itself.
 DEFAULT_SLOTS = tomllib.loads(default_text())["grouping"]["num_slots"]

@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from bench.config import load_config
-from bench.contracts import Batch, Dims, Features, Slots
-from decoders.spot_ar import DinosaurTransformerDecoder, DinosaurTransformerParams, SpotARParams
-from groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.config import load_config
+from ocl_bench.contracts import Batch, Dims, Features, Slots
+from ocl_bench.decoders.spot_ar import (
+    DinosaurTransformerDecoder,
+    DinosaurTransformerParams,
+    SpotARParams,
+)
+from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from tests.test_presets import SMOKE
 
 D, DS, K, HEADS, LAYERS, G = 32, 16, 4, 4, 3, 4
@@ -248,7 +252,7 @@ def test_zero_mlp_bias() -> None:
 
 
 def test_mlp_decoder_zero_bias() -> None:
-    from decoders.mlp import MLPDecoder, MLPDecoderParams
+    from ocl_bench.decoders.mlp import MLPDecoder, MLPDecoderParams
 
     dims = Dims(image_size=(32, 32), channels=3, grid=(4, 4), slot_dim=16, target_dim=24)
     biases = {}
@@ -278,7 +282,7 @@ def test_dinosaur_presets_use_the_oclf_values() -> None:
 
 
 def test_dinosaur_transformer_shrunk_trains_one_step(tmp_path) -> None:
-    from bench.train import train
+    from ocl_bench.train import train
 
     # the preset's pre_mlp_out = slot_dim, shrunk with it
     cfg = load_config("dinosaur-transformer-coco", [*SMOKE, "grouping.pre_mlp_out=16"])
@@ -293,7 +297,7 @@ def test_dinosaur_transformer_shrunk_trains_one_step(tmp_path) -> None:
 
 
 def test_dinosaur_mlp_shrunk_trains_one_step(tmp_path) -> None:
-    from bench.train import train
+    from ocl_bench.train import train
 
     over = [o for o in SMOKE if not o.startswith("decoder.")]
     cfg = load_config("dinosaur-mlp-coco", [*over, "grouping.pre_mlp_out=16", "decoder.hidden=32"])

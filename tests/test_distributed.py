@@ -32,7 +32,7 @@ def test_two_gloo_processes_match_single_process(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "ocl_bench.cli",
             "train",
             "--out",
             str(single),
@@ -51,7 +51,7 @@ def test_two_gloo_processes_match_single_process(tmp_path: Path) -> None:
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "bench.cli",
+            "ocl_bench.cli",
             "train",
             "--out",
             str(multi),

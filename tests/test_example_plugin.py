@@ -15,7 +15,7 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "plugins" / "ocl-bench-exampl
 
 def _plugins() -> dict[str, dict]:
     out = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "plugins", "--json"],
+        [sys.executable, "-m", "ocl_bench.cli", "plugins", "--json"],
         check=True,
         capture_output=True,
         text=True,
@@ -44,7 +44,7 @@ def test_install_use_and_uninstall_example_plugin(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "bench.cli",
+                "ocl_bench.cli",
                 "train",
                 "--out",
                 str(run),

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import ConfigError
-from bench.grid import load_grid, run_grid
-from bench.leaderboard import load_leaderboard, render
-from bench.store import Cell, ResultStore
+from ocl_bench.errors import ConfigError
+from ocl_bench.grid import load_grid, run_grid
+from ocl_bench.leaderboard import load_leaderboard, render
+from ocl_bench.store import Cell, ResultStore
 from tests.conftest import TINY as ALL_TINY
 
 # The grids below choose their own tasks.
@@ -134,7 +134,7 @@ def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Pat
     cmd = [
         sys.executable,
         "-m",
-        "bench.cli",
+        "ocl_bench.cli",
         "grid",
         str(path),
         *TINY,

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from bench.grid import load_grid, run_grid
-from bench.leaderboard import Leaderboard, load_leaderboard, render, table
+from ocl_bench.grid import load_grid, run_grid
+from ocl_bench.leaderboard import Leaderboard, load_leaderboard, render, table
 from tests.conftest import TINY as ALL_TINY
 
 CHROMIUM = Path("/usr/bin/chromium")

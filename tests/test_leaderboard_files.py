@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from bench.config import STAGES, TOP_LEVEL, preset_names
+from ocl_bench.config import STAGES, TOP_LEVEL, preset_names
 
 if sys.version_info >= (3, 11):
     import tomllib

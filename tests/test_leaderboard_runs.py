@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.config import load_config, read_toml
-from bench.errors import ConfigError
-from bench.grid import load_grid, run_grid
-from bench.leaderboard import load_leaderboard, render
-from bench.store import ResultStore
+from ocl_bench.cli import main
+from ocl_bench.config import load_config, read_toml
+from ocl_bench.errors import ConfigError
+from ocl_bench.grid import load_grid, run_grid
+from ocl_bench.leaderboard import load_leaderboard, render
+from ocl_bench.store import ResultStore
 from tests.test_presets import SMOKE
 
 # Every row's preset shrunk to seconds (the presets' smoke settings: shapes instead of
@@ -126,7 +126,7 @@ def test_a_failed_teacher_fails_its_student_with_the_reason(tmp_path) -> None:
 
 
 def test_an_unresolved_reference_outside_a_grid_is_a_clear_error(tmp_path) -> None:
-    from bench.train import train
+    from ocl_bench.train import train
 
     over = [*SPOT, "objectives.spot_self_training.teacher=@spot-coco"]
     cfg = load_config("spot-coco-stage2", over)

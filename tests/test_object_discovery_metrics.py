@@ -18,8 +18,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 
-import tasks.object_discovery_metrics as odm
-from tasks.object_discovery_metrics import (
+import ocl_bench.tasks.object_discovery_metrics as odm
+from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,
     detection_rate,

@@ -23,10 +23,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.compose import build_objectives
-from bench.contracts import Batch
-from bench.evaluate import load_run
-from bench.spot_import import import_spot, inspect, map_state
+from ocl_bench.compose import build_objectives
+from ocl_bench.contracts import Batch
+from ocl_bench.evaluate import load_run
+from ocl_bench.spot_import import import_spot, inspect, map_state
 
 REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -177,7 +177,7 @@ def test_training_step_matches_the_official_spot(official, tmp_path) -> None:
 def test_self_training_matching_and_loss_match_the_official(official) -> None:
     import torch.nn.functional as F
 
-    from objectives.spot_self_training import match_slots
+    from ocl_bench.objectives.spot_self_training import match_slots
 
     _, utils_spot = official
     g = torch.Generator().manual_seed(0)
@@ -201,8 +201,8 @@ def test_self_training_matching_and_loss_match_the_official(official) -> None:
 
 
 def test_cosine_schedule_matches_the_official(official) -> None:
-    from bench.config import load_config
-    from bench.train import lr_factor
+    from ocl_bench.config import load_config
+    from ocl_bench.train import lr_factor
 
     _, utils_spot = official
     steps, epochs, warmup_epochs = 600, 12, 2  # 50 iterations an epoch

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import bench
-from bench.cli import main
-from bench.config import load_config, preset_names
-from bench.errors import DataError
+import ocl_bench
+from ocl_bench.cli import main
+from ocl_bench.config import load_config, preset_names
+from ocl_bench.errors import DataError
 
-PRESETS = Path(bench.__file__).parent / "configs" / "presets"
+PRESETS = Path(ocl_bench.__file__).parent / "configs" / "presets"
 EXPECTED = {
     "spot-coco",
     "spot-voc",
@@ -163,7 +163,7 @@ def test_the_presets_command_lists_names_and_summaries(capsys) -> None:
 
 
 def test_spot_coco_shrunk_trains_one_step(tmp_path) -> None:
-    from bench.train import train
+    from ocl_bench.train import train
 
     cfg = load_config("spot-coco", SMOKE)
     assert cfg.dataset.name == "shapes" and "root" not in cfg.raw["dataset"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.compose import build_model, build_objectives
-from bench.config import load_config
-from bench.data import StepBatchSampler, make_dataset
-from bench.errors import ConfigError
-from bench.runtime import autocast, resolve_device
+from ocl_bench.compose import build_model, build_objectives
+from ocl_bench.config import load_config
+from ocl_bench.data import StepBatchSampler, make_dataset
+from ocl_bench.errors import ConfigError
+from ocl_bench.runtime import autocast, resolve_device
 from tests.conftest import TINY
 
 

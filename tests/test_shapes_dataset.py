@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.contracts import Batch
-from bench.datasets import collate, collate_class_ids
-from bench.datasets.shapes import COLOUR_NAMES, SHAPE_NAMES, ShapesDataset
-from bench.errors import ConfigError
-from bench.params import build_params
+from ocl_bench.contracts import Batch
+from ocl_bench.datasets import collate, collate_class_ids
+from ocl_bench.datasets.shapes import COLOUR_NAMES, SHAPE_NAMES, ShapesDataset
+from ocl_bench.errors import ConfigError
+from ocl_bench.params import build_params
 
 ROOT = Path(__file__).resolve().parents[1]
 P = ShapesDataset.Params
@@ -54,7 +54,7 @@ def test_plugin_metadata():
 
 
 def test_hook_returns_class():
-    from bench.datasets import shapes
+    from ocl_bench.datasets import shapes
 
     assert shapes.ocl_bench_plugins() == [ShapesDataset]
 
@@ -112,7 +112,7 @@ def test_same_index_is_identical(ds: ShapesDataset):
 
 def test_identical_in_another_process(ds: ShapesDataset):
     code = (
-        "from bench.datasets.shapes import ShapesDataset as D\n"
+        "from ocl_bench.datasets.shapes import ShapesDataset as D\n"
         "from tests.test_shapes_dataset import digest\n"
         "ds = D(D.Params(), 'val')\n"
         "print(' '.join(digest(ds[i]) for i in (0, 5, 17)))\n"

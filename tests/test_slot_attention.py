@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-from bench.contracts import Dims, Features
-from groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.contracts import Dims, Features
+from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 
 
 def make(**kw) -> SlotAttention:

@@ -20,30 +20,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import bench.config
-from bench.cli import main
-from bench.compose import SlotModel
-from bench.contracts import Batch, Decoding, Dims, Features, ModelOutput, Slots
-from bench.errors import DataError
-from bench.evaluate import load_run
-from bench.params import param
-from bench.plugin import Plugin
-from bench.registry import PluginInfo, Registry, registry
-from bench.spot_import import import_spot
-from decoders.spot_ar import (
+import ocl_bench.config
+from ocl_bench.cli import main
+from ocl_bench.compose import SlotModel
+from ocl_bench.contracts import Batch, Dims, Features, ModelOutput, ReconstructionOutput, Slots
+from ocl_bench.decoders.spot_ar import (
     ORDER_NAMES,
     DinosaurTransformerDecoder,
     SpotARDecoder,
     SpotARParams,
     patch_orders,
 )
-from groupings.slot_attention import SlotAttention, SlotAttentionParams
-from objectives.spot_self_training import (
+from ocl_bench.errors import DataError
+from ocl_bench.evaluate import load_run
+from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.objectives.spot_self_training import (
     SpotSelfTraining,
     SpotSelfTrainingParams,
     cosine_weight,
     match_slots,
 )
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.registry import PluginInfo, Registry, registry
+from ocl_bench.spot_import import import_spot
 
 D, DS, K, HID, LAYERS, HEADS, G = 32, 16, 4, 32, 2, 2, 4
 N = G * G
@@ -375,7 +375,7 @@ class _FixedTeacher(nn.Module):
         self.a_dec = a_dec
         self.encoder = lambda batch: Features(tokens=batch.images, grid=(G, G))
         self.grouping = lambda f: Slots(slots=f.tokens, attn=f.tokens)
-        self.decoder = lambda s, f, b: Decoding(
+        self.decoder = lambda s, f, b: ReconstructionOutput(
             reconstruction=self.p, target=self.p, masks=self.a_dec
         )
 
@@ -438,7 +438,7 @@ def test_cosine_weight_schedule_and_step_counter() -> None:
 
 
 def test_objective_without_teacher_is_a_config_error() -> None:
-    from bench.errors import ConfigError
+    from ocl_bench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="teacher"):
         SpotSelfTraining(SpotSelfTrainingParams())
@@ -511,7 +511,7 @@ def with_tiny_dino(monkeypatch) -> Registry:
     base = registry()
     infos = [i for i in base.infos if i.name != "dino_vitb16"]  # as if encoders/vit.py were absent
     reg = Registry(infos + [PluginInfo("encoder", "tiny_dino", "tests", "0", TinyDino)])
-    monkeypatch.setattr(bench.config, "registry", lambda: reg)
+    monkeypatch.setattr(ocl_bench.config, "registry", lambda: reg)
     return reg
 
 

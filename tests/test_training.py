@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import checkpoint
-from bench.config import load_config
-from bench.errors import ConfigError, TrainingDiverged
-from bench.evaluate import evaluate_run, load_run
-from bench.train import lr_factor, train
+from ocl_bench import checkpoint
+from ocl_bench.config import load_config
+from ocl_bench.errors import ConfigError, TrainingDiverged
+from ocl_bench.evaluate import evaluate_run, load_run
+from ocl_bench.train import lr_factor, train
 from tests.conftest import TINY
 
 
@@ -144,7 +144,7 @@ def _cli(out: Path, steps: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "bench.cli",
+        "ocl_bench.cli",
         "train",
         "--out",
         str(out),
@@ -199,7 +199,7 @@ def test_kill_between_checkpoint_renames_is_recovered(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch) -> None:
-    from objectives import reconstruction
+    from ocl_bench.objectives import reconstruction
 
     original = reconstruction.Reconstruction.forward
     calls = {"n": 0}
@@ -269,7 +269,7 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
             return (os.system, ("echo pwned",))
 
     torch.save({"step": 1, "evil": Evil()}, state_path)
-    from bench.errors import DataError
+    from ocl_bench.errors import DataError
 
     with pytest.raises(DataError, match="state.pt"):
         checkpoint.load_state(state_path)

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bench.compose import check_compatible
-from bench.config import load_config
-from bench.contracts import Batch, Dims
-from bench.errors import DataError, IncompatiblePluginsError
-from bench.feature_cache import FeatureCache, sample_id
-from encoders.vit import ENCODERS, PRETRAINED, ViTParams
+from ocl_bench.compose import check_compatible
+from ocl_bench.config import load_config
+from ocl_bench.contracts import Batch, Dims
+from ocl_bench.encoders.vit import ENCODERS, PRETRAINED, ViTParams
+from ocl_bench.errors import DataError, IncompatiblePluginsError
+from ocl_bench.feature_cache import FeatureCache, sample_id
 
 ARCH = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 SIZE = 32
@@ -367,8 +367,8 @@ def test_composer_accepts_feature_targets_from_a_vit() -> None:
 
 
 def test_tiny_training_run_with_a_frozen_vit(tmp_path: Path) -> None:
-    from bench.compose import build_model
-    from bench.train import train
+    from ocl_bench.compose import build_model
+    from ocl_bench.train import train
 
     cfg = load_config(None, [*VIT_RUN, "train.threads=1", "train.warmup_steps=1"])
     torch.manual_seed(cfg.seed)
@@ -503,7 +503,7 @@ def counting_one(vit) -> list[int]:
 
 
 def test_training_with_the_cache_gives_the_same_weights(tmp_path: Path) -> None:
-    from bench.train import train
+    from ocl_bench.train import train
 
     base = [*VIT_RUN, "train.threads=1", "train.warmup_steps=1"]
     train(load_config(None, base), tmp_path / "plain", progress=False)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.contracts import Batch
-from bench.errors import ConfigError
+from ocl_bench.contracts import Batch
+from ocl_bench.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.contracts import Batch
-from bench.datasets import collate as collate_samples
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch
+from ocl_bench.datasets import collate as collate_samples
+from ocl_bench.plugin import Plugin
 
 # What every segmentation dataset yields (coco and voc exactly; shapes adds its properties
 # and captions).

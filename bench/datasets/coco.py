@@ -43,9 +43,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets.base import SEGMENTATION_PROVIDES
-from bench.datasets.segmentation import (
+from ocl_bench.datasets import DatasetParamError, check_index, check_split
+from ocl_bench.datasets.base import SEGMENTATION_PROVIDES
+from ocl_bench.datasets.segmentation import (
     Crop,
     GeometryParams,
     SegmentationDataset,
@@ -57,9 +57,9 @@ from bench.datasets.segmentation import (
     transform_maps,
     validate_params,
 )
-from bench.errors import DataError
-from bench.hookspecs import hookimpl
-from bench.params import param
+from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
 
 ENV_ROOT = "OCL_BENCH_COCO"
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}

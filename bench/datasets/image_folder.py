@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets.base import DatasetPlugin
-from bench.errors import DataError
-from bench.hookspecs import hookimpl
-from bench.params import param
+from ocl_bench.datasets import DatasetParamError, check_index, check_split
+from ocl_bench.datasets.base import DatasetPlugin
+from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
 
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from bench.datasets import DatasetParamError
-from bench.datasets.base import DatasetPlugin
-from bench.errors import DataError
-from bench.params import param
+from ocl_bench.datasets import DatasetParamError
+from ocl_bench.datasets.base import DatasetPlugin
+from ocl_bench.errors import DataError
+from ocl_bench.params import param
 
 Interpolation = Literal["bicubic", "bilinear"]
 Crop = Literal["center", "random"]

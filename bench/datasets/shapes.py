@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets.base import SEGMENTATION_PROVIDES, DatasetPlugin
-from bench.hookspecs import hookimpl
-from bench.params import param
+from ocl_bench.datasets import DatasetParamError, check_index, check_split
+from ocl_bench.datasets.base import SEGMENTATION_PROVIDES, DatasetPlugin
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
 
 # Saturated or bright colours; backgrounds are dull greys, so objects always stand out.
 # The first eight are the default palette and are pairwise well separated.

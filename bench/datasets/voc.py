@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.datasets import DatasetParamError, check_index, check_split
-from bench.datasets.base import SEGMENTATION_PROVIDES
-from bench.datasets.segmentation import (
+from ocl_bench.datasets import DatasetParamError, check_index, check_split
+from ocl_bench.datasets.base import SEGMENTATION_PROVIDES
+from ocl_bench.datasets.segmentation import (
     Crop,
     GeometryParams,
     SegmentationDataset,
@@ -52,9 +52,9 @@ from bench.datasets.segmentation import (
     transform_maps,
     validate_params,
 )
-from bench.errors import DataError
-from bench.hookspecs import hookimpl
-from bench.params import param
+from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
 
 ENV_ROOT = "OCL_BENCH_VOC"
 IGNORE = 255

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.contracts import Dims
-from bench.datasets.shapes import ShapesDataset
-from encoders.vit import ENCODERS, ViTParams
+from ocl_bench.contracts import Dims
+from ocl_bench.datasets.shapes import ShapesDataset
+from ocl_bench.encoders.vit import ENCODERS, ViTParams
 
 SIZES = {
     "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "image_size": 32},

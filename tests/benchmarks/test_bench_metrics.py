@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.object_discovery_metrics import METRIC_NAMES, all_metrics, ignore_overlaps, masks_to_pred
+from ocl_bench.tasks.object_discovery_metrics import (
+    METRIC_NAMES,
+    all_metrics,
+    ignore_overlaps,
+    masks_to_pred,
+)
 
 BATCH, SIZE, SLOTS, MAX_OBJECTS, PATCHES = 64, 320, 7, 10, 14
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.contracts import Dims, Features, Slots
-from decoders.spot_ar import SpotARDecoder, SpotARParams
+from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.decoders.spot_ar import SpotARDecoder, SpotARParams
 
 B, GRID, D, K, DS = 8, (14, 14), 768, 7, 256
 SHAPE = "B=8, N=196, D=768, K=7, Ds=256, 4 blocks x 6 heads (SPOT ViT-B/16 COCO)"

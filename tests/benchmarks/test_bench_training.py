@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from bench.compose import build_model, build_objectives
-from bench.config import load_config
-from bench.contracts import Dims, Features
-from bench.data import make_dataset
-from groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.compose import build_model, build_objectives
+from ocl_bench.config import load_config
+from ocl_bench.contracts import Dims, Features
+from ocl_bench.data import make_dataset
+from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 
 
 def test_default_training_step(benchmark) -> None:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.contracts import Batch, Dims, Features
-from bench.hookspecs import hookimpl
-from bench.layers import patchify
-from bench.params import param
-from bench.plugin import Plugin
+from ocl_bench.contracts import Batch, Dims, Features
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.layers import patchify
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.hookspecs import hookimpl
-from bench.params import param
-from bench.plugin import Plugin
-from bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Checkpoint importer plugins: one module per official checkpoint format."""

@@ -1,0 +1,1 @@
+"""One TOML per published table and the embedded demo grid (shipped inside the wheel)."""
