@@ -1,175 +1,23 @@
-"""Ablation grids: a base run config plus axes, expanded into cells, run, stored.
+"""Running grids: every cell not yet stored is trained, evaluated and stored once.
 
-A published leaderboard (leaderboards/*.toml with `rows`) is a grid too: each buildable
-row on each dataset of its columns is a cell.
-
-A config value "@PRESET" (e.g. `objectives.spot_self_training.teacher = "@spot-coco"`)
-names a run the cell needs: the grid adds a cell for that preset on the same dataset,
-with the same command-line overrides, runs it first, and hands its run directory to the
-cell. The stored config (and so its hash) keeps "@PRESET", which is what a leaderboard
-recomputes; the run directory's config.toml holds the resolved path.
+What a grid is (a base run config plus axes, or a published leaderboard's buildable rows)
+and how its cells are expanded lives in boards.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
-import sys
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ocl_bench.config import STAGES, RunConfig, apply_overrides, read_toml, resolve, tomllib
-from ocl_bench.errors import ConfigError, DataError, UnknownPluginError, UserError
+from ocl_bench.boards import Grid, GridCell, demo_grid_path, load_grid
+from ocl_bench.config import RunConfig, apply_overrides, resolve
+from ocl_bench.errors import ConfigError, UserError
 from ocl_bench.store import Cell, ResultStore
 
-GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
-
-
-@dataclass
-class GridCell:
-    """One combination: its overrides of the base, and the resolved config."""
-
-    label: str
-    overrides: list[str]
-    config: RunConfig
-    needs: dict[str, GridCell] = field(default_factory=dict)  # dotted key -> producing cell
-
-
-@dataclass
-class Grid:
-    name: str
-    cells: list[GridCell]
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    return repr(value)
-
-
-def demo_grid_path() -> Path:
-    """The packaged demo grid (leaderboards/shapes-demo.toml)."""
-    from ocl_bench.leaderboard import leaderboard_dir
-
-    path = leaderboard_dir() / "shapes-demo.toml"
-    if not path.is_file():
-        raise DataError(f"the demo grid {path} is missing from this installation; pass a grid file")
-    return path
-
-
-def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
-    """Read a grid file and expand its cross product (minus `exclude` rules)."""
-    path = Path(path) if path is not None else demo_grid_path()
-    if not path.suffix and not path.exists():  # a leaderboard by name
-        from ocl_bench.leaderboard import board_path
-
-        path = board_path(path)
-    spec = read_toml(path)
-    if "rows" in spec and "axes" not in spec:
-        return _board_grid(path, spec, list(overrides or []))
-    unknown = [k for k in spec if k not in GRID_KEYS]
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown grid key '{unknown[0]}'; allowed: {', '.join(GRID_KEYS)}"
-        )
-    if "base_config" in spec:
-        start = read_toml(path.parent / spec["base_config"])
-    else:
-        from ocl_bench.config import default_text
-
-        start = tomllib.loads(default_text())
-    base = _merge(start, spec.get("base", {}))
-    base = apply_overrides(base, list(overrides or []))
-    axes: dict[str, list[Any]] = spec.get("axes", {})
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
-    excludes = spec.get("exclude", [])
-    keys = list(axes)
-    cells = []
-    for combo in itertools.product(*(axes[k] for k in keys)):
-        chosen = dict(zip(keys, combo))
-        if any(all(chosen.get(k) == v for k, v in rule.items()) for rule in excludes):
-            continue
-        cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
-        label = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
-        raw = apply_overrides(base, cell_overrides)
-        cells.append(GridCell(label, cell_overrides, resolve(raw), _needs(raw, overrides)))
-    return Grid(spec.get("name", path.stem), _with_needs(cells))
-
-
-def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
-    """A published leaderboard's buildable rows, one cell per row and column dataset."""
-    from ocl_bench.leaderboard import column_datasets, read_rows, row_raw
-
-    base = dict(spec.get("base", {}))
-    cells: list[GridCell] = []
-    skipped = []
-    for row in read_rows(spec):
-        if not row.buildable:
-            continue
-        not_applied: list[str] = []
-        for ds in column_datasets(spec):
-            try:
-                raw = row_raw(row, base, ds or None, overrides, not_applied)
-                cfg = resolve(raw)
-            except UnknownPluginError as err:
-                skipped.append(f"{row.label}: {str(err).split(';')[0]}")
-                break
-            except ConfigError as err:
-                raise ConfigError(f"{path.stem} row '{row.label}' [{ds}]: {err}") from None
-            where = ds if cfg.dataset.name == ds else f"{ds} as {cfg.dataset.name}"
-            cells.append(GridCell(f"{row.label} [{where}]", [], cfg, _needs(raw, overrides)))
-        if not_applied:
-            unique = " ".join(dict.fromkeys(not_applied))
-            print(f"{row.label}: its plugins have no {unique}; not applied", file=sys.stderr)
-    for reason in skipped:
-        print(f"skipping {reason}", file=sys.stderr)
-    return Grid(spec.get("name", path.stem), _with_needs(cells))
-
-
-def _references(raw: Any, prefix: str = "") -> dict[str, str]:
-    """Dotted key -> preset name for every "@PRESET" string value in a raw config."""
-    found: dict[str, str] = {}
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            found.update(_references(v, f"{prefix}{k}."))
-    elif isinstance(raw, str) and raw.startswith("@") and len(raw) > 1:
-        found[prefix[:-1]] = raw[1:]
-    return found
-
-
-def _needs(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, GridCell]:
-    """The cells a config's "@PRESET" values name: each preset on the config's dataset."""
-    needs = {}
-    for key, preset in _references(raw).items():
-        dep = read_toml(preset)
-        dep["dataset"] = dict(raw["dataset"])
-        dep_raw = apply_overrides(dep, list(overrides or []))
-        label = f"@{preset} [{raw['dataset'].get('name', '')}]"
-        needs[key] = GridCell(label, [], resolve(dep_raw), _needs(dep_raw, overrides))
-    return needs
-
-
-def _with_needs(cells: list[GridCell]) -> list[GridCell]:
-    """Cells with the cells they need placed before them, each config once."""
-    ordered: dict[str, GridCell] = {}
-
-    def add(cell: GridCell) -> None:
-        for dep in cell.needs.values():
-            add(dep)
-        ordered.setdefault(cell.config.digest(), cell)
-
-    for cell in cells:
-        add(cell)
-    return list(ordered.values())
+__all__ = ["Grid", "GridCell", "demo_grid_path", "load_grid", "run_cell", "run_grid"]
 
 
 def _waves(cells: list[GridCell]) -> list[list[GridCell]]:
@@ -186,22 +34,6 @@ def _waves(cells: list[GridCell]) -> list[list[GridCell]]:
     for cell in cells:
         waves.setdefault(level(cell), []).append(cell)
     return [waves[k] for k in sorted(waves)]
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any], top: bool = True) -> dict[str, Any]:
-    """Deep-merge `b` over `a`."""
-    out = dict(a)
-    for k, v in b.items():
-        # A grid's objectives and tasks replace the base's; so does a stage table that
-        # names another plugin (the old plugin's params would not apply).
-        switched = isinstance(v, dict) and isinstance(out.get(k), dict) and "name" in v
-        switched = switched and k in STAGES and v["name"] != out[k].get("name")
-        replace = top and (k in ("objectives", "tasks") or switched)
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
-            out[k] = _merge(out[k], v, top=False)
-        else:
-            out[k] = v
-    return out
 
 
 def code_version() -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -13,60 +12,24 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ocl_bench.config import (
-    STAGES,
-    apply_overrides,
-    default_text,
-    parse_override,
-    read_toml,
-    resolve,
-    tomllib,
+from ocl_bench.boards import (
+    Column,
+    Row,
+    board_path,
+    grid_columns,
+    leaderboard_dir,
+    list_leaderboards,
+    load_grid,
+    read_columns,
+    read_rows,
+    row_config,
 )
+from ocl_bench.config import read_toml
 from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
-from ocl_bench.registry import registry
 from ocl_bench.store import ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
-
-
-def leaderboard_dir() -> Path:
-    """The packaged tables: leaderboards/ of a checkout, ocl_bench/leaderboards in a wheel."""
-    import ocl_bench.leaderboards
-
-    return Path(ocl_bench.leaderboards.__file__).resolve().parent
-
-
-def list_leaderboards(directory: Path | None = None) -> list[Path]:
-    return sorted((directory or leaderboard_dir()).glob("*.toml"))
-
-
-@dataclass
-class Column:
-    key: str
-    metric: str
-    task: str
-    dataset: str | None
-    label: str
-    masks: str | None = None
-    scale: float = 1.0
-
-
-@dataclass
-class Row:
-    label: str
-    overrides: dict[str, Any]
-    published: dict[str, float]
-    notes: str = ""
-    measured: dict[str, float | None] = field(default_factory=dict)
-    missing: str | None = None  # why the row cannot be built or measured
-    config_hashes: dict[str, str] = field(default_factory=dict)
-    figures: list[str] = field(default_factory=list)
-    preset: str | None = None  # the run config the overrides apply to (default: default.toml)
-    dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def buildable(self) -> bool:
-        return bool(self.preset or self.overrides)
+__all__ = ["Leaderboard", "leaderboard_dir", "list_leaderboards", "load_leaderboard", "render"]
 
 
 @dataclass
@@ -85,90 +48,6 @@ class Leaderboard:
         )
 
 
-def _param_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls.Params)}
-
-
-def applies(raw: dict[str, Any], text: str) -> bool:
-    """Whether a command-line override applies to a row: one that sets a stage param its
-    plugin lacks but another plugin of that kind has (`decoder.num_heads` on an `mlp`
-    row) does not; any other (including a typo) does, so that mistakes still fail."""
-    parts, _ = parse_override(text)
-    if len(parts) != 2 or parts[0] not in STAGES or parts[1] == "name":
-        return True
-    reg = registry()
-    try:
-        cls = reg.get(parts[0], raw.get(parts[0], {}).get("name", ""))
-    except UnknownPluginError:
-        return True
-    if parts[1] in _param_names(cls):
-        return True
-    others = (reg.get(parts[0], n) for n in reg.names(parts[0]))
-    return not any(parts[1] in _param_names(c) for c in others)
-
-
-def row_raw(
-    row: Row,
-    base: dict[str, Any],
-    dataset: str | None,
-    overrides: list[str] | None = None,
-    not_applied: list[str] | None = None,
-) -> dict[str, Any]:
-    """A row's run config before validation: its preset (or the embedded default), switched
-    to the column's dataset, then the board's `base`, the row's overrides, the row's
-    overrides for that dataset, and last the command-line `overrides` that apply to it."""
-    raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
-    if dataset and dataset != "mixed":
-        raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
-    extra = row.dataset_overrides.get(dataset or "", {})
-    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
-    raw = apply_overrides(raw, flat)
-    for text in overrides or []:
-        if applies(raw, text):
-            raw = apply_overrides(raw, [text])
-        elif not_applied is not None:
-            not_applied.append(text)
-    return raw
-
-
-def _row_config(
-    row: Row, base: dict[str, Any], dataset: str | None, overrides: list[str] | None = None
-) -> Any:
-    return resolve(row_raw(row, base, dataset, overrides))
-
-
-def read_rows(spec: dict[str, Any]) -> list[Row]:
-    """The rows of a parsed published leaderboard (nothing measured yet)."""
-    return [
-        Row(
-            r["label"],
-            dict(r.get("overrides", {})),
-            dict(r.get("published", {})),
-            r.get("notes", ""),
-            preset=r.get("preset"),
-            dataset_overrides=dict(r.get("dataset_overrides", {})),
-        )
-        for r in spec.get("rows", [])
-    ]
-
-
-def board_path(name_or_path: str | Path) -> Path:
-    """A leaderboard file from its name (leaderboards/NAME.toml) or its path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = leaderboard_dir() / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = ", ".join(p.stem for p in list_leaderboards())
-        raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
-    return path
-
-
-def column_datasets(spec: dict[str, Any]) -> list[str]:
-    """The datasets a published board's columns are measured on, in column order."""
-    found = [c.get("dataset", spec.get("dataset")) or "" for c in spec.get("columns", [])]
-    return list(dict.fromkeys(found))
-
-
 def load_leaderboard(
     name_or_path: str | Path,
     db: Path | None = None,
@@ -185,18 +64,7 @@ def load_leaderboard(
     spec = read_toml(path)
     if "axes" in spec:  # a grid file: its cells are the rows
         return _from_grid(path, db, overrides)
-    columns = [
-        Column(
-            key=c["key"],
-            metric=c.get("metric", c["key"]),
-            task=c["task"],
-            dataset=c.get("dataset", spec.get("dataset")),
-            label=c.get("label", c["key"]),
-            masks=c.get("masks"),
-            scale=float(c.get("scale", 1)),
-        )
-        for c in spec.get("columns", [])
-    ]
+    columns = read_columns(spec)
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
     rows = read_rows(spec)
@@ -227,7 +95,7 @@ def _measure(
     cells = {}
     for ds in sorted({c.dataset or "" for c in columns}):
         try:
-            cfg = _row_config(row, base, ds or None, overrides)
+            cfg = row_config(row, base, ds or None, overrides)
         except UnknownPluginError as err:
             row.missing = f"needs plugin: {str(err).split(';')[0].replace('unknown ', '')}"
             return
@@ -259,13 +127,9 @@ def _latest_figure(cell: Any) -> list[str]:
 
 
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
-    from ocl_bench.grid import load_grid
-
     spec = read_toml(path)
     grid = load_grid(path, overrides)
-    metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
-    masks = spec.get("masks", "decoder")
-    columns = [Column(m, m, "object_discovery", None, m, masks, 100.0) for m in metrics]
+    columns = grid_columns(spec)
     store = ResultStore(db) if db is not None and Path(db).exists() else None
     rows = []
     for cell in grid.cells:

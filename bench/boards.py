@@ -1,0 +1,339 @@
+"""Leaderboard and grid files: their types and how they are read.
+
+Both the grid runner (grid.py) and the renderer (leaderboard.py) use this module and
+neither imports the other: a grid file expands into cells here, a published board's rows
+become run configs here; running them and measuring them happen elsewhere.
+
+A config value "@PRESET" (e.g. `objectives.spot_self_training.teacher = "@spot-coco"`)
+names a run the cell needs: the grid adds a cell for that preset on the same dataset,
+with the same command-line overrides, runs it first, and hands its run directory to the
+cell. The stored config (and so its hash) keeps "@PRESET", which is what a leaderboard
+recomputes; the run directory's config.toml holds the resolved path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ocl_bench.config import (
+    STAGES,
+    RunConfig,
+    apply_overrides,
+    default_text,
+    parse_override,
+    read_toml,
+    resolve,
+    tomllib,
+)
+from ocl_bench.errors import ConfigError, DataError, UnknownPluginError, UserError
+from ocl_bench.registry import registry
+
+
+def leaderboard_dir() -> Path:
+    """The packaged tables: leaderboards/ of a checkout, ocl_bench/leaderboards in a wheel."""
+    import ocl_bench.leaderboards
+
+    return Path(ocl_bench.leaderboards.__file__).resolve().parent
+
+
+def list_leaderboards(directory: Path | None = None) -> list[Path]:
+    return sorted((directory or leaderboard_dir()).glob("*.toml"))
+
+
+@dataclass
+class Column:
+    key: str
+    metric: str
+    task: str
+    dataset: str | None
+    label: str
+    masks: str | None = None
+    scale: float = 1.0
+
+
+@dataclass
+class Row:
+    label: str
+    overrides: dict[str, Any]
+    published: dict[str, float]
+    notes: str = ""
+    measured: dict[str, float | None] = field(default_factory=dict)
+    missing: str | None = None  # why the row cannot be built or measured
+    config_hashes: dict[str, str] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
+    preset: str | None = None  # the run config the overrides apply to (default: default.toml)
+    dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # column key -> how its measured value was measured (MetricRecord.protocol), if stored
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def buildable(self) -> bool:
+        return bool(self.preset or self.overrides)
+
+
+def _param_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls.Params)}
+
+
+def applies(raw: dict[str, Any], text: str) -> bool:
+    """Whether a command-line override applies to a row: one that sets a stage param its
+    plugin lacks but another plugin of that kind has (`decoder.num_heads` on an `mlp`
+    row) does not; any other (including a typo) does, so that mistakes still fail."""
+    parts, _ = parse_override(text)
+    if len(parts) != 2 or parts[0] not in STAGES or parts[1] == "name":
+        return True
+    reg = registry()
+    try:
+        cls = reg.get(parts[0], raw.get(parts[0], {}).get("name", ""))
+    except UnknownPluginError:
+        return True
+    if parts[1] in _param_names(cls):
+        return True
+    others = (reg.get(parts[0], n) for n in reg.names(parts[0]))
+    return not any(parts[1] in _param_names(c) for c in others)
+
+
+def row_raw(
+    row: Row,
+    base: dict[str, Any],
+    dataset: str | None,
+    overrides: list[str] | None = None,
+    not_applied: list[str] | None = None,
+) -> dict[str, Any]:
+    """A row's run config before validation: its preset (or the embedded default), switched
+    to the column's dataset, then the board's `base`, the row's overrides, the row's
+    overrides for that dataset, and last the command-line `overrides` that apply to it."""
+    raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
+    if dataset and dataset != "mixed":
+        raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
+    extra = row.dataset_overrides.get(dataset or "", {})
+    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
+    raw = apply_overrides(raw, flat)
+    for text in overrides or []:
+        if applies(raw, text):
+            raw = apply_overrides(raw, [text])
+        elif not_applied is not None:
+            not_applied.append(text)
+    return raw
+
+
+def row_config(
+    row: Row, base: dict[str, Any], dataset: str | None, overrides: list[str] | None = None
+) -> RunConfig:
+    return resolve(row_raw(row, base, dataset, overrides))
+
+
+def read_rows(spec: dict[str, Any]) -> list[Row]:
+    """The rows of a parsed published leaderboard (nothing measured yet)."""
+    return [
+        Row(
+            r["label"],
+            dict(r.get("overrides", {})),
+            dict(r.get("published", {})),
+            r.get("notes", ""),
+            preset=r.get("preset"),
+            dataset_overrides=dict(r.get("dataset_overrides", {})),
+        )
+        for r in spec.get("rows", [])
+    ]
+
+
+def board_path(name_or_path: str | Path) -> Path:
+    """A leaderboard file from its name (leaderboards/NAME.toml) or its path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = leaderboard_dir() / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in list_leaderboards())
+        raise UserError(f"unknown leaderboard '{name_or_path}'; known: {known}")
+    return path
+
+
+def column_datasets(spec: dict[str, Any]) -> list[str]:
+    """The datasets a published board's columns are measured on, in column order."""
+    found = [c.get("dataset", spec.get("dataset")) or "" for c in spec.get("columns", [])]
+    return list(dict.fromkeys(found))
+
+
+def read_columns(spec: dict[str, Any]) -> list[Column]:
+    """The columns of a parsed published leaderboard."""
+    return [
+        Column(
+            key=c["key"],
+            metric=c.get("metric", c["key"]),
+            task=c["task"],
+            dataset=c.get("dataset", spec.get("dataset")),
+            label=c.get("label", c["key"]),
+            masks=c.get("masks"),
+            scale=float(c.get("scale", 1)),
+        )
+        for c in spec.get("columns", [])
+    ]
+
+
+def grid_columns(spec: dict[str, Any]) -> list[Column]:
+    """A grid file's columns: object discovery metrics (in percent) of its cells."""
+    metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
+    masks = spec.get("masks", "decoder")
+    return [Column(m, m, "object_discovery", None, m, masks, 100.0) for m in metrics]
+
+
+GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
+
+
+@dataclass
+class GridCell:
+    """One combination: its overrides of the base, and the resolved config."""
+
+    label: str
+    overrides: list[str]
+    config: RunConfig
+    needs: dict[str, GridCell] = field(default_factory=dict)  # dotted key -> producing cell
+
+
+@dataclass
+class Grid:
+    name: str
+    cells: list[GridCell]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def demo_grid_path() -> Path:
+    """The packaged demo grid (leaderboards/shapes-demo.toml)."""
+    path = leaderboard_dir() / "shapes-demo.toml"
+    if not path.is_file():
+        raise DataError(f"the demo grid {path} is missing from this installation; pass a grid file")
+    return path
+
+
+def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
+    """Read a grid file and expand its cross product (minus `exclude` rules)."""
+    path = Path(path) if path is not None else demo_grid_path()
+    if not path.suffix and not path.exists():  # a leaderboard by name
+        path = board_path(path)
+    spec = read_toml(path)
+    if "rows" in spec and "axes" not in spec:
+        return _board_grid(path, spec, list(overrides or []))
+    unknown = [k for k in spec if k not in GRID_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown grid key '{unknown[0]}'; allowed: {', '.join(GRID_KEYS)}"
+        )
+    if "base_config" in spec:
+        start = read_toml(path.parent / spec["base_config"])
+    else:
+        start = tomllib.loads(default_text())
+    base = _merge(start, spec.get("base", {}))
+    base = apply_overrides(base, list(overrides or []))
+    axes: dict[str, list[Any]] = spec.get("axes", {})
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
+    excludes = spec.get("exclude", [])
+    keys = list(axes)
+    cells = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        chosen = dict(zip(keys, combo))
+        if any(all(chosen.get(k) == v for k, v in rule.items()) for rule in excludes):
+            continue
+        cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
+        label = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
+        raw = apply_overrides(base, cell_overrides)
+        cells.append(GridCell(label, cell_overrides, resolve(raw), _needs(raw, overrides)))
+    return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
+    """A published leaderboard's buildable rows, one cell per row and column dataset."""
+    base = dict(spec.get("base", {}))
+    cells: list[GridCell] = []
+    skipped = []
+    for row in read_rows(spec):
+        if not row.buildable:
+            continue
+        not_applied: list[str] = []
+        for ds in column_datasets(spec):
+            try:
+                raw = row_raw(row, base, ds or None, overrides, not_applied)
+                cfg = resolve(raw)
+            except UnknownPluginError as err:
+                skipped.append(f"{row.label}: {str(err).split(';')[0]}")
+                break
+            except ConfigError as err:
+                raise ConfigError(f"{path.stem} row '{row.label}' [{ds}]: {err}") from None
+            where = ds if cfg.dataset.name == ds else f"{ds} as {cfg.dataset.name}"
+            cells.append(GridCell(f"{row.label} [{where}]", [], cfg, _needs(raw, overrides)))
+        if not_applied:
+            unique = " ".join(dict.fromkeys(not_applied))
+            print(f"{row.label}: its plugins have no {unique}; not applied", file=sys.stderr)
+    for reason in skipped:
+        print(f"skipping {reason}", file=sys.stderr)
+    return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _references(raw: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> preset name for every "@PRESET" string value in a raw config."""
+    found: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            found.update(_references(v, f"{prefix}{k}."))
+    elif isinstance(raw, str) and raw.startswith("@") and len(raw) > 1:
+        found[prefix[:-1]] = raw[1:]
+    return found
+
+
+def _needs(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, GridCell]:
+    """The cells a config's "@PRESET" values name: each preset on the config's dataset."""
+    needs = {}
+    for key, preset in _references(raw).items():
+        dep = read_toml(preset)
+        dep["dataset"] = dict(raw["dataset"])
+        dep_raw = apply_overrides(dep, list(overrides or []))
+        label = f"@{preset} [{raw['dataset'].get('name', '')}]"
+        needs[key] = GridCell(label, [], resolve(dep_raw), _needs(dep_raw, overrides))
+    return needs
+
+
+def _with_needs(cells: list[GridCell]) -> list[GridCell]:
+    """Cells with the cells they need placed before them, each config once."""
+    ordered: dict[str, GridCell] = {}
+
+    def add(cell: GridCell) -> None:
+        for dep in cell.needs.values():
+            add(dep)
+        ordered.setdefault(cell.config.digest(), cell)
+
+    for cell in cells:
+        add(cell)
+    return list(ordered.values())
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """Deep-merge `b` over `a`."""
+    out = dict(a)
+    for k, v in b.items():
+        # A grid's objectives and tasks replace the base's; so does a stage table that
+        # names another plugin (the old plugin's params would not apply).
+        switched = isinstance(v, dict) and isinstance(out.get(k), dict) and "name" in v
+        switched = switched and k in STAGES and v["name"] != out[k].get("name")
+        replace = top and (k in ("objectives", "tasks") or switched)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and not replace:
+            out[k] = _merge(out[k], v, top=False)
+        else:
+            out[k] = v
+    return out
