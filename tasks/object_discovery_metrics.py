@@ -26,8 +26,10 @@ mean over the non-NaN entries, as OCLF does.
   empty is 0. "Detected" means best IoU over slots strictly greater than 0.5.
 
 All counts come from one joint histogram of (image, slot, GT-membership bits) built with
-``torch.bincount``, so the cost is a few passes over the pixels; only the Hungarian matching of
-mIoU loops over images (on a K x M matrix).
+``torch.bincount`` (``ocl_bench.matching.label_overlap``), so the cost is a few passes over the
+pixels; only the Hungarian matching of mIoU (``ocl_bench.matching.hungarian_match``) loops over
+images (on a K x M matrix). The property probe and SPOT self-training share that module, so a
+slot-object IoU means the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from ocl_bench.matching import DEFAULT_HIST_BINS, Overlap, hungarian_match, label_overlap
 
 __all__ = [
     "all_metrics",
@@ -54,13 +57,7 @@ __all__ = [
 METRIC_NAMES = ("fg_ari", "mbo", "miou", "corloc", "detection_rate")
 
 # Upper bound on histogram bins per pass; GT masks are processed in groups of as many bits as fit.
-_MAX_HIST_BINS = 1 << 20
-
-
-class _Counts(NamedTuple):
-    inter: Tensor  # float64[B,K,M]: pixels of slot k inside GT mask m (ignore removed)
-    pred_area: Tensor  # float64[B,K]: pixels assigned to slot k (ignore removed)
-    gt_area: Tensor  # float64[B,M]: pixels of GT mask m (ignore removed)
+_MAX_HIST_BINS = DEFAULT_HIST_BINS
 
 
 def masks_to_pred(soft_masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -163,101 +160,12 @@ def _as_bool(gt: Tensor) -> Tensor:
 
 def _counts(
     pred: Tensor, gt: Tensor, ignore: Tensor | None, num_slots: int | None = None
-) -> _Counts:
+) -> Overlap:
+    """Slot x GT pixel counts: inter [B,K,M], slot areas area_a [B,K], GT areas area_b [B,M]."""
     gt = _as_bool(gt)
     if pred.dim() != 3:
         raise ValueError(f"pred must be [B,H,W], got shape {tuple(pred.shape)}")
-    if pred.dtype.is_floating_point or pred.dtype == torch.bool:
-        raise TypeError(f"pred must hold integer slot indices, got {pred.dtype}")
-    b, m, h, w = gt.shape
-    if pred.shape != (b, h, w):
-        raise ValueError(f"pred shape {tuple(pred.shape)} does not match gt {tuple(gt.shape)}")
-    if ignore is not None and ignore.shape != (b, h, w):
-        raise ValueError(f"ignore shape {tuple(ignore.shape)} does not match gt {tuple(gt.shape)}")
-    device = pred.device
-    gt = gt.to(device)
-    hw = h * w
-
-    if pred.numel():
-        lo, hi = int(pred.min()), int(pred.max())
-        if lo < 0:
-            raise ValueError(f"pred holds a negative slot index ({lo})")
-    else:
-        hi = -1
-    k = hi + 1 if num_slots is None else int(num_slots)
-    if hi >= k:
-        raise ValueError(f"pred holds slot index {hi} but num_slots={k}")
-    k = max(k, 1)
-    rows = b * (k + 1)  # slot K collects ignored pixels and is dropped at the end
-
-    # base[b, p] = b * (K + 1) + slot, with slot K for ignored pixels.
-    index_dtype = torch.int32 if rows < 1 << 30 else torch.int64
-    base = pred.reshape(b, hw).to(index_dtype, copy=True)
-    if ignore is not None:
-        base.masked_fill_(ignore.to(device=device, dtype=torch.bool).reshape(b, hw), k)
-    base += (torch.arange(b, device=device, dtype=index_dtype) * (k + 1)).view(b, 1)
-
-    if m == 0:
-        hist = torch.bincount(base.reshape(-1), minlength=rows).view(b, k + 1)
-        pred_area = hist[:, :k].to(torch.float64)
-        empty = torch.zeros(b, k, 0, dtype=torch.float64, device=device)
-        return _Counts(empty, pred_area, torch.zeros(b, 0, dtype=torch.float64, device=device))
-
-    # Each GT mask is one bit of a per-pixel code; bincount over (row, code) gives the joint
-    # histogram, and a 0/1 matrix product turns codes back into per-mask intersections.
-    bits = max(1, min(m, (_MAX_HIST_BINS // rows).bit_length() - 1))
-    packed = _PackedMasks(gt.reshape(b, m, hw))
-    inter_parts = []
-    pred_area = None
-    for start in range(0, m, bits):
-        nbits = min(bits, m - start)
-        key_dtype = torch.int32 if rows << nbits < 1 << 31 else torch.int64
-        key = base.to(key_dtype, copy=nbits < m)  # a single pass may reuse the buffer
-        key <<= nbits
-        widened = torch.empty_like(key)  # mixed-dtype in-place ops are slow; widen explicitly
-        for byte in range(0, nbits, 8):
-            widened.copy_(packed.codes(start + byte, min(8, nbits - byte)))
-            if byte:
-                widened <<= byte
-            key |= widened
-        del widened
-        hist = torch.bincount(key.reshape(-1), minlength=rows << nbits)
-        del key
-        hist = hist.view(rows, 1 << nbits).to(torch.float64)
-        codes = torch.arange(1 << nbits, device=device)
-        code_bits = ((codes[:, None] >> torch.arange(nbits, device=device)) & 1).to(torch.float64)
-        inter_parts.append((hist @ code_bits).view(b, k + 1, nbits)[:, :k])
-        if pred_area is None:
-            pred_area = hist.sum(1).view(b, k + 1)[:, :k]
-    inter = torch.cat(inter_parts, dim=2) if len(inter_parts) > 1 else inter_parts[0]
-    return _Counts(inter, pred_area, inter.sum(1))
-
-
-class _PackedMasks:
-    """Per-pixel codes holding up to 8 GT masks as bits of one byte.
-
-    Mask bytes are 0/1, so shifting a mask left by j < 8 stays inside each byte: reading the
-    bytes as int64 handles 8 pixels per element.
-    """
-
-    def __init__(self, gt: Tensor) -> None:  # bool[B,M,P]
-        b, _, p = gt.shape
-        self.pixels = p
-        data = gt.view(torch.uint8)
-        if p % 8:
-            data = F.pad(data, (0, 8 - p % 8))
-        elif data.storage_offset() % 8 or not data.is_contiguous():
-            data = data.clone(memory_format=torch.contiguous_format)
-        self.words = data.view(torch.int64)  # int64[B,M,ceil(P/8)]
-
-    def codes(self, start: int, count: int) -> Tensor:
-        """uint8[B,P]: bit j is mask ``start + j`` for j < count <= 8."""
-        acc = self.words[:, start].clone()
-        shifted = torch.empty_like(acc)
-        for j in range(1, count):
-            torch.bitwise_left_shift(self.words[:, start + j], j, out=shifted)
-            acc |= shifted
-        return acc.view(torch.uint8)[:, : self.pixels]
+    return label_overlap(pred, gt, ignore, num_slots, max_bins=_MAX_HIST_BINS)
 
 
 class _IoU(NamedTuple):
@@ -267,12 +175,10 @@ class _IoU(NamedTuple):
     n_valid: Tensor  # float64[B]
 
 
-def _iou(counts: _Counts) -> _IoU:
-    inter, pred_area, gt_area = counts
-    union = pred_area[:, :, None] + gt_area[:, None, :] - inter
-    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
-    valid = gt_area > 0
-    return _IoU(iou, 2 * inter > union, valid, valid.sum(1).to(torch.float64))
+def _iou(counts: Overlap) -> _IoU:
+    valid = counts.area_b > 0
+    hit = 2 * counts.inter > counts.union
+    return _IoU(counts.iou(), hit, valid, valid.sum(1).to(torch.float64))
 
 
 def _per_gt_mean(values: Tensor, iou: _IoU) -> Tensor:
@@ -281,7 +187,7 @@ def _per_gt_mean(values: Tensor, iou: _IoU) -> Tensor:
     return torch.where(iou.n_valid > 0, total / iou.n_valid.clamp_min(1), torch.nan)
 
 
-def _fg_ari(counts: _Counts) -> Tensor:
+def _fg_ari(counts: Overlap) -> Tensor:
     n_ij = counts.inter  # float64 [B,K,M]; OCLF's rows are GTs (sum over M) and columns slots
     a = n_ij.sum(1)
     b = n_ij.sum(2)
@@ -311,12 +217,10 @@ def _corloc(iou: _IoU) -> Tensor:
 
 def _miou(iou: _IoU) -> Tensor:
     matrices = iou.iou.cpu().numpy()
-    valid = iou.valid.cpu().numpy()
+    n_valid = iou.valid.sum(1).tolist()
     out = np.full(matrices.shape[0], np.nan)
-    for i in range(matrices.shape[0]):
-        if not valid[i].any():
-            continue
-        matrix = matrices[i][:, valid[i]]
-        rows, cols = linear_sum_assignment(matrix, maximize=True)
-        out[i] = matrix[rows, cols].sum() / matrix.shape[1]
+    matches = hungarian_match(matrices, maximize=True, valid_cols=iou.valid)
+    for i, (rows, cols) in enumerate(matches):
+        if n_valid[i]:
+            out[i] = matrices[i][rows, cols].sum() / n_valid[i]
     return torch.from_numpy(out).to(iou.iou.device)
