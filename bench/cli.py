@@ -35,10 +35,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 continue
             print(d["summary"])
             rows = [
-                [k, v["type"], json.dumps(v["default"]), v["doc"]] for k, v in d["params"].items()
+                [k, v["type"], json.dumps(v["default"]), v.get("range") or "", v["doc"]]
+                for k, v in d["params"].items()
             ]
             print(
-                tabulate(rows, headers=["param", "type", "default", "doc"])
+                tabulate(rows, headers=["param", "type", "default", "range", "doc"])
                 if rows
                 else "(no params)"
             )

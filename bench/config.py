@@ -29,32 +29,33 @@ TOP_LEVEL = ("seed", *STAGES, *COLLECTIONS, "train", "eval")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = param(2000, "optimiser steps")
-    batch_size: int = param(32, "images per step (global, over all processes)")
-    lr: float = param(4e-4, "peak learning rate (Adam)")
-    warmup_steps: int = param(200, "linear warm-up steps")
-    decay_half_life: int = param(0, "steps per halving of the lr after warm-up; 0 = no decay")
+    steps: int = param(2000, "optimiser steps", ge=1)
+    batch_size: int = param(32, "images per step (global, over all processes)", ge=1)
+    lr: float = param(4e-4, "peak learning rate (Adam)", ge=0)
+    warmup_steps: int = param(200, "linear warm-up steps", ge=0)
+    decay_half_life: int = param(0, "steps per halving of the lr after warm-up; 0 = no decay", ge=0)
     schedule: Literal["half_life", "half_life_after_warmup", "cosine"] = param(
         "half_life",
         "lr shape: 'half_life' (warm-up (s+1)/W, halving every decay_half_life steps from"
         " step 0), 'half_life_after_warmup' (OCLF: warm-up s/W, halving counted from the end"
         " of the warm-up) or 'cosine' (SPOT: warm-up s/(W-1), cosine to min_lr at the end)",
     )
-    min_lr: float = param(0.0, "final lr of the cosine schedule (SPOT: 4e-7)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    grad_clip: float = param(1.0, "max gradient norm; 0 disables clipping")
+    min_lr: float = param(0.0, "final lr of the cosine schedule (SPOT: 4e-7)", ge=0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
+    grad_clip: float = param(1.0, "max gradient norm; 0 disables clipping", ge=0)
     grad_clip_norm: Literal["2", "inf"] = param("2", "norm used by clipping ('inf' as SPOT)")
-    checkpoint_every: int = param(100, "steps between checkpoints")
+    checkpoint_every: int = param(100, "steps between checkpoints", ge=1)
     eval_every: int = param(
         0,
         "steps between validation measurements while training (object discovery on"
         " train.eval_images images, logged to eval_log.jsonl and plotted); 0 = none",
+        ge=0,
     )
-    eval_images: int = param(64, "validation images each measurement while training uses")
+    eval_images: int = param(64, "validation images each measurement while training uses", ge=1)
     device: Literal["auto", "cpu", "cuda"] = param("cpu", "where to train")
     precision: Literal["fp32", "bf16", "fp16"] = param("fp32", "autocast precision")
-    num_workers: int = param(0, "data loader worker processes")
-    threads: int = param(0, "torch CPU threads; 0 = torch's default")
+    num_workers: int = param(0, "data loader worker processes", ge=0)
+    threads: int = param(0, "torch CPU threads; 0 = torch's default", ge=0)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -69,9 +70,9 @@ class TrainSettings:
 @dataclass(frozen=True)
 class EvalSettings:
     split: str = param("val", "dataset split evaluated")
-    num_images: int = param(320, "images evaluated (0 = the whole split)")
-    batch_size: int = param(32, "images per evaluation batch")
-    figure_images: int = param(4, "images shown in the evaluation figure")
+    num_images: int = param(320, "images evaluated (0 = the whole split)", ge=0)
+    batch_size: int = param(32, "images per evaluation batch", ge=1)
+    figure_images: int = param(4, "images shown in the evaluation figure", ge=0)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -3,19 +3,91 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, get_args, get_origin
 
 from ocl_bench.errors import ConfigError
 
+BOUNDS = ("ge", "gt", "le", "lt")
 
-def param(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and its documentation."""
+
+def param(
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with a default, its documentation and, for numbers, its valid range.
+
+    The range is checked when a config resolves (build_params), so a bad value fails in one
+    line naming the key instead of deep inside torch; `plugins show` prints it.
+    """
+    bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
+    if ge is not None and gt is not None or le is not None and lt is not None:
+        raise TypeError("param: give at most one lower bound (ge/gt) and one upper (le/lt)")
+    if bounds and default is not None:
+        # A range on a non-number, or a default outside its own range, is a plugin bug:
+        # fail at import, where the plugin author sees it, not in a user's run.
+        if not _is_number(default):
+            raise TypeError(f"param: a range needs a numeric default, got {default!r}")
+        problem = _range_problem(default, bounds)
+        if problem:
+            raise ValueError(f"param: default {default!r} {problem}")
+    metadata = {"doc": doc, "bounds": bounds}
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(bound: float) -> str:
+    if isinstance(bound, float) and bound.is_integer():
+        return str(int(bound))
+    return repr(bound)
+
+
+def range_text(bounds: dict[str, float]) -> str:
+    """'>= 1', '[0, 1]', '(0, 1]', ... ('' when unbounded)."""
+    low = next(((k, bounds[k]) for k in ("ge", "gt") if k in bounds), None)
+    high = next(((k, bounds[k]) for k in ("le", "lt") if k in bounds), None)
+    if low and high:
+        left = "[" if low[0] == "ge" else "("
+        right = "]" if high[0] == "le" else ")"
+        return f"{left}{_fmt(low[1])}, {_fmt(high[1])}{right}"
+    if low:
+        return f"{'>=' if low[0] == 'ge' else '>'} {_fmt(low[1])}"
+    if high:
+        return f"{'<=' if high[0] == 'le' else '<'} {_fmt(high[1])}"
+    return ""
+
+
+def _range_problem(value: float, bounds: dict[str, float]) -> str | None:
+    """Why `value` is outside `bounds`, or None when it is inside (or not a number: None)."""
+    if not bounds or not _is_number(value):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"is not a finite number (allowed: {range_text(bounds)})"
+    ok = (
+        value >= bounds.get("ge", value)
+        and value <= bounds.get("le", value)
+        and ("gt" not in bounds or value > bounds["gt"])
+        and ("lt" not in bounds or value < bounds["lt"])
+    )
+    return None if ok else f"is out of range (allowed: {range_text(bounds)})"
+
+
+def field_bounds(f: dataclasses.Field) -> dict[str, float]:
+    """The range declared with param(...) ({} when none)."""
+    return dict(f.metadata.get("bounds", {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +106,7 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def describe(cls: type) -> dict[str, dict[str, Any]]:
-    """name -> {type, default, doc} for every field of a Params dataclass."""
+    """name -> {type, default, doc, range, bounds} for every field of a Params dataclass."""
     hints = _hints(cls)
     out: dict[str, dict[str, Any]] = {}
     for f in dataclasses.fields(cls):
@@ -46,10 +118,13 @@ def describe(cls: type) -> dict[str, dict[str, Any]]:
             default = None
         if isinstance(default, tuple):
             default = list(default)
+        bounds = field_bounds(f)
         out[f.name] = {
             "type": _type_name(hints[f.name]),
             "default": default,
             "doc": f.metadata.get("doc", ""),
+            "range": range_text(bounds) or None,
+            "bounds": bounds,
         }
     return out
 
@@ -117,16 +192,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def build_params(cls: type, values: dict[str, Any], where: str) -> Any:
     """Check `values` against the Params dataclass `cls` and build it.
 
-    Unknown keys and wrong types raise ConfigError naming the key and the allowed ones.
+    Unknown keys, wrong types and values outside a param's declared range raise ConfigError
+    naming the key and what is allowed.
     """
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
-        if key not in hints or key not in names:
-            allowed = ", ".join(names) if names else "(none)"
+        if key not in hints or key not in fields:
+            allowed = ", ".join(fields) if fields else "(none)"
             raise ConfigError(f"unknown key '{where}.{key}'; allowed keys: {allowed}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+        coerced = _coerce(value, hints[key], f"{where}.{key}")
+        problem = _range_problem(coerced, field_bounds(fields[key]))
+        if problem:
+            raise ConfigError(f"{where}.{key}={value!r} {problem}")
+        kwargs[key] = coerced
     return cls(**kwargs)
 
 

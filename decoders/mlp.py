@@ -17,8 +17,8 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class MLPDecoderParams:
-    hidden: int = param(256, "hidden width of the per-token MLP")
-    layers: int = param(3, "hidden layers of the MLP")
+    hidden: int = param(256, "hidden width of the per-token MLP", ge=1)
+    layers: int = param(3, "hidden layers of the MLP (0 = one Linear layer)", ge=0)
     position: Literal["learned", "coords", "relative"] = param(
         "learned",
         "free per-token embeddings (DINOSAUR); an MLP of the (y, x) coordinates; or an MLP "
@@ -30,7 +30,7 @@ class MLPDecoderParams:
         "add log(slot attention) to the alpha logits, so decoder masks start from the "
         "grouping's masks and reconstruction gradients reach the attention directly",
     )
-    pos_std: float = param(0.02, "std of the learned position embedding at initialisation")
+    pos_std: float = param(0.02, "std of the learned position embedding at initialisation", ge=0)
     target: Literal["pixels", "features"] = param(
         "pixels", "reconstruct image patches on the token grid, or the encoder's targets"
     )

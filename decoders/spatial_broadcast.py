@@ -16,8 +16,8 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class SpatialBroadcastParams:
-    channels: int = param(32, "channels of the transposed convolutions")
-    broadcast_size: int = param(8, "side of the grid each slot is broadcast to")
+    channels: int = param(32, "channels of the transposed convolutions", ge=1)
+    broadcast_size: int = param(8, "side of the grid each slot is broadcast to", ge=1)
 
 
 class SpatialBroadcastDecoder(nn.Module, Plugin):

@@ -275,17 +275,19 @@ class DecoderBlock(nn.Module):
 
 @dataclass(frozen=True)
 class SpotARParams:
-    num_layers: int = param(4, "transformer decoder blocks")
-    num_heads: int = param(6, "attention heads (head dim = D / heads; D = 768 gives 128)")
-    num_cross_heads: int = param(0, "cross-attention heads of blocks 1.. (0 = num_heads)")
+    num_layers: int = param(4, "transformer decoder blocks", ge=1)
+    num_heads: int = param(6, "attention heads (head dim = D / heads; D = 768 gives 128)", ge=1)
+    num_cross_heads: int = param(0, "cross-attention heads of blocks 1.. (0 = num_heads)", ge=0)
     first_block_uses_num_heads: bool = param(
         True, "official quirk: block 0's cross-attention uses num_heads, not num_cross_heads"
     )
     first_block_norm_residual: bool = param(
         True, "official quirk: block 0 replaces its input by LN(input) before the residual"
     )
-    ffn_multiplier: int = param(4, "FFN hidden size = ffn_multiplier * D (ReLU)")
-    dropout: float = param(0.0, "dropout on attention weights, attention and FFN outputs")
+    ffn_multiplier: int = param(4, "FFN hidden size = ffn_multiplier * D (ReLU)", ge=1)
+    dropout: float = param(
+        0.0, "dropout on attention weights, attention and FFN outputs", ge=0, lt=1
+    )
     orders: Literal["standard", "all"] = param(
         "all", "patch orders enabled: the raster order only, or all 9 SPOT orders"
     )
@@ -303,7 +305,7 @@ class SpotARParams:
     bos_per_order: bool = param(
         True, "one learned BOS token per order, the only order signal (official)"
     )
-    bos_std: float = param(0.02, "std of the BOS tokens at initialisation")
+    bos_std: float = param(0.02, "std of the BOS tokens at initialisation", ge=0)
     attention: Literal["sdpa", "explicit"] = param(
         "sdpa",
         "fused scaled_dot_product_attention (the last block's cross-attention is always "

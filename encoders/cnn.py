@@ -15,10 +15,12 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class CNNParams:
-    channels: int = param(64, "channels of every convolution")
-    layers: int = param(4, "number of 5x5 convolutions")
-    patch_size: int = param(2, "total stride: each token covers patch_size x patch_size pixels")
-    dim: int = param(64, "token dimension after the position MLP")
+    channels: int = param(64, "channels of every convolution", ge=1)
+    layers: int = param(4, "number of 5x5 convolutions", ge=1)
+    patch_size: int = param(
+        2, "total stride: each token covers patch_size x patch_size pixels", ge=1
+    )
+    dim: int = param(64, "token dimension after the position MLP", ge=1)
 
 
 class CNNEncoder(nn.Module, Plugin):

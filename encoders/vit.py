@@ -120,18 +120,24 @@ class ViTParams:
         12,
         "patch tokens from the output of this block (1-based); later blocks are dropped. "
         "Capped at encoder.depth when depth is overridden",
+        ge=1,
     )
     final_norm: bool = param(False, "apply the final LayerNorm (DINOSAUR and SPOT do not)")
     finetune_from: int = param(
         -1,
         "-1: frozen; b: blocks with index >= b (0-based) train, the rest stays frozen and a "
         "frozen copy gives the targets (SPOT stage 2 uses 8)",
+        ge=-1,
     )
-    image_size: int = param(224, "images are resized (bicubic, antialiased) to this square size")
+    image_size: int = param(
+        224, "images are resized (bicubic, antialiased) to this square size", ge=1
+    )
     random_init: bool = param(False, "no pretrained weights at all (tests, tiny runs)")
-    embed_dim: int = param(0, "override the token width (tiny test models); 0 = the model's own")
-    depth: int = param(0, "override the number of blocks; 0 = the model's own")
-    num_heads: int = param(0, "override the number of attention heads; 0 = the model's own")
+    embed_dim: int = param(
+        0, "override the token width (tiny test models); 0 = the model's own", ge=0
+    )
+    depth: int = param(0, "override the number of blocks; 0 = the model's own", ge=0)
+    num_heads: int = param(0, "override the number of attention heads; 0 = the model's own", ge=0)
     cache: bool = param(
         False,
         "cache the frozen features on disk ($OCL_BENCH_CACHE or ~/.cache/ocl-bench/features), "

@@ -33,10 +33,10 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class SlotAttentionParams:
-    num_slots: int = param(7, "number of slots K")
-    slot_dim: int = param(64, "slot dimension")
-    iterations: int = param(3, "attention iterations")
-    mlp_hidden: int = param(128, "hidden size of the slot update MLP")
+    num_slots: int = param(7, "number of slots K", ge=1)
+    slot_dim: int = param(64, "slot dimension", ge=1)
+    iterations: int = param(3, "attention iterations", ge=1)
+    mlp_hidden: int = param(128, "hidden size of the slot update MLP", ge=1)
     init: Literal["shared_gaussian", "learned_queries"] = param(
         "shared_gaussian", "shared Gaussian (sampled, also in eval) or learned per-slot queries"
     )
@@ -49,13 +49,14 @@ class SlotAttentionParams:
         "output size of the pre-MLP (needs pre_mlp); 0 = the token dim (SPOT: 768 -> 768 ->"
         " 768). OCLF's DINOSAUR uses slot_dim (768 -> 768 -> 256), so the input LayerNorm and"
         " k/v then see pre_mlp_out-d features",
+        ge=0,
     )
     zero_mlp_bias: bool = param(
         False,
         "zero-initialise the Linear biases of the pre-MLP and the update MLP (OCLF build_mlp);"
         " false = torch's default uniform init",
     )
-    eps: float = param(1e-8, "added to the attention before renormalising over tokens")
+    eps: float = param(1e-8, "added to the attention before renormalising over tokens", gt=0)
 
 
 class SlotAttention(nn.Module, Plugin):

@@ -14,7 +14,7 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class DenoisingParams:
-    weight: float = param(1.0, "multiplier of this loss in the total")
+    weight: float = param(1.0, "multiplier of this loss in the total", ge=0)
 
 
 class DenoisingLoss(nn.Module, Plugin):

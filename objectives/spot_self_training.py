@@ -46,17 +46,21 @@ class SpotSelfTrainingParams:
         "run directory of the frozen stage-1 teacher (spot_ar decoder); in a grid, '@PRESET'"
         " trains that preset on the same dataset first and uses its run",
     )
-    weight: float = param(5e-3, "weight of the cross-entropy (official ce_weight)")
+    weight: float = param(5e-3, "weight of the cross-entropy (official ce_weight)", ge=0)
     final_weight: float | None = param(
-        None, "if set, the weight follows a cosine from `weight` to this (final_ce_weight)"
+        None,
+        "if set, the weight follows a cosine from `weight` to this (final_ce_weight)",
+        ge=0,
     )
     schedule_steps: int = param(
-        0, "length of the cosine weight schedule in optimiser steps (set it to train.steps)"
+        0,
+        "length of the cosine weight schedule in optimiser steps (set it to train.steps)",
+        ge=0,
     )
     teacher_order: Literal["random", "standard", "all"] = param(
         "random", "teacher decoding order: one random order per batch (official), raster, all"
     )
-    empty_cost: float = param(1e3, "matching cost of every pair with an empty teacher slot")
+    empty_cost: float = param(1e3, "matching cost of every pair with an empty teacher slot", ge=0)
 
 
 def match_slots(student: Tensor, teacher: Tensor, num_slots: int, empty_cost: float = 1e3):

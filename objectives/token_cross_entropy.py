@@ -15,8 +15,8 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class TokenCrossEntropyParams:
-    weight: float = param(1.0, "multiplier of this loss in the total")
-    label_smoothing: float = param(0.0, "label smoothing of the targets (MAGE: 0.1)")
+    weight: float = param(1.0, "multiplier of this loss in the total", ge=0)
+    label_smoothing: float = param(0.0, "label smoothing of the targets (MAGE: 0.1)", ge=0, le=1)
 
 
 class TokenCrossEntropy(nn.Module, Plugin):

@@ -46,7 +46,7 @@ MASK_SOURCES = ("decoder", "attn")
 @dataclass(frozen=True)
 class ObjectDiscoveryParams:
     masks: list[str] = param(["decoder", "attn"], "masks scored: 'decoder' and/or 'attn'")
-    mask_size: int = param(0, "side the masks are scored at (0 = ground-truth resolution)")
+    mask_size: int = param(0, "side the masks are scored at (0 = ground-truth resolution)", ge=0)
     ignore_overlaps: bool = param(True, "drop pixels covered by several instances (OCLF)")
     class_masks: bool = param(True, "also score mBO_c on the class masks")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ocl_bench.errors import ConfigError
 from ocl_bench.hookspecs import hookimpl
+from ocl_bench.matching import hungarian_match, label_overlap
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
@@ -26,12 +26,14 @@ from ocl_bench.tasks.object_discovery_metrics import masks_to_pred
 
 @dataclass(frozen=True)
 class PropertyPredictionParams:
-    train_images: int = param(1000, "images of the train split the probes learn from")
+    train_images: int = param(1000, "images of the train split the probes learn from", ge=1)
     masks: str = param("decoder", "masks used for matching: 'decoder' or 'attn'")
-    iou_threshold: float = param(0.5, "a slot-object pair counts when its IoU exceeds this")
-    hidden: int = param(256, "hidden width of each probe")
-    steps: int = param(1500, "probe training steps (Adam, lr 1e-3)")
-    batch_size: int = param(64, "probe batch size")
+    iou_threshold: float = param(
+        0.5, "a slot-object pair counts when its IoU exceeds this", ge=0, le=1
+    )
+    hidden: int = param(256, "hidden width of each probe", ge=1)
+    steps: int = param(1500, "probe training steps (Adam, lr 1e-3)", ge=1)
+    batch_size: int = param(64, "probe batch size", ge=1)
     properties: list[str] = param([], "properties to predict (empty = all the dataset has)")
 
 
@@ -65,21 +67,20 @@ class PropertyPrediction(Plugin):
             gt = batch.instance_masks
             assert gt is not None and batch.properties is not None
             pred = masks_to_pred(out.masks(self.params.masks).float(), tuple(gt.shape[-2:]))
-            num_slots = out.slots.slots.shape[1]
-            onehot = torch.nn.functional.one_hot(pred.flatten(1), num_slots).float()
-            inter = torch.einsum("bpk,bmp->bkm", onehot, gt.flatten(2).float())
-            union = onehot.sum(1)[:, :, None] + gt.flatten(2).sum(-1)[:, None, :] - inter
-            iou = (inter / union.clamp(min=1)).cpu().numpy()
-            valid = gt.flatten(2).any(-1).cpu().numpy()
+            overlap = label_overlap(pred, gt, num_labels=out.slots.slots.shape[1])
+            # float32 IoUs, as the probe has always matched on: its pairs stay exactly as they
+            # were (float64 could break near-ties differently)
+            iou = overlap.iou().float().cpu().numpy()
+            valid = overlap.area_b > 0
+            objects = valid.sum(1).tolist()
+            matches = hungarian_match(iou, maximize=True, valid_cols=valid)
             slots = out.slots.slots.float().cpu()
-            for b in range(gt.shape[0]):
-                objects = np.flatnonzero(valid[b])
-                if objects.size == 0:
+            for b, (rows, cols) in enumerate(matches):
+                if not objects[b]:
                     continue
-                rows, cols = linear_sum_assignment(iou[b][:, objects], maximize=True)
-                keep = iou[b][rows, objects[cols]] > self.params.iou_threshold
-                pairs.detection.append(float(keep.sum()) / objects.size)
-                for slot, obj in zip(rows[keep], objects[cols[keep]]):
+                keep = iou[b][rows, cols] > self.params.iou_threshold
+                pairs.detection.append(float(keep.sum()) / objects[b])
+                for slot, obj in zip(rows[keep], cols[keep]):
                     pairs.slots.append(slots[b, slot])
                     for n in names:
                         pairs.targets[n].append(batch.properties[n][b, obj].cpu())

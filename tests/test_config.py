@@ -264,3 +264,112 @@ def test_load_config_applies_overrides_on_top_of_file(tmp_path: Path) -> None:
     path.write_text(resolved().to_toml())
     cfg = load_config(path, ["train.steps=3"])
     assert cfg.train.steps == 3
+
+
+# ------------------------------------------------------------------ param ranges
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("grouping.num_slots=0", "grouping.num_slots=0", ">= 1"),
+        ("grouping.slot_dim=-100", "grouping.slot_dim=-100", ">= 1"),
+        ("grouping.mlp_hidden=-100", "grouping.mlp_hidden=-100", ">= 1"),
+        ("grouping.eps=0", "grouping.eps=0", "> 0"),
+        ("decoder.hidden=-100", "decoder.hidden=-100", ">= 1"),
+        ("train.steps=0", "train.steps=0", ">= 1"),
+        ("train.steps=-5", "train.steps=-5", ">= 1"),
+        ("train.lr=-0.001", "train.lr=-0.001", ">= 0"),
+        ("eval.num_images=-1", "eval.num_images=-1", ">= 0"),
+        ("dataset.min_size=1.5", "dataset.min_size=1.5", "(0, 1]"),
+        ("dataset.min_visible=-0.1", "dataset.min_visible=-0.1", "[0, 1]"),
+        ("tasks.property_prediction.iou_threshold=2", "iou_threshold=2", "[0, 1]"),
+        ("objectives.reconstruction.weight=-1", "objectives.reconstruction.weight=-1", ">= 0"),
+    ],
+)
+def test_value_outside_the_declared_range_names_key_value_and_range(
+    override: str, key: str, allowed: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolved(override)
+    msg = str(err.value)
+    assert key in msg
+    assert f"allowed: {allowed}" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_is_rejected(value: str) -> None:
+    with pytest.raises(ConfigError, match="train.lr.*not a finite number"):
+        resolved(f"train.lr={value}")
+
+
+def test_range_boundaries_are_accepted() -> None:
+    cfg = resolved(
+        "grouping.num_slots=1",
+        "train.steps=1",
+        "train.warmup_steps=0",
+        "train.lr=0",
+        "dataset.min_visible=0",
+        "dataset.max_size=1",
+        "dataset.num_colours=1",
+    )
+    assert cfg.grouping.params.num_slots == 1
+    assert cfg.train.steps == 1
+    assert cfg.dataset.params.max_size == 1.0
+
+
+def _numeric(tp: object) -> bool:
+    """int or float, alone or in an Optional/Union (bool excluded: it is an int to Python)."""
+    import types
+    import typing
+
+    if tp in (int, float):
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_numeric(a) for a in typing.get_args(tp))
+    return False
+
+
+def test_every_numeric_param_declares_a_range() -> None:
+    import dataclasses
+    import typing
+
+    from ocl_bench.config import EvalSettings, TrainSettings
+    from ocl_bench.params import field_bounds
+    from ocl_bench.registry import registry
+
+    owners = {"train": TrainSettings, "eval": EvalSettings}
+    owners |= {f"{i.kind} {i.name}": i.cls.Params for i in registry().infos if i.cls is not None}
+    missing = []
+    for owner, cls in owners.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _numeric(hints[f.name]) and not field_bounds(f):
+                missing.append(f"{owner}: {f.name}")
+    assert not missing, f"numeric params without a range: {missing}"
+    assert len(owners) > 10  # the check saw the registry, not an empty list
+
+
+def test_param_refuses_a_default_outside_its_own_range() -> None:
+    from ocl_bench.params import param
+
+    with pytest.raises(ValueError, match="out of range"):
+        param(0, "slots", ge=1)
+    with pytest.raises(TypeError, match="numeric"):
+        param("abc", "a name", ge=1)
+    with pytest.raises(TypeError, match="one lower bound"):
+        param(1, "x", ge=0, gt=0)
+
+
+def test_range_is_described_for_plugins_show() -> None:
+    from ocl_bench.params import describe, range_text
+    from ocl_bench.registry import registry
+
+    params = describe(registry().get("grouping", "slot_attention").Params)
+    assert params["num_slots"]["range"] == ">= 1"
+    assert params["num_slots"]["bounds"] == {"ge": 1}
+    assert params["init"]["range"] is None
+    assert range_text({"gt": 0, "le": 1}) == "(0, 1]"
+    assert range_text({"ge": 0, "lt": 1}) == "[0, 1)"
+    assert range_text({"le": 0.5}) == "<= 0.5"

@@ -99,13 +99,13 @@ class CocoParams(GeometryParams):
         "too); false leaves them to the task's ignore_overlaps (OCLF: class mBO scores them)",
     )
     min_area: float = param(
-        0.0, "drop objects whose COCO 'area' (original pixels) is below this; 0 keeps all"
+        0.0, "drop objects whose COCO 'area' (original pixels) is below this; 0 keeps all", ge=0
     )
     train_crop: Crop = param(
         "center", "crop of the train split: 'center' (SPOT, DINOSAUR) or 'random'"
     )
     hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
-    seed: int = param(0, "seed of the train split's flips and random crops")
+    seed: int = param(0, "seed of the train split's flips and random crops", ge=0)
 
     def __post_init__(self) -> None:
         validate_params(self, "coco")

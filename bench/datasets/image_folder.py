@@ -55,7 +55,9 @@ class ImageFolderDataset(DatasetPlugin):
     @dataclass(frozen=True)
     class Params:
         root: str = param("", "folder searched recursively for images; all splits use it")
-        image_size: int = param(64, "side of the square images: short side resized, centre crop")
+        image_size: int = param(
+            64, "side of the square images: short side resized, centre crop", ge=1
+        )
 
         def __post_init__(self) -> None:
             if self.image_size < 1:

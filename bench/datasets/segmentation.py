@@ -80,9 +80,11 @@ class GeometryParams:
     """
 
     root: str
-    image_size: int = param(224, "side of the square images (short-side resize + crop)")
+    image_size: int = param(224, "side of the square images (short-side resize + crop)", ge=1)
     mask_size: int = param(
-        320, "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)"
+        320,
+        "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)",
+        ge=0,
     )
     interpolation: Interpolation = param(
         "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"

@@ -128,34 +128,43 @@ class ShapesDataset(DatasetPlugin):
 
     @dataclass(frozen=True)
     class Params:
-        image_size: int = param(64, "height and width of the square images, in pixels")
-        min_objects: int = param(2, "fewest objects drawn per image")
-        max_objects: int = param(5, "most objects drawn per image")
+        image_size: int = param(64, "height and width of the square images, in pixels", ge=8)
+        min_objects: int = param(2, "fewest objects drawn per image", ge=1)
+        max_objects: int = param(5, "most objects drawn per image", ge=1)
         shapes: list[str] = param(
             ["square", "circle", "triangle", "diamond"],
             f"shape categories, in label order; allowed: {', '.join(SHAPE_NAMES)}",
         )
         num_colours: int = param(
-            8, f"number of palette colours used, 1..{len(PALETTE)}: {', '.join(COLOUR_NAMES)}"
+            8,
+            f"number of palette colours used, 1..{len(PALETTE)}: {', '.join(COLOUR_NAMES)}",
+            ge=1,
+            le=len(PALETTE),
         )
-        min_size: float = param(0.15, "smallest object size, as a fraction of the image side")
-        max_size: float = param(0.35, "largest object size, as a fraction of the image side")
+        min_size: float = param(
+            0.15, "smallest object size, as a fraction of the image side", gt=0, le=1
+        )
+        max_size: float = param(
+            0.35, "largest object size, as a fraction of the image side", gt=0, le=1
+        )
         rotate: bool = param(True, "rotate non-circular shapes by a random angle")
         occlusion: bool = param(True, "allow objects to overlap (later ones occlude earlier)")
         min_visible: float = param(
             0.25,
             "with occlusion, re-draw placements that leave an earlier object with less than this "
             "fraction of its area visible (0 allows full occlusion; hidden objects are dropped)",
+            ge=0,
+            le=1,
         )
         background: Literal["varying", "plain"] = param(
             "varying",
             "'varying': a random dull two-colour gradient with mild noise per image; "
             "'plain': black",
         )
-        train_size: int = param(10000, "number of images in the train split")
-        val_size: int = param(500, "number of images in the val split")
-        test_size: int = param(500, "number of images in the test split")
-        seed: int = param(0, "generation seed; (seed, split, index) determines a sample")
+        train_size: int = param(10000, "number of images in the train split", ge=0)
+        val_size: int = param(500, "number of images in the val split", ge=0)
+        test_size: int = param(500, "number of images in the test split", ge=0)
+        seed: int = param(0, "generation seed; (seed, split, index) determines a sample", ge=0)
 
         def __post_init__(self) -> None:
             _validate(self)

@@ -85,7 +85,7 @@ class VocParams(GeometryParams):
     )
     train_crop: Crop = param("random", "crop of the train split: 'random' (SPOT VOC) or 'center'")
     hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
-    seed: int = param(0, "seed of the train split's flips and random crops")
+    seed: int = param(0, "seed of the train split's flips and random crops", ge=0)
 
     def __post_init__(self) -> None:
         validate_params(self, "voc")

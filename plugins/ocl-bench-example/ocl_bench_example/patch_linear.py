@@ -16,8 +16,8 @@ from ocl_bench.plugin import Plugin
 
 @dataclass(frozen=True)
 class PatchLinearParams:
-    patch_size: int = param(4, "side of each square patch, in pixels")
-    dim: int = param(64, "token dimension")
+    patch_size: int = param(4, "side of each square patch, in pixels", ge=1)
+    dim: int = param(64, "token dimension", ge=1)
 
 
 class PatchLinearEncoder(nn.Module, Plugin):

@@ -15,7 +15,9 @@ from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
 @dataclass(frozen=True)
 class SlotUsageParams:
     masks: str = param("attn", "which masks: 'attn' or 'decoder'")
-    min_share: float = param(0.01, "a slot counts as used when it wins this share of pixels")
+    min_share: float = param(
+        0.01, "a slot counts as used when it wins this share of pixels", ge=0, le=1
+    )
 
 
 class SlotUsage(Plugin):
