@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tabulate import tabulate
@@ -127,8 +127,11 @@ DEFAULT_DB = "runs/results.sqlite"
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
-    from ocl_bench.grid import load_grid, run_grid
+    import signal
+
+    from ocl_bench.grid import RUNNING_ELSEWHERE, load_grid, run_grid, status_detail
     from ocl_bench.leaderboard import load_leaderboard, render
+    from ocl_bench.store import ResultStore
 
     grid = load_grid(args.grid, args.overrides)
     db, runs = Path(args.db), Path(args.runs)
@@ -136,18 +139,46 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     slurm = {"partition": args.partition, "time": args.time, "gpus": args.gpus}
     if args.cluster:
         slurm["cluster"] = args.cluster
-    statuses = run_grid(grid, db, runs, args.workers, args.executor, slurm, not args.quiet)
-    for label, status in statuses.items():
-        print(f"  {status:18s} {label}", file=sys.stderr)
+    # A job stopped by its scheduler (SIGTERM) releases its cells' leases on the way out.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        statuses = run_grid(
+            grid,
+            db,
+            runs,
+            args.workers,
+            args.executor,
+            slurm,
+            not args.quiet,
+            wait=args.wait,
+            lease_timeout=args.lease_timeout,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    store = ResultStore(db)
+    for cell in grid.cells:
+        status = statuses[cell.label]
+        print(f"  {status:20s} {cell.label}", file=sys.stderr)
+        detail = status_detail(store, cell, status)
+        if detail:
+            print(f"  {'':20s}   {detail}", file=sys.stderr)
+    elsewhere = sum(s == RUNNING_ELSEWHERE for s in statuses.values())
+    if elsewhere:
+        print(
+            f"{elsewhere} cell(s) are running in other processes; rerun later, or pass --wait",
+            file=sys.stderr,
+        )
     if args.grid is None or args.leaderboard:
         from ocl_bench.grid import demo_grid_path
 
         board = load_leaderboard(args.grid or demo_grid_path(), db, overrides=args.overrides)
         print(render(board, "md"))
-    return 0 if all(s.startswith("complete") for s in statuses.values()) else 1
+    return 1 if any(s.startswith("failed") for s in statuses.values()) else 0
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
+    import time
+
     from ocl_bench.store import ResultStore
 
     if not Path(args.db).exists():
@@ -156,18 +187,24 @@ def _cmd_results(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([c.__dict__ for c in cells], indent=2, default=str))
         return 0
+    live = {lease.config_hash: lease for lease in ResultStore(args.db).leases(live=True)}
     rows = []
     for c in cells:
         ari = c.value("object_discovery", "fg_ari", "decoder")
+        status = c.status
+        if c.status == "running":  # a running row without a live lease was interrupted
+            held = live.get(c.config_hash)
+            alive = held is not None and held.expired(time.time()) is None
+            status = f"running ({held.host}, pid {held.pid})" if alive else "interrupted"
         rows.append(
             [
                 c.config_hash,
                 c.grid or "",
                 c.label or "",
                 c.dataset,
-                c.status,
+                status,
                 "" if ari is None else f"{ari:.3f}",
-                (c.error or "").splitlines()[0][:60] if c.error else "",
+                (c.error_line or "")[:100],
             ]
         )
     print(
@@ -201,6 +238,21 @@ def _print_metrics(metrics: dict, header: str) -> None:
         for r in metrics["records"]
     ]
     print(tabulate(rows, headers=["task", "masks", "metric", "value", "images"]))
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    """An argparse type that refuses zero and negative numbers (argparse's own error)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,7 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", default=DEFAULT_DB, help="results database (SQLite file)")
     p.add_argument("--runs", default="runs", help="where cell run directories go")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument(
+        "--workers", type=_positive(int), default=1, help="local worker processes (>= 1)"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for cells another process is running instead of skipping them",
+    )
+    p.add_argument(
+        "--lease-timeout",
+        type=_positive(float),
+        default=300.0,
+        metavar="SECONDS",
+        help="take over a cell whose runner sent no heartbeat for this long",
+    )
     p.add_argument("--executor", choices=["local", "submitit"], default="local")
     p.add_argument("--partition", help="Slurm partition (submitit)")
     p.add_argument("--time", type=int, default=60, help="Slurm time limit in minutes")

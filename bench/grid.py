@@ -2,22 +2,89 @@
 
 What a grid is (a base run config plus axes, or a published leaderboard's buildable rows)
 and how its cells are expanded lives in boards.py.
+
+Several grids may share one database (a grid launched twice, several cluster jobs): a
+process runs a cell only while it holds the cell's lease in the store, kept alive by a
+heartbeat thread and released when the cell ends however it ends. A cell leased by a live
+process elsewhere is skipped, or with `wait` waited for once everything else has run.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
+import sys
+import threading
+import time
 import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ocl_bench.boards import Grid, GridCell, demo_grid_path, load_grid
 from ocl_bench.config import RunConfig, apply_overrides, resolve
 from ocl_bench.errors import ConfigError, UserError
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.store import Cell, Claim, Lease, ResultStore
 
 __all__ = ["Grid", "GridCell", "demo_grid_path", "load_grid", "run_cell", "run_grid"]
+
+# Seconds without a heartbeat after which another process takes a cell over (a dead
+# process on this host loses its cells at once: its pid is gone).
+LEASE_TIMEOUT = 300.0
+
+# What run_cell and run_grid report for a cell, besides "complete" and "failed" (its own run).
+STORED = "complete (stored)"  # complete before this grid started
+DONE_ELSEWHERE = "complete (elsewhere)"  # another process completed it while this grid ran
+FAILED_ELSEWHERE = "failed (elsewhere)"  # another process failed it while this grid ran
+RUNNING_ELSEWHERE = "running elsewhere"  # leased by a live process; not waited for
+SKIPPED = "skipped"  # needs a cell that is running elsewhere
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """How run_cell shares cells with other processes (picklable, for workers and jobs)."""
+
+    timeout: float = LEASE_TIMEOUT
+    wait: bool = False  # wait for a cell leased elsewhere instead of skipping it
+    since: float | None = None  # a failure stored after this time is reported, not retried
+
+    @property
+    def poll(self) -> float:
+        return min(2.0, self.timeout / 10)
+
+
+class _Heartbeat:
+    """Keeps a lease alive from a daemon thread while the cell trains."""
+
+    def __init__(self, store: ResultStore, lease: Lease, timeout: float, label: str) -> None:
+        self.store, self.lease, self.timeout, self.label = store, lease, timeout, label
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        # Several beats per timeout, so that one slow write does not lose the lease.
+        while not self._stop.wait(self.timeout / 5):
+            try:
+                held = self.store.heartbeat(self.lease, self.timeout)
+            except sqlite3.Error as err:
+                print(f"warning: lease heartbeat for '{self.label}': {err}", file=sys.stderr)
+                continue
+            if not held:
+                print(
+                    f"warning: the lease on '{self.label}' expired and was taken over; "
+                    "another process may be running it too",
+                    file=sys.stderr,
+                )
+                return
 
 
 def _waves(cells: list[GridCell]) -> list[list[GridCell]]:
@@ -63,12 +130,69 @@ def plugin_versions(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def run_cell(cell: GridCell, grid_name: str, runs_dir: Path, db_path: Path, progress: bool) -> str:
-    """Train and evaluate one cell into the store; returns its final status."""
+def run_cell(
+    cell: GridCell,
+    grid_name: str,
+    runs_dir: Path,
+    db_path: Path,
+    progress: bool,
+    leases: LeaseSettings | None = None,
+) -> str:
+    """Train and evaluate one cell into the store unless another process holds it;
+    returns its status (see the constants above)."""
+    leases = leases or LeaseSettings()
+    store = ResultStore(db_path)
+    claim = _claim(store, cell, leases)
+    if claim.lease is None:
+        if claim.holder is not None:
+            return RUNNING_ELSEWHERE
+        return DONE_ELSEWHERE if claim.status == "complete" else FAILED_ELSEWHERE
+    outcome = "interrupted"  # what the lease history says if neither status is reached
+    try:
+        with _Heartbeat(store, claim.lease, leases.timeout, cell.label):
+            outcome = _run_claimed(cell, grid_name, runs_dir, store, progress)
+    finally:
+        store.release(claim.lease, outcome)
+    return outcome
+
+
+def status_detail(store: ResultStore, cell: GridCell, status: str) -> str | None:
+    """What to say under a cell's status: its error, who holds it, who finished it."""
+    digest = cell.config.digest()
+    if status in ("failed", FAILED_ELSEWHERE):
+        stored = store.get(digest)
+        error = stored.error_line if stored is not None else None
+        return error or "failed without an error message (see `ocl-bench results`)"
+    last = (store.leases(digest) or [None])[-1]
+    if status == RUNNING_ELSEWHERE and last is not None:
+        return f"held by {last.holder()}; --wait waits for it"
+    if status == DONE_ELSEWHERE and last is not None:
+        return f"run by host {last.host}, pid {last.pid}"
+    if status == SKIPPED:
+        held = [d.label for d in cell.needs.values()]
+        return f"needs {', '.join(held)}, not complete here"
+    return None
+
+
+def _claim(store: ResultStore, cell: GridCell, leases: LeaseSettings) -> Claim:
+    """The cell's lease, or what keeps us from it; with `wait`, waits out a live holder."""
+    told = False
+    while True:
+        claim = store.claim(cell.config.digest(), leases.timeout, failed_since=leases.since)
+        if claim.holder is None or not leases.wait:
+            return claim
+        if not told:
+            print(f"waiting for '{cell.label}': {claim.holder.holder()}", file=sys.stderr)
+            told = True
+        time.sleep(leases.poll)
+
+
+def _run_claimed(
+    cell: GridCell, grid_name: str, runs_dir: Path, store: ResultStore, progress: bool
+) -> str:
     from ocl_bench.evaluate import evaluate, load_run
     from ocl_bench.train import train
 
-    store = ResultStore(db_path)
     cfg = cell.config
     digest = cfg.digest()
     run_dir = runs_dir / digest
@@ -108,7 +232,7 @@ def _resolve_needs(cell: GridCell, store: ResultStore, runs_dir: Path) -> RunCon
     for key, dep in cell.needs.items():
         stored = store.get(dep.config.digest())
         if stored is None or stored.status != "complete":
-            state = "failed" if stored is not None else "not run"
+            state = "not run" if stored is None else stored.status
             raise UserError(f"{key}: the run it needs ({dep.label}) is {state}")
         where = Path(stored.run_dir or runs_dir / dep.config.digest()).resolve()
         paths.append(f"{key}={json.dumps(str(where))}")
@@ -123,40 +247,76 @@ def run_grid(
     executor: str = "local",
     slurm: dict[str, Any] | None = None,
     progress: bool = True,
+    wait: bool = False,
+    lease_timeout: float = LEASE_TIMEOUT,
 ) -> dict[str, str]:
-    """Run every cell not yet complete in the store; label -> status."""
+    """Run every cell not yet complete in the store; label -> status.
+
+    Cells another live process holds are skipped, or with `wait` waited for after the
+    rest of their wave has run (then reported as that process left them)."""
     if executor not in ("local", "submitit"):
         raise ConfigError(f"unknown executor '{executor}'; use 'local' or 'submitit'")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if lease_timeout <= 0:
+        raise ConfigError(f"the lease timeout must be positive, got {lease_timeout}")
+    leases = LeaseSettings(lease_timeout, wait=False, since=time.time())
     store = ResultStore(db_path)
     todo: list[GridCell] = []
     statuses: dict[str, str] = {}
     for cell in grid.cells:
         if store.status(cell.config.digest()) == "complete":
-            statuses[cell.label] = "complete (stored)"
+            statuses[cell.label] = STORED
         else:
             todo.append(cell)
-    for wave in _waves(todo):  # a cell's teacher runs (and is stored) before the cell
+
+    def run(cells: list[GridCell], leases: LeaseSettings) -> None:
         if executor == "submitit":
-            statuses.update(_run_submitit(grid.name, wave, db_path, runs_dir, slurm or {}))
-        elif workers <= 1:
-            for cell in wave:
-                statuses[cell.label] = run_cell(cell, grid.name, runs_dir, db_path, progress)
+            statuses.update(_run_submitit(grid.name, cells, db_path, runs_dir, slurm or {}, leases))
+        elif workers == 1:
+            for cell in cells:
+                statuses[cell.label] = run_cell(
+                    cell, grid.name, runs_dir, db_path, progress, leases
+                )
         else:
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 futures = {
-                    cell.label: pool.submit(run_cell, cell, grid.name, runs_dir, db_path, False)
-                    for cell in wave
+                    cell.label: pool.submit(
+                        run_cell, cell, grid.name, runs_dir, db_path, False, leases
+                    )
+                    for cell in cells
                 }
                 for label, fut in futures.items():
                     statuses[label] = fut.result()
+
+    for wave in _waves(todo):  # a cell's teacher runs (and is stored) before the cell
+        ready = []
+        for cell in wave:
+            blocked = any(
+                statuses.get(dep.label) in (RUNNING_ELSEWHERE, SKIPPED)
+                for dep in cell.needs.values()
+            )
+            if blocked:
+                statuses[cell.label] = SKIPPED
+            else:
+                ready.append(cell)
+        run(ready, leases)
+        held = [c for c in ready if statuses[c.label] == RUNNING_ELSEWHERE]
+        if wait and held:
+            run(held, replace(leases, wait=True))
     return statuses
 
 
 def _run_submitit(
-    name: str, cells: list[GridCell], db_path: Path, runs_dir: Path, slurm: dict[str, Any]
+    name: str,
+    cells: list[GridCell],
+    db_path: Path,
+    runs_dir: Path,
+    slurm: dict[str, Any],
+    leases: LeaseSettings,
 ) -> dict[str, str]:
     """One Slurm job per cell ('local' cluster runs them as local processes, for tests)."""
     try:
@@ -174,7 +334,7 @@ def _run_submitit(
         params["gpus_per_node"] = slurm["gpus"]
     executor.update_parameters(**params)
     jobs = [
-        (cell.label, executor.submit(run_cell, cell, name, runs_dir, db_path, False))
+        (cell.label, executor.submit(run_cell, cell, name, runs_dir, db_path, False, leases))
         for cell in cells
     ]
     return {label: job.result() for label, job in jobs}

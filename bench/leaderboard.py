@@ -110,13 +110,46 @@ def _measure(
         if cell is None or cell.status != "complete":
             row.measured[col.key] = None
             continue
-        value = cell.value(col.task, col.metric, col.masks)
-        row.measured[col.key] = None if value is None else value * col.scale
+        _take(row, col, cell)
         shown = cell
     if shown is not None:
         row.figures = _latest_figure(shown)
     if all(v is None for v in row.measured.values()):
         row.missing = "not measured yet (run its grid)"
+
+
+def _take(row: Row, col: Column, cell: Any) -> None:
+    """A complete cell's value for a column (scaled), and how it was measured."""
+    record = cell.record(col.task, col.metric, col.masks)
+    value = None if record is None else record["value"]
+    row.measured[col.key] = None if value is None else value * col.scale
+    if record is not None and record.get("protocol"):
+        row.protocols[col.key] = record["protocol"]
+
+
+def _protocol_text(protocol: dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        return v if isinstance(v, str) else json.dumps(v, separators=(", ", ": "))
+
+    return ", ".join(f"{k}={show(v)}" for k, v in protocol.items())
+
+
+def protocol_notes(board: Leaderboard) -> list[str]:
+    """One line per column and distinct protocol, naming the rows when they differ: what
+    a reader needs to compare a measured number with a published one (e.g. FID's
+    reference set and extractor)."""
+    notes = []
+    for col in board.columns:
+        rows_by_text: dict[str, list[str]] = {}
+        for row in board.rows:
+            if row.protocols.get(col.key):
+                text = _protocol_text(row.protocols[col.key])
+                rows_by_text.setdefault(text, []).append(row.label)
+        name = f"{col.label} [{col.dataset}]" if col.dataset else col.label
+        for text, labels in rows_by_text.items():
+            which = f" ({', '.join(labels)})" if len(rows_by_text) > 1 else ""
+            notes.append(f"{name}{which}: {text}")
+    return notes
 
 
 def _latest_figure(cell: Any) -> list[str]:
@@ -136,16 +169,14 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
         row = Row(cell.label, {}, {})
         stored = store.get(cell.config.digest()) if store else None
         for col in columns:
-            v = (
-                stored.value(col.task, col.metric, col.masks)
-                if stored and stored.status == "complete"
-                else None
-            )
-            row.measured[col.key] = None if v is None else v * col.scale
+            if stored is not None and stored.status == "complete":
+                _take(row, col, stored)
+            else:
+                row.measured[col.key] = None
         if stored is None:
             row.missing = "not measured yet (run its grid)"
         elif stored.status == "failed":
-            row.missing = f"failed: {(stored.error or '').splitlines()[0][:120]}"
+            row.missing = f"failed: {(stored.error_line or '')[:120]}"
         else:
             row.figures = _latest_figure(stored)
         rows.append(row)
@@ -195,12 +226,20 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
             )
         if board.overrides:
             head += f"Measured with: {' '.join(board.overrides)}\n"
-        return head + "\n" + tabulate(body, headers=headers, tablefmt="github")
+        text = head + "\n" + tabulate(body, headers=headers, tablefmt="github")
+        notes = protocol_notes(board)
+        if notes:
+            text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
+        return text
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(headers)
-        writer.writerows(body)
+        # The protocols as one JSON field per row (column key -> protocol), when any.
+        with_protocols = any(r.protocols for r in board.rows)
+        writer.writerow([*headers, "protocol"] if with_protocols else headers)
+        for r, line in zip(board.rows, body):
+            extra = [json.dumps(r.protocols) if r.protocols else ""] if with_protocols else []
+            writer.writerow([*line, *extra])
         return buf.getvalue()
     if fmt == "json":
         return json.dumps(
@@ -210,6 +249,7 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                 "source": board.source,
                 "columns": [c.__dict__ for c in board.columns],
                 "measured_with": board.overrides,
+                "protocols": protocol_notes(board),
                 "rows": [
                     {
                         "label": r.label,
@@ -217,6 +257,7 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                         "measured": r.measured,
                         "missing": r.missing,
                         "config_hashes": r.config_hashes,
+                        "protocol": r.protocols,
                     }
                     for r in board.rows
                 ],

@@ -38,6 +38,16 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
+    from ocl_bench.leaderboard import protocol_notes
+
+    notes = protocol_notes(board)
+    protocols = (
+        "<section class='protocols'><h2>Protocols</h2><ul>"
+        + "".join(f"<li>{html.escape(note)}</li>" for note in notes)
+        + "</ul></section>"
+        if notes
+        else ""
+    )
     measured_with = (
         f"<p>Measured with: <code>{html.escape(' '.join(board.overrides))}</code></p>"
         if board.overrides
@@ -49,5 +59,5 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{figures}</body></html>"
+        f"{protocols}{figures}</body></html>"
     )

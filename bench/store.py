@@ -2,11 +2,19 @@
 
 A cell's metrics and its 'complete' status are written in one transaction, so a worker
 killed mid-write leaves either nothing or the whole row.
+
+A process runs a cell only while it holds the cell's lease (table `leases`: host, pid,
+heartbeat, expiry), taken in one transaction with a look at the cell's status, so two
+grids started together on one database never run the same cell at once. A lease whose
+heartbeat stopped, or whose process is gone from this host, is taken over. Released
+leases stay as the history of who ran what.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -41,9 +49,81 @@ CREATE TABLE IF NOT EXISTS metrics (
     value REAL,
     resolution TEXT,
     num_images INTEGER,
+    protocol TEXT,
     UNIQUE (cell_id, task, metric, masks)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY,
+    config_hash TEXT NOT NULL,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    expires REAL NOT NULL,
+    released REAL,
+    outcome TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_live_lease ON leases (config_hash) WHERE released IS NULL;
 """
+
+# Columns added after a database may have been created, with their SQL type.
+ADDED_COLUMNS = {"metrics": {"protocol": "TEXT"}}
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+@dataclass
+class Lease:
+    """A process's claim on a cell while it runs it."""
+
+    id: int
+    config_hash: str
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+    expires: float
+    released: float | None = None
+    outcome: str | None = None
+
+    def holder(self) -> str:
+        return f"host {self.host}, pid {self.pid}, since {_when(self.started)}"
+
+    def expired(self, now: float) -> str | None:
+        """Why this live lease no longer holds its cell, or None while it does."""
+        if self.host == this_host() and not pid_alive(self.pid):
+            return f"expired: pid {self.pid} on {self.host} is gone"
+        if self.expires < now:
+            return f"expired: no heartbeat from {self.holder()} after {_when(self.heartbeat)}"
+        return None
+
+
+@dataclass
+class Claim:
+    """What claiming a cell found: our lease, another live holder's, or a finished cell."""
+
+    lease: Lease | None = None  # ours: run the cell, then release it
+    holder: Lease | None = None  # another live process runs the cell
+    status: str | None = None  # "complete", or "failed" by another process (no lease taken)
+    error: str | None = None
+    last: Lease | None = None  # the newest lease of the cell, for saying who finished it"""
 
 
 @dataclass
@@ -64,14 +144,30 @@ class Cell:
     ended: float | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
-    def value(self, task: str, metric: str, masks: str | None = None) -> float | None:
-        """A stored metric; with `masks` unset, the decoder masks' value when there is one
-        (what SPOT and DINOSAUR report), else the first recorded."""
+    @property
+    def error_line(self) -> str | None:
+        """The error in one line: a stored traceback's last line says what went wrong."""
+        if not self.error:
+            return None
+        if "Traceback (most recent call last)" in self.error:
+            kind = self.error.split(":", 1)[0]
+            last = [line.strip() for line in self.error.splitlines() if line.strip()][-1]
+            return last if last.startswith(kind) else f"{kind}: {last}"
+        return " ".join(self.error.split())
+
+    def record(self, task: str, metric: str, masks: str | None = None) -> dict[str, Any] | None:
+        """A stored metric's record (value, masks, resolution, images, protocol); with
+        `masks` unset, the decoder masks' when there is one (what SPOT and DINOSAUR
+        report), else the first recorded."""
         found = [m for m in self.metrics if m["task"] == task and m["metric"] == metric]
         if masks is not None:
             found = [m for m in found if m["masks"] == masks]
         found.sort(key=lambda m: m["masks"] != "decoder")
-        return found[0]["value"] if found else None
+        return found[0] if found else None
+
+    def value(self, task: str, metric: str, masks: str | None = None) -> float | None:
+        found = self.record(task, metric, masks)
+        return found["value"] if found else None
 
 
 def _wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
@@ -101,6 +197,7 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
+            self._add_columns(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -112,6 +209,96 @@ class ResultStore:
             yield db
         finally:
             db.close()
+
+    @staticmethod
+    def _add_columns(db: sqlite3.Connection) -> None:
+        """Bring a database made by an older version up to SCHEMA (ALTER TABLE, once)."""
+
+        def missing() -> list[tuple[str, str, str]]:
+            found = []
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                found += [(table, n, t) for n, t in columns.items() if n not in have]
+            return found
+
+        if not missing():  # the usual case takes no write lock
+            return
+        db.execute("BEGIN IMMEDIATE")  # two processes opening an old file add each column once
+        for table, name, sql_type in missing():
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+        db.execute("COMMIT")
+
+    def claim(self, config_hash: str, timeout: float, failed_since: float | None = None) -> Claim:
+        """Take the cell's lease unless it is complete, held by a live process, or (when
+        `failed_since` is given) failed in another process since that time."""
+        now = time.time()
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            db.execute("BEGIN IMMEDIATE")
+            cell = db.execute(
+                "SELECT status, error, ended FROM cells WHERE config_hash = ?", (config_hash,)
+            ).fetchone()
+            last = db.execute(
+                "SELECT * FROM leases WHERE config_hash = ? ORDER BY id DESC LIMIT 1",
+                (config_hash,),
+            ).fetchone()
+            last_lease = Lease(**dict(last)) if last else None
+            finished = cell is not None and (
+                cell["status"] == "complete"
+                or (
+                    cell["status"] == "failed"
+                    and failed_since is not None
+                    and (cell["ended"] or 0) >= failed_since
+                )
+            )
+            if finished:
+                db.execute("COMMIT")
+                return Claim(status=cell["status"], error=cell["error"], last=last_lease)
+            if last_lease is not None and last_lease.released is None:
+                why = last_lease.expired(now)
+                if why is None:
+                    db.execute("COMMIT")
+                    return Claim(holder=last_lease, last=last_lease)
+                db.execute(
+                    "UPDATE leases SET released = ?, outcome = ? WHERE id = ?",
+                    (now, why, last_lease.id),
+                )
+            host, pid = this_host(), os.getpid()
+            cursor = db.execute(
+                "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
+                " VALUES (?,?,?,?,?,?)",
+                (config_hash, host, pid, now, now, now + timeout),
+            )
+            db.execute("COMMIT")
+        lease = Lease(cursor.lastrowid, config_hash, host, pid, now, now, now + timeout)
+        return Claim(lease=lease, last=last_lease)
+
+    def heartbeat(self, lease: Lease, timeout: float) -> bool:
+        """Extend a lease we hold; False when it was taken over (we stalled too long)."""
+        now = time.time()
+        with self._connect() as db:
+            changed = db.execute(
+                "UPDATE leases SET heartbeat = ?, expires = ? WHERE id = ? AND released IS NULL",
+                (now, now + timeout, lease.id),
+            ).rowcount
+        return changed == 1
+
+    def release(self, lease: Lease, outcome: str) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE leases SET released = ?, outcome = ? WHERE id = ? AND released IS NULL",
+                (time.time(), outcome, lease.id),
+            )
+
+    def leases(self, config_hash: str | None = None, live: bool = False) -> list[Lease]:
+        """Every lease (or the unreleased ones) in the order taken; of one cell if given."""
+        terms = [*(["config_hash = ?"] if config_hash else []), *(["released IS NULL"] * live)]
+        where = f"WHERE {' AND '.join(terms)}" if terms else ""
+        args = (config_hash,) if config_hash else ()
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(f"SELECT * FROM leases {where} ORDER BY id", args).fetchall()
+        return [Lease(**dict(r)) for r in rows]
 
     def start(self, cell: Cell) -> None:
         """Mark a cell running (a failed or interrupted earlier attempt is replaced)."""
@@ -154,8 +341,8 @@ class ResultStore:
                 raise KeyError(f"no cell with config hash {config_hash}")
             db.execute("DELETE FROM metrics WHERE cell_id = ?", (row[0],))
             db.executemany(
-                "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution, num_images)"
-                " VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution,"
+                " num_images, protocol) VALUES (?,?,?,?,?,?,?,?)",
                 [
                     (
                         row[0],
@@ -165,6 +352,7 @@ class ResultStore:
                         r["value"],
                         json.dumps(r.get("resolution")),
                         r.get("num_images", 0),
+                        None if r.get("protocol") is None else json.dumps(r["protocol"]),
                     )
                     for r in records
                 ],
@@ -212,6 +400,7 @@ class ResultStore:
         for m in metrics:
             entry = dict(m)
             entry["resolution"] = json.loads(entry["resolution"]) if entry["resolution"] else None
+            entry["protocol"] = json.loads(entry["protocol"]) if entry["protocol"] else None
             by_cell.setdefault(entry.pop("cell_id"), []).append(entry)
         out = []
         for r in rows:

@@ -25,6 +25,10 @@ class MetricRecord:
     masks: str | None = None  # "decoder" or "attn": which masks were scored
     resolution: tuple[int, int] | None = None
     num_images: int = 0
+    # How it was measured beyond masks, resolution and count, as JSON-ready values: what a
+    # reader needs to compare it with a published number (for FID: images, resolution,
+    # reference set, feature extractor and its weights hash). Stored; shown by leaderboards.
+    protocol: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
