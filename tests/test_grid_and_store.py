@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ocl_bench.errors import ConfigError
-from ocl_bench.grid import load_grid, run_grid
+from ocl_bench.grid import _Heartbeat, load_grid, run_cell, run_grid, status_detail
 from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.store import SCHEMA, Cell, ResultStore, this_host
 from tests.conftest import TINY as ALL_TINY
 
 # The grids below choose their own tasks.
@@ -213,3 +213,155 @@ def test_published_leaderboard_names_missing_plugins_and_renders(tmp_path: Path)
     csv_text = render(board, "csv")
     assert csv_text.splitlines()[0].startswith("system,")
     assert len(csv_text.splitlines()) == 1 + len(board.rows)
+
+
+def _hold(db: Path, config_hash: str, host: str, pid: int, heartbeat_age: float) -> None:
+    """A live lease row as another process would have written it."""
+    beat = time.time() - heartbeat_age
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
+            " VALUES (?,?,?,?,?,?)",
+            (config_hash, host, pid, beat - 5, beat, beat + 60),
+        )
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_cell_is_leased_once_and_the_holder_is_named(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "r.sqlite")
+    mine = store.claim("abc", timeout=60)
+    assert mine.lease is not None and mine.holder is None
+    assert (mine.lease.host, mine.lease.pid) == (this_host(), os.getpid())
+    # A second claim (here from the same live process) finds the lease held, and by whom.
+    again = store.claim("abc", timeout=60)
+    assert again.lease is None and again.holder is not None
+    assert again.holder.id == mine.lease.id
+    assert f"pid {os.getpid()}" in again.holder.holder() and this_host() in again.holder.holder()
+    store.release(mine.lease, "complete")
+    after = store.claim("abc", timeout=60)
+    assert after.lease is not None and after.lease.id != mine.lease.id
+    assert [(lease.id, lease.outcome) for lease in store.leases("abc")] == [
+        (mine.lease.id, "complete"),
+        (after.lease.id, None),
+    ]
+
+
+def test_stale_leases_are_taken_over_and_live_ones_on_other_hosts_kept(tmp_path: Path) -> None:
+    db = tmp_path / "r.sqlite"
+    store = ResultStore(db)
+    dead = _dead_pid()
+    _hold(db, "dead-pid", this_host(), dead, heartbeat_age=0)  # fresh heartbeat, pid gone
+    _hold(db, "silent", "elsewhere.example", 4242, heartbeat_age=120)  # expired a minute ago
+    _hold(db, "busy", "elsewhere.example", 4242, heartbeat_age=1)  # another host, alive
+
+    taken = store.claim("dead-pid", timeout=60)
+    assert taken.lease is not None
+    old = store.leases("dead-pid")[0]
+    assert old.released is not None
+    assert old.outcome == f"expired: pid {dead} on {this_host()} is gone"
+    taken = store.claim("silent", timeout=60)
+    assert taken.lease is not None
+    assert store.leases("silent")[0].outcome.startswith("expired: no heartbeat from host elsewhere")
+    # A pid on another host cannot be checked here: only its heartbeat expires its lease.
+    held = store.claim("busy", timeout=60)
+    assert held.lease is None and held.holder.host == "elsewhere.example"
+    assert [lease.outcome for lease in store.leases("busy")] == [None]
+
+
+def test_claim_reports_finished_cells_instead_of_leasing_them(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "r.sqlite")
+    for digest in ("done", "failed-before", "failed-after"):
+        store.start(Cell(digest, {}, {}, "shapes", "val", 0, "running"))
+    store.complete("done", [])
+    store.fail("failed-before", "RuntimeError: old")
+    since = time.time()
+    store.fail("failed-after", "RuntimeError: in the other grid")
+
+    done = store.claim("done", timeout=60, failed_since=since)
+    assert (done.lease, done.holder, done.status) == (None, None, "complete")
+    failed = store.claim("failed-after", timeout=60, failed_since=since)
+    assert failed.lease is None and failed.status == "failed"
+    assert failed.error == "RuntimeError: in the other grid"
+    # A failure from before this grid started is retried.
+    assert store.claim("failed-before", timeout=60, failed_since=since).lease is not None
+    assert store.leases("done") == [] and store.leases("failed-after") == []
+
+
+def test_heartbeat_extends_a_lease_and_notices_a_takeover(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "r.sqlite")
+    lease = store.claim("abc", timeout=60).lease
+    assert lease is not None
+    with _Heartbeat(store, lease, timeout=0.25, label="abc"):
+        time.sleep(0.6)
+        beat = store.leases("abc")[0]
+    assert beat.heartbeat > lease.heartbeat and beat.expires == pytest.approx(beat.heartbeat + 0.25)
+    time.sleep(0.3)  # no heartbeat any more: expired
+    assert store.claim("abc", timeout=60).lease is not None
+    assert store.heartbeat(lease, 60) is False  # the first owner learns it lost the cell
+
+
+def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ocl_bench.train
+
+    grid = load_grid(write_grid(tmp_path / "g.toml"), TINY)
+    cell = grid.cells[0]
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocl_bench.train, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, "tiny", runs, db, False)
+    store = ResultStore(db)
+    digest = cell.config.digest()
+    assert [lease.outcome for lease in store.leases(digest)] == ["interrupted"]
+    assert store.leases(digest, live=True) == []
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ocl_bench.train, "train", broken)
+    assert run_cell(cell, "tiny", runs, db, False) == "failed"
+    stored = store.get(digest)
+    assert stored.status == "failed" and stored.error_line == "RuntimeError: disk full"
+    assert [lease.outcome for lease in store.leases(digest)] == ["interrupted", "failed"]
+    printed = status_detail(store, cell, "failed")
+    assert printed == "RuntimeError: disk full"
+
+
+def test_an_old_database_gains_the_protocol_column_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    # The tables as they were before protocols and leases.
+    without_protocol = SCHEMA.replace("    protocol TEXT,\n", "")
+    old_schema = without_protocol.split("CREATE TABLE IF NOT EXISTS leases")[0]
+    with sqlite3.connect(path) as conn:
+        conn.executescript(old_schema)
+        conn.execute(
+            "INSERT INTO cells (id, config_hash, config, plugins, dataset, split, seed, status)"
+            " VALUES (1, 'old', '{}', '{}', 'shapes', 'val', 0, 'complete')"
+        )
+        conn.execute(
+            "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution, num_images)"
+            " VALUES (1, 'object_discovery', 'fg_ari', 'decoder', 0.25, '[32, 32]', 16)"
+        )
+    store = ResultStore(path)
+    old = store.get("old")
+    assert old.value("object_discovery", "fg_ari") == 0.25
+    assert old.record("object_discovery", "fg_ari")["protocol"] is None
+    protocol = {"images": 64, "reference": "shapes/val", "extractor": {"sha256": "ab12"}}
+    store.start(Cell("new", {}, {}, "shapes", "val", 0, "running"))
+    record = {"task": "conditional_generation", "metric": "fid", "value": 12.5}
+    store.complete("new", [{**record, "protocol": protocol}])
+    assert store.get("new").record("conditional_generation", "fid")["protocol"] == protocol
+    ResultStore(path)  # opening it again adds nothing twice
+    with sqlite3.connect(path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(metrics)")]
+    assert columns.count("protocol") == 1
