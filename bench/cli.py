@@ -100,24 +100,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_import(args: argparse.Namespace) -> int:
-    from ocl_bench.spot_import import import_spot
+# Options of the first (SPOT-only) import command, kept working as the overrides they mean.
+IMPORT_OPTION_OVERRIDES = {
+    "encoder": "encoder.name",
+    "num_slots": "grouping.num_slots",
+    "num_heads": "decoder.num_heads",
+    "eval_order": "decoder.eval_order",
+}
 
-    result = import_spot(
-        args.path,
-        args.out,
-        args.overrides,
-        encoder=args.encoder,
-        num_slots=args.num_slots,
-        num_heads=args.num_heads,
-        eval_order=args.eval_order,
-    )
-    lay = result.layout
-    print(
-        f"imported SPOT stage-{lay.stage} checkpoint into {args.out}: {lay.num_slots} slots "
-        f"x {lay.slot_dim}, D={lay.dim}, {lay.num_layers} decoder blocks, "
-        f"{lay.num_orders} order(s); evaluate with `ocl-bench eval {args.out}`"
-    )
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from ocl_bench.importing import import_checkpoint
+    from ocl_bench.registry import registry
+
+    formats = registry().infos
+    importers = [i for i in formats if i.kind == "importer"]
+    if args.list:
+        rows = [[i.name, i.distribution, i.version, i.cls.summary()] for i in importers]
+        print(tabulate(rows, headers=["format", "distribution", "version", "reads"]))
+        return 0
+    if not args.format or not args.path or not args.out:
+        known = ", ".join(i.name for i in importers) or "(none installed)"
+        raise UserError(
+            f"usage: ocl-bench import FORMAT PATH --out RUN_DIR [overrides]; formats: {known}"
+        )
+    leading = [
+        f"{key}={getattr(args, option)}"
+        for option, key in IMPORT_OPTION_OVERRIDES.items()
+        if getattr(args, option) is not None
+    ]
+    result = import_checkpoint(args.format, args.path, args.out, [*leading, *args.overrides])
+    print(f"imported {result.summary} into {args.out}; evaluate with `ocl-bench eval {args.out}`")
     for note in result.notes:
         print(f"  {note}")
     return 0
@@ -286,20 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("import", help="turn an official checkpoint into a run directory")
-    p.add_argument("format", choices=["spot"], help="checkpoint layout (gkakogeorgiou/spot)")
-    p.add_argument("path", help="official checkpoint file (checkpoint.pt.tar, best_model.pt)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dataset.name=coco")
-    p.add_argument("--out", required=True, help="new run directory")
-    p.add_argument("--encoder", default="dino_vitb16", help="encoder plugin for encoder.*")
-    p.add_argument("--num-slots", type=int, help="slots (required for stage-1 files)")
-    p.add_argument("--num-heads", type=int, default=6, help="decoder heads (not in shapes)")
+    p = sub.add_parser("import", help="turn another code base's checkpoint into a run directory")
+    p.add_argument("format", nargs="?", help="checkpoint format: an importer plugin (see --list)")
+    p.add_argument("path", nargs="?", help="the checkpoint file")
     p.add_argument(
-        "--eval-order",
-        choices=["standard", "random", "all"],
-        default="all",
-        help="decoder orders at eval ('all' as SPOT's README numbers)",
+        "overrides",
+        nargs="*",
+        help="dotted run-config overrides, e.g. dataset.name=coco grouping.num_slots=7; "
+        "importer.KEY=VALUE sets the importer's params (ocl-bench plugins show FORMAT)",
     )
+    p.add_argument("--out", help="new run directory (must not exist, or be empty)")
+    p.add_argument("--list", action="store_true", help="list the formats and their distribution")
+    for option in IMPORT_OPTION_OVERRIDES:  # hidden: the overrides say the same
+        p.add_argument(f"--{option.replace('_', '-')}", dest=option, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("grid", help="run an ablation grid into the results database")

@@ -26,7 +26,7 @@ from torch import nn
 from ocl_bench.compose import build_objectives
 from ocl_bench.contracts import Batch
 from ocl_bench.evaluate import load_run
-from ocl_bench.spot_import import import_spot, inspect, map_state
+from ocl_bench.importers.spot import import_spot, inspect, map_state
 
 REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
 pytestmark = pytest.mark.skipif(

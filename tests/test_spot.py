@@ -34,6 +34,7 @@ from ocl_bench.decoders.spot_ar import (
 from ocl_bench.errors import DataError
 from ocl_bench.evaluate import load_run
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.importers.spot import import_spot
 from ocl_bench.objectives.spot_self_training import (
     SpotSelfTraining,
     SpotSelfTrainingParams,
@@ -43,7 +44,6 @@ from ocl_bench.objectives.spot_self_training import (
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 from ocl_bench.registry import PluginInfo, Registry, registry
-from ocl_bench.spot_import import import_spot
 
 D, DS, K, HID, LAYERS, HEADS, G = 32, 16, 4, 32, 2, 2, 4
 N = G * G

@@ -1,10 +1,10 @@
-"""Import an official SPOT checkpoint (gkakogeorgiou/spot) as an ocl-bench run directory.
+"""Importer plugin "spot": an official SPOT checkpoint (gkakogeorgiou/spot) as a run directory.
 
-`ocl-bench import spot PATH --out RUN_DIR` reads a stage-1 or stage-2 checkpoint in the
-official key layout (../shared/reference/spot-and-mage.md, "SPOT checkpoint layout"),
-infers the sizes from the tensor shapes, maps the keys onto the modules of
-encoder + `slot_attention` + `spot_ar`, and writes config.toml and checkpoint/ (step 0),
-which `ocl-bench eval RUN_DIR` evaluates.
+`ocl-bench import spot PATH --out RUN_DIR [overrides]` reads a stage-1 or stage-2 checkpoint
+in the official key layout (../shared/reference/spot-and-mage.md, "SPOT checkpoint layout"),
+infers the sizes from the tensor shapes, maps the keys onto the modules of encoder +
+`slot_attention` + `spot_ar`, and writes config.toml, import.json and checkpoint/ (step 0),
+which `ocl-bench eval RUN_DIR` evaluates (bench/importing.py does the reading and writing).
 
 Official layout (the file is `{"model": state_dict, "optimizer", "epoch", "best_*"}` for
 `checkpoint.pt.tar`, or a bare state_dict for `best_model.pt`; legacy `tf_dec.` keys are
@@ -22,11 +22,17 @@ renamed to `dec.` as eval_spot.py does):
     encoder.*  (DINO ViT, timm keys)            -> the encoder's input backbone
     second_encoder.* (stage 2: frozen DINO)     -> the encoder's target backbone
 
-Sizes that shapes do not record: the number of attention heads (`--num-heads`, official
-6), the slot-attention iterations (`grouping.iterations`, official 3) and, for a stage-1
-file, the number of slots (`--num-slots`; Gaussian init has no per-slot tensor).
+Sizes that shapes do not record come from overrides, with SPOT's values as defaults: the
+decoder's attention heads (`decoder.num_heads`, official 6), the slot-attention iterations
+(`grouping.iterations`, official 3) and, for a stage-1 file, the number of slots
+(`grouping.num_slots`, required; Gaussian init has no per-slot tensor).
 
-Encoder weights. The official encoder is DINO ViT-B/16 (`--encoder`, default
+Evaluation protocol. SPOT resizes images bilinearly (OCLF, and so the coco and voc plugins,
+bicubically): the run gets `dataset.interpolation=bilinear` wherever the dataset has that
+param and no override sets it (`importer.protocol=false` keeps the dataset's default), and
+the decoder evaluates with all 9 orders (`decoder.eval_order=all`, SPOT's README numbers).
+
+Encoder weights. The official encoder is DINO ViT-B/16 (`encoder.name`, default
 "dino_vitb16", the ViT plugin of encoders/vit.py). Its keys are timm's; they are copied
 into the encoder plugin's module whose state_dict holds all of them. An encoder plugin
 can say where explicitly with an attribute `spot_backbones = {"encoder": "prefix.",
@@ -39,22 +45,35 @@ encoder weights, the encoder keeps the weights its plugin loaded.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ocl_bench import checkpoint
 from ocl_bench import config as config_module
 from ocl_bench.compose import build_model
-from ocl_bench.config import RunConfig, apply_overrides, load_raw, resolve
+from ocl_bench.config import apply_overrides, load_raw, resolve
 from ocl_bench.data import make_dataset
 from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.importing import (
+    CheckpointImporter,
+    ImportResult,
+    dim_of,
+    indices_under,
+    load_strict,
+    make_importer,
+    module_prefixes_holding,
+    read_state_dict,
+    require_keys,
+    set_unless_overridden,
+)
+from ocl_bench.params import param
+
+LAYOUT_NAME = "an official SPOT checkpoint layout (stage 1 or stage 2)"
+
 
 # official key after "slot_attn." -> ours after "grouping."
 SLOT_ATTENTION_KEYS = {
@@ -104,49 +123,14 @@ class SpotLayout:
     has_second_encoder: bool
 
 
-@dataclass
-class ImportResult:
-    config: RunConfig
-    layout: SpotLayout
-    notes: list[str] = field(default_factory=list)
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The model state_dict of an official file (unwrapped, legacy keys renamed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"SPOT checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for bad pickles
-        reason = " ".join(str(err).split("Check the documentation")[0].split())
-        raise DataError(f"cannot read SPOT checkpoint {path}: {reason}") from None
-    if isinstance(obj, dict):
-        for wrapper in ("model", "state_dict"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise DataError(
-            f"{path} holds no SPOT state_dict (expected a dict of tensors, or one under 'model')"
-        )
     state = {}
-    for key, value in obj.items():
-        key = key[len("module.") :] if key.startswith("module.") else key
+    for key, value in read_state_dict(path, "SPOT checkpoint").items():
         if key.startswith("tf_dec."):  # older runs (eval_spot.py renames them the same way)
             key = "dec." + key[len("tf_dec.") :]
         state[key] = value
     return state
-
-
-def _shape(state: dict[str, Tensor], key: str, dim: int) -> int | None:
-    value = state.get(key)
-    return int(value.shape[dim]) if value is not None and value.dim() > dim else None
-
-
-def _indices(state: dict[str, Tensor], prefix: str) -> list[int]:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in state if (m := pattern.match(k))})
 
 
 def _vit_keys(depth: int) -> list[str]:
@@ -163,30 +147,30 @@ def inspect(
     q = "slot_attn.slot_attention."
     stage = 2 if "slot_attn.slots_init.weight" in state else 1
     dim = (
-        _shape(state, "input_proj.0.weight", 0)
-        or _shape(state, "dec.layer_norm.weight", 0)
-        or _shape(state, "slot_attn.layer_norm.weight", 0)
+        dim_of(state, "input_proj.0.weight", 0)
+        or dim_of(state, "dec.layer_norm.weight", 0)
+        or dim_of(state, "slot_attn.layer_norm.weight", 0)
         or 0
     )
-    slot_dim = _shape(state, q + "project_q.weight", 0) or _shape(state, q + "norm_slots.weight", 0)
+    slot_dim = dim_of(state, q + "project_q.weight", 0) or dim_of(state, q + "norm_slots.weight", 0)
     slot_dim = slot_dim or 0
-    found_k = _shape(state, "slot_attn.slots_init.weight", 0)
+    found_k = dim_of(state, "slot_attn.slots_init.weight", 0)
     if found_k is not None and num_slots is not None and num_slots != found_k:
         raise DataError(f"the checkpoint has {found_k} slots, not {num_slots}")
-    layers = len(_indices(state, "dec.blocks.")) or 1
-    depth = len(_indices(state, "encoder.blocks.")) or len(
-        _indices(state, "second_encoder.blocks.")
+    layers = len(indices_under(state, "dec.blocks.")) or 1
+    depth = len(indices_under(state, "encoder.blocks.")) or len(
+        indices_under(state, "second_encoder.blocks.")
     )
     layout = SpotLayout(
         stage=stage,
         dim=dim,
         slot_dim=slot_dim,
         num_slots=found_k if found_k is not None else num_slots,
-        mlp_hidden=_shape(state, q + "mlp.0.weight", 0) or 0,
+        mlp_hidden=dim_of(state, q + "mlp.0.weight", 0) or 0,
         num_layers=layers,
-        ffn_dim=_shape(state, "dec.blocks.0.ffn.0.weight", 0) or 4 * dim,
-        num_orders=_shape(state, "bos_tokens", 0) or 0,
-        num_tokens=_shape(state, "dec.blocks.0.self_attn_mask", 0),
+        ffn_dim=dim_of(state, "dec.blocks.0.ffn.0.weight", 0) or 4 * dim,
+        num_orders=dim_of(state, "bos_tokens", 0) or 0,
+        num_tokens=dim_of(state, "dec.blocks.0.self_attn_mask", 0),
         encoder_depth=depth,
         has_encoder=any(k.startswith("encoder.") for k in state),
         has_second_encoder=any(k.startswith("second_encoder.") for k in state),
@@ -249,48 +233,19 @@ def inspect(
 
 def check_layout(state: dict[str, Tensor], shapes: dict[str, tuple[int, ...] | None]) -> None:
     """DataError listing every missing, unexpected and wrongly shaped key."""
-    missing = [k for k in shapes if k not in state]
-    unexpected = [k for k in state if k not in shapes]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (expected {shapes[k]})"
-        for k in shapes
-        if k in state and shapes[k] is not None and tuple(state[k].shape) != shapes[k]
-    ]
-    if not (missing or unexpected or wrong):
-        return
-    parts = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - 20} more)" if len(keys) > 20 else ""
-            parts.append(f"{label} ({len(keys)}): {', '.join(keys[:20])}{more}")
-    if wrong:
-        parts.append(f"wrong shapes: {', '.join(wrong[:10])}")
-    raise DataError(
-        "not an official SPOT checkpoint layout (stage 1 or stage 2): " + "; ".join(parts)
-    )
+    require_keys(state, shapes, LAYOUT_NAME)
 
 
-def _run_config(
-    layout: SpotLayout,
-    encoder: str,
-    num_heads: int,
-    eval_order: str,
-    overrides: list[str],
-) -> dict[str, Any]:
-    if layout.num_slots is None:
-        raise DataError(
-            "a stage-1 SPOT checkpoint (shared Gaussian init) does not record the number of "
-            "slots; pass --num-slots (official: 7 COCO, 6 VOC, 11 MOVi-C, 24 MOVi-E)"
-        )
+def _run_config(layout: SpotLayout, overrides: list[str]) -> dict[str, Any]:
+    """SPOT's run config for this layout, then the user's overrides."""
     if layout.num_orders not in (1, 9):
         raise DataError(f"bos_tokens has {layout.num_orders} orders; SPOT uses 1 or 9")
     if layout.ffn_dim % layout.dim:
         raise DataError(f"FFN size {layout.ffn_dim} is not a multiple of D={layout.dim}")
     raw = load_raw(None)
-    raw["encoder"] = {"name": encoder}
+    raw["encoder"] = {"name": "dino_vitb16"}
     raw["grouping"] = {
         "name": "slot_attention",
-        "num_slots": layout.num_slots,
         "slot_dim": layout.slot_dim,
         "iterations": 3,
         "mlp_hidden": layout.mlp_hidden,
@@ -298,39 +253,39 @@ def _run_config(
         "truncation": "bi-level" if layout.stage == 2 else "none",
         "pre_mlp": True,
     }
+    if layout.num_slots is not None:
+        raw["grouping"]["num_slots"] = layout.num_slots
     raw["decoder"] = {
         "name": "spot_ar",
         "num_layers": layout.num_layers,
-        "num_heads": num_heads,
+        "num_heads": 6,
         "ffn_multiplier": layout.ffn_dim // layout.dim,
         "orders": "all" if layout.num_orders == 9 else "standard",
         "train_order": "random" if layout.num_orders == 9 else "standard",
-        "eval_order": eval_order,
+        "eval_order": "all",
     }
     raw["objectives"] = {"reconstruction": {}}
     raw["tasks"] = {"object_discovery": {}}
-    # SPOT's optimisation settings, for the record (an imported run is not trained here).
+    # SPOT's optimisation settings, for the record (the checkpoint is at step 0 of this run).
     raw["train"] = {
         **raw.get("train", {}),
-        "steps": 0,
         "batch_size": 64,
         "lr": 4e-4,
         "weight_decay": 0.0,
         "grad_clip": 0.3,
         "grad_clip_norm": "inf",
     }
-    return apply_overrides(raw, overrides)
-
-
-def _backbone_prefixes(encoder: nn.Module, keys: list[str]) -> list[str]:
-    """Prefixes p (inside the encoder) such that encoder.state_dict() has p + every key."""
-    have = set(encoder.state_dict())
-    found = []
-    for name, _ in encoder.named_modules():
-        prefix = f"{name}." if name else ""
-        if all(prefix + k in have for k in keys):
-            found.append(prefix)
-    return found
+    raw = apply_overrides(raw, overrides)
+    slots = raw.get("grouping", {}).get("num_slots")
+    if layout.num_slots is not None and slots != layout.num_slots:
+        raise DataError(f"the checkpoint has {layout.num_slots} slots, not {slots}")
+    if slots is None:
+        raise DataError(
+            "a stage-1 SPOT checkpoint (shared Gaussian init) does not record the number of "
+            "slots; pass grouping.num_slots=K (or --num-slots K; official: 7 COCO, 6 VOC, "
+            "11 MOVi-C, 24 MOVi-E)"
+        )
+    return raw
 
 
 def _encoder_weights(
@@ -351,14 +306,14 @@ def _encoder_weights(
         input_prefixes = [explicit["encoder"]] if explicit.get("encoder") is not None else []
         target_prefixes = [explicit[k] for k in ("second_encoder",) if explicit.get(k) is not None]
     else:
-        candidates = _backbone_prefixes(encoder, core)
+        candidates = module_prefixes_holding(encoder, core)
         target_prefixes = [p for p in candidates if any(w in p for w in TARGET_WORDS)][:1]
         input_prefixes = [p for p in candidates if p not in target_prefixes][:1]
     if not input_prefixes:
         raise DataError(
             f"encoder '{encoder_name}' has no ViT with the checkpoint's timm keys (depth "
             f"{layout.encoder_depth}, dim {layout.dim}, e.g. {keys[4]}); use an encoder "
-            "plugin that wraps a timm-layout ViT (--encoder)"
+            "plugin that wraps a timm-layout ViT (encoder.name=NAME)"
         )
     if layout.has_second_encoder and not target_prefixes:
         raise DataError(
@@ -413,20 +368,80 @@ def map_state(
             ours["decoder." + key[len("dec.") :]] = value
     encoder_part, notes = _encoder_weights(model.encoder, encoder_name, state, layout)
     ours.update({"encoder." + k: v for k, v in encoder_part.items()})
-    current = model.state_dict()
-    for key, value in current.items():  # the encoder keeps what the file does not set
+    for key, value in model.state_dict().items():  # the encoder keeps what the file does not set
         if key.startswith("encoder.") and key not in ours:
             ours[key] = value
-    missing = sorted(set(current) - set(ours))
-    unexpected = sorted(set(ours) - set(current))
-    wrong = [k for k in ours if k in current and ours[k].shape != current[k].shape]
-    if missing or unexpected or wrong:
-        raise DataError(
-            f"the SPOT checkpoint does not fit the model built from it: missing {missing[:10]}, "
-            f"unexpected {unexpected[:10]}, wrong shapes "
-            f"{[(k, tuple(ours[k].shape), tuple(current[k].shape)) for k in wrong[:10]]}"
-        )
     return ours, notes
+
+
+@dataclass(frozen=True)
+class SpotImporterParams:
+    protocol: bool = param(
+        True,
+        "evaluate as SPOT does: dataset.interpolation=bilinear where the dataset has it and "
+        "no override sets it; false keeps the dataset's default (coco, voc: bicubic, OCLF)",
+    )
+
+
+class SpotImporter(CheckpointImporter):
+    """Official SPOT checkpoints (gkakogeorgiou/spot), stage 1 or 2: slot_attention + spot_ar."""
+
+    name = "spot"
+    Params = SpotImporterParams
+
+    def convert(self, path: Path, overrides: list[str]) -> ImportResult:
+        state = read_checkpoint(path)
+        layout, shapes = inspect(state)
+        check_layout(state, shapes)
+        raw = _run_config(layout, overrides)
+        layout = replace(layout, num_slots=raw["grouping"]["num_slots"])
+        encoder_name = raw["encoder"].get("name")
+        reg = config_module.registry()
+        if encoder_name not in reg.names("encoder"):
+            vit = "vit" in str(encoder_name)
+            hint = " (the ViT encoder plugin, encoders/vit.py)" if vit else ""
+            raise DataError(
+                f"encoder plugin '{encoder_name}'{hint} is not installed, so the SPOT encoder "
+                f"(DINO ViT-B/16) cannot be built; installed encoders: "
+                f"{', '.join(reg.names('encoder'))}; or pass encoder.name=NAME"
+            )
+        # Encoder settings SPOT implies, where the plugin has them: weights come from the
+        # file (no pretrained file needed), stage 2 fine-tunes blocks 8.. with a frozen copy
+        # giving the targets.
+        implied: dict[str, Any] = {"encoder.final_norm": False}
+        if layout.has_encoder:
+            implied["encoder.random_init"] = True
+        if layout.has_second_encoder:
+            implied["encoder.finetune_from"] = 8
+        if self.params.protocol:
+            implied["dataset.interpolation"] = "bilinear"
+        applied = set_unless_overridden(raw, implied, overrides)
+        notes = []
+        if "dataset.interpolation" in applied:
+            notes.append(
+                "SPOT's evaluation protocol: dataset.interpolation=bilinear (set "
+                "dataset.interpolation=bicubic for OCLF's, or importer.protocol=false)"
+            )
+        cfg = resolve(raw)
+        image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
+        model = build_model(cfg, image_size)
+        grid = getattr(model.decoder, "grid", None)
+        tokens = layout.num_tokens
+        if tokens is not None and grid is not None and grid[0] * grid[1] != tokens:
+            raise DataError(
+                f"the checkpoint decodes {tokens} tokens, but encoder '{encoder_name}' "
+                f"on {image_size[0]}x{image_size[1]} images gives a {grid[0]}x{grid[1]} grid; "
+                "set the dataset's image size (SPOT: 224)"
+            )
+        weights, weight_notes = map_state(model, state, layout, encoder_name)
+        load_strict(model, weights, f"the SPOT checkpoint {path}")
+        summary = (
+            f"SPOT stage-{layout.stage} checkpoint: {layout.num_slots} slots x {layout.slot_dim}, "
+            f"D={layout.dim}, {layout.num_layers} decoder blocks, {layout.num_orders} order(s)"
+        )
+        return ImportResult(
+            config=cfg, model=model, summary=summary, layout=layout, notes=notes + weight_notes
+        )
 
 
 def import_spot(
@@ -434,63 +449,32 @@ def import_spot(
     out_dir: str | Path,
     overrides: list[str] | None = None,
     *,
-    encoder: str = "dino_vitb16",
+    encoder: str | None = None,
     num_slots: int | None = None,
-    num_heads: int = 6,
-    eval_order: str = "all",
+    num_heads: int | None = None,
+    eval_order: str | None = None,
+    protocol: bool = True,
 ) -> ImportResult:
-    """Write an ocl-bench run directory for the official SPOT checkpoint at `path`."""
-    out_dir = Path(out_dir)
-    if (out_dir / "config.toml").exists() or (out_dir / "checkpoint").exists():
-        raise DataError(f"{out_dir} already holds a run; choose another --out")
-    state = read_checkpoint(path)
-    layout, shapes = inspect(state, num_slots)
-    check_layout(state, shapes)
-    raw = _run_config(layout, encoder, num_heads, eval_order, list(overrides or []))
-    encoder_name = raw["encoder"].get("name", encoder)
-    reg = config_module.registry()
-    if encoder_name not in reg.names("encoder"):
-        hint = " (the ViT encoder plugin, encoders/vit.py)" if "vit" in encoder_name else ""
-        raise DataError(
-            f"encoder plugin '{encoder_name}'{hint} is not installed, so the SPOT encoder "
-            f"(DINO ViT-B/16) cannot be built; installed encoders: "
-            f"{', '.join(reg.names('encoder'))}; or pass --encoder NAME"
-        )
-    # Encoder settings SPOT implies, where the plugin has them and no override set them:
-    # weights come from the file (no pretrained file needed), stage 2 fine-tunes blocks
-    # 8.. with a frozen copy giving the targets.
-    fields = {f.name for f in dataclasses.fields(reg.get("encoder", encoder_name).Params)}
-    implied: dict[str, Any] = {"final_norm": False}
-    if layout.has_encoder:
-        implied["random_init"] = True
-    if layout.has_second_encoder:
-        implied["finetune_from"] = 8
-    for key, value in implied.items():
-        if key in fields and key not in raw["encoder"]:
-            raw["encoder"][key] = value
-    cfg = resolve(raw)
-    image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
-    model = build_model(cfg, image_size)
-    grid = getattr(model.decoder, "grid", None)
-    tokens = layout.num_tokens
-    if tokens is not None and grid is not None and grid[0] * grid[1] != tokens:
-        raise DataError(
-            f"the checkpoint decodes {tokens} tokens, but encoder '{encoder_name}' "
-            f"on {image_size[0]}x{image_size[1]} images gives a {grid[0]}x{grid[1]} grid; "
-            "set the dataset's image size (SPOT: 224)"
-        )
-    weights, notes = map_state(model, state, layout, encoder_name)
-    model.load_state_dict(weights, strict=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(cfg.to_toml())
-    provenance = {"source": str(Path(path).resolve()), "layout": asdict(layout), "notes": notes}
-    (out_dir / "import.json").write_text(json.dumps(provenance, indent=2))
-    checkpoint.save(out_dir / "checkpoint", model, {"step": 0, "imported_from": str(path)})
-    return ImportResult(config=cfg, layout=layout, notes=notes)
+    """`ocl-bench import spot PATH --out OUT_DIR`, with the keywords as leading overrides."""
+    given = {
+        "encoder.name": encoder,
+        "grouping.num_slots": num_slots,
+        "decoder.num_heads": num_heads,
+        "decoder.eval_order": eval_order,
+    }
+    leading = [f"{k}={v}" for k, v in given.items() if v is not None]
+    importer = make_importer(SpotImporter.name, {"protocol": protocol})
+    return importer.import_run(path, out_dir, [*leading, *(overrides or [])])
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [SpotImporter]
 
 
 __all__ = [
-    "ImportResult",
+    "SpotImporter",
+    "SpotImporterParams",
     "SpotLayout",
     "check_layout",
     "import_spot",
