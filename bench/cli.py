@@ -100,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-# Options of the first (SPOT-only) import command, kept working as the overrides they mean.
+# Options of the first import command (it read one format), kept as the overrides they mean.
 IMPORT_OPTION_OVERRIDES = {
     "encoder": "encoder.name",
     "num_slots": "grouping.num_slots",
