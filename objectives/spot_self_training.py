@@ -29,12 +29,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ocl_bench.contracts import Batch, ModelOutput
 from ocl_bench.errors import ConfigError
 from ocl_bench.hookspecs import hookimpl
+from ocl_bench.matching import hungarian_match, mask_overlap
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 
@@ -63,23 +63,26 @@ class SpotSelfTrainingParams:
     empty_cost: float = param(1e3, "matching cost of every pair with an empty teacher slot", ge=0)
 
 
-def match_slots(student: Tensor, teacher: Tensor, num_slots: int, empty_cost: float = 1e3):
+def match_slots(
+    student: Tensor, teacher: Tensor, num_slots: int, empty_cost: float = 1e3
+) -> tuple[Tensor, Tensor]:
     """Hungarian matching of hard masks, as SPOT's `att_matching`.
 
     student, teacher: long[B,N] slot ids. Returns (perm long[B,K], iou float[B,K,K]):
     perm[b, t] is the student slot matched to teacher slot t; iou[b, t, s] is the IoU
     of teacher slot t and student slot s. Cost 1 - IoU; rows of empty teacher slots cost
-    `empty_cost`, so they take the student slots left over.
+    `empty_cost` (rather than being left out), so they take the student slots left over
+    and every teacher slot gets a student slot.
     """
-    s = F.one_hot(student, num_slots).float()  # [B,N,K]
-    t = F.one_hot(teacher, num_slots).float()
-    inter = torch.einsum("bnt,bns->bts", t, s)
-    union = t.sum(1)[:, :, None] + s.sum(1)[:, None, :] - inter
-    iou = inter / union.clamp(min=1e-6)
+    # float32 one-hot masks, as the official code: the costs, so the matchings, are its own
+    overlap = mask_overlap(
+        F.one_hot(teacher, num_slots).transpose(1, 2).float(),
+        F.one_hot(student, num_slots).transpose(1, 2).float(),
+    )
+    iou = overlap.iou()
     cost = 1.0 - iou
-    cost[t.sum(1) == 0] = empty_cost
-    cost_np = cost.detach().cpu().numpy()
-    perm = np.stack([linear_sum_assignment(c)[1] for c in cost_np])
+    cost[overlap.area_a == 0] = empty_cost
+    perm = np.stack([matching.cols for matching in hungarian_match(cost)])
     return torch.as_tensor(perm, device=student.device, dtype=torch.long), iou
 
 
