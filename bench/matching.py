@@ -77,8 +77,9 @@ def mask_overlap(
 ) -> Overlap:
     """Overlap of two dense mask sets [B,K,*S] and [B,M,*S]; ``ignore`` bool[B,*S] drops pixels.
 
-    Soft masks count their mass: inter = sum_p a[k,p] * b[m,p]. The counts are computed in
-    ``dtype``, by default the floating dtype of the inputs, or float64 for bool/integer masks
+    Soft masks count their mass: inter = sum_p a[k,p] * b[m,p] (the soft Jaccard of a soft
+    prediction against a hard target; a soft mask is not its own perfect match). Counts are in
+    ``dtype``: by default the floating dtype of the inputs, or float64 for bool/integer masks
     (exact pixel counts at any image size).
     """
     if masks_a.dim() < 3 or masks_a.dim() != masks_b.dim():
