@@ -4,8 +4,9 @@ The evaluation protocol is OCLF's "ccrop" one, which SPOT also uses:
 
 - image: resize the short side to `image_size` (PIL bicubic, or bilinear as in SPOT), then
   centre-crop `image_size` x `image_size`;
-- masks: resize the short side to `mask_size` with nearest-exact sampling, then centre-crop
-  `mask_size` x `mask_size`.
+- masks: resize the short side to `mask_size` with PIL's NEAREST rule (as SPOT's loader, which
+  resizes PIL masks; torch's "nearest-exact", OCLF's, rounds a few boundary pixels per image
+  the other way), then centre-crop `mask_size` x `mask_size`.
 
 Sizes and offsets follow torchvision exactly: `Resize(int)` makes the long side
 `int(size * long / short)` (truncated) and `CenterCrop` starts at `int(round((H - size) / 2))`
@@ -22,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -83,7 +83,7 @@ class GeometryParams:
     image_size: int = param(224, "side of the square images (short-side resize + crop)", ge=1)
     mask_size: int = param(
         320,
-        "side of the square masks (nearest-exact short-side resize + crop; 0 = image_size)",
+        "side of the square masks (PIL-nearest short-side resize + crop; 0 = image_size)",
         ge=0,
     )
     interpolation: Interpolation = param(
@@ -155,17 +155,31 @@ def transform_image(
     return out.to(torch.float32).div_(255.0)
 
 
+def pil_nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """int64[size_out]: the source pixel PIL's NEAREST resize reads for each output pixel, along
+    one axis (PIL treats the axes separately).
+
+    PIL steps a double-precision coordinate by in/out from (in/out)/2 and truncates it; the
+    accumulated rounding decides boundary pixels, so the table comes from PIL itself, by resizing
+    an int32 ramp of source indices.
+    """
+    ramp = Image.fromarray(np.arange(size_in, dtype=np.int32)[None, :])
+    table = ramp.resize((size_out, 1), Image.Resampling.NEAREST)
+    return np.asarray(table, dtype=np.int64)[0]
+
+
 def transform_maps(maps: Tensor, size: int, view: View) -> Tensor:
-    """uint8[M,H,W] masks or label maps -> uint8[M,size,size]: nearest-exact short-side resize,
-    crop, optional flip."""
+    """uint8[M,H,W] masks or label maps -> uint8[M,size,size]: short-side resize with PIL's
+    NEAREST rule (equal to resizing each map with PIL), crop, optional flip."""
     m, height, width = maps.shape
     h, w = short_side_size(height, width, size)
     if m == 0:
         return torch.zeros((0, size, size), dtype=maps.dtype)
-    if (h, w) != (height, width):
-        maps = F.interpolate(maps[None], size=(h, w), mode="nearest-exact")[0]
     top, left = view.offsets(h, w, size)
-    maps = maps[:, top : top + size, left : left + size]
+    rows = pil_nearest_indices(height, h)[top : top + size]
+    cols = pil_nearest_indices(width, w)[left : left + size]
+    # numpy's take gathers rows then columns several times faster than torch's indexing here
+    maps = torch.from_numpy(np.take(np.take(maps.numpy(), rows, axis=1), cols, axis=2))
     if view.flip:
         maps = maps.flip(-1)
     return maps.contiguous()

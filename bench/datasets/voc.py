@@ -18,7 +18,7 @@ and "difficult" regions) in either PNG go to ignore_mask, as OCLF does with
 `_metrics_add_ignore_mask` (SPOT instead sets them to background).
 
 Geometry follows the SPOT / OCLF "ccrop" protocol (see bench.datasets.segmentation): image short
-side 224 (bicubic) + centre crop, label maps short side 320 (nearest-exact) + centre crop. The
+side 224 (bicubic) + centre crop, label maps short side 320 (PIL nearest) + centre crop. The
 train split uses SPOT's VOC augmentation, a random 224 crop and a horizontal flip (p = 0.5),
 drawn from (seed, index) so runs are deterministic (the same image gets the same view every
 epoch); its masks use the same crop fractions at mask resolution.
