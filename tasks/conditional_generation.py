@@ -1,0 +1,278 @@
+"""Conditional generation: images sampled from each image's slots against the real image.
+
+Per-image PSNR and SSIM (torchmetrics, data range [0, 1]) are averaged over the images;
+FID (clean-fid's Inception, "clean" resize) compares the generated set with the real
+images of the same split. The FID record carries its protocol (images, resolution,
+reference set, extractor and weights hash), because FIDs measured under different
+protocols are not comparable. Weights are read from a local file only (see
+ocl_bench.tasks.fid); reference statistics are cached on disk.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import cleanfid
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from ocl_bench.contracts import GenerativeDecoder, Slots, recombine_slots
+from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param, to_dict
+from ocl_bench.plugin import Plugin
+from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.tasks import fid as fidlib
+
+FID_MODES = ("required", "if_available", "off")
+SSIM_KERNEL = 11  # torchmetrics' (and Wang et al.'s) Gaussian window, sigma 1.5
+
+
+@dataclass(frozen=True)
+class ConditionalGenerationParams:
+    steps: int | None = param(None, "sampling steps (unset = the decoder's default)", ge=1)
+    guidance_scale: float | None = param(
+        None, "classifier-free guidance scale (unset = the decoder's default)", ge=0
+    )
+    seed: int = param(0, "seed of the sampling generator and of the slot recombination", ge=0)
+    fid: Literal["required", "if_available", "off"] = param(
+        "if_available",
+        "'required' fails without Inception weights; 'if_available' skips FID with a warning",
+    )
+    inception_path: str = param(
+        "",
+        f"{fidlib.INCEPTION_FILE} or its directory (empty: ${fidlib.INCEPTION_ENV}, "
+        "then clean-fid's cache)",
+    )
+    fid_resolution: int = param(
+        299, "side images are resized to for Inception (299 = clean-fid's protocol)", ge=75
+    )
+    fid_cache: str = param(
+        "",
+        f"directory of cached reference statistics (empty: ${fidlib.CACHE_ENV}, "
+        "else ~/.cache/ocl-bench/fid)",
+    )
+    batch_size: int = param(32, "images per Inception forward", ge=1)
+    figure_images: int = param(8, "columns of the generation figure (0 = no figure)", ge=0)
+
+
+class ConditionalGeneration(Plugin):
+    """Images generated from slots vs the real images: FID, PSNR, SSIM, a figure."""
+
+    kind = "task"
+    name = "conditional_generation"
+    Params = ConditionalGenerationParams
+    requires = frozenset({"generation.images"})
+
+    def __init__(self, params: ConditionalGenerationParams):
+        self.params = params
+
+    def _extractor(self) -> tuple[fidlib.InceptionExtractor | None, str | None]:
+        """(extractor, None), or (None, why FID is skipped) under fid='if_available'."""
+        if self.params.fid == "off":
+            return None, "fid='off'"
+        try:
+            file = fidlib.find_inception(self.params.inception_path or None)
+            return fidlib.load_extractor(file), None
+        except DataError as err:
+            if self.params.fid == "required":
+                raise
+            print(f"warning: conditional_generation: FID skipped: {err}", file=sys.stderr)
+            return None, str(err)
+
+    def evaluate(self, ctx: EvalContext) -> TaskResult:
+        p = self.params
+        decoder = ctx.model.decoder
+        if not isinstance(decoder, GenerativeDecoder):
+            raise DataError(f"decoder {type(decoder).__name__} has no generate(); cannot generate")
+        extractor, skipped = self._extractor()
+        data = ctx.dataset(ctx.split)
+        count = len(data) if ctx.num_images <= 0 else min(ctx.num_images, len(data))
+        cache = fidlib.ReferenceCache(
+            Path(p.fid_cache).expanduser() if p.fid_cache else fidlib.default_cache_dir()
+        )
+        key = reference = None
+        if extractor is not None:
+            key = fidlib.reference_key(
+                getattr(data, "name", type(data).__name__),
+                to_dict(data.params) if hasattr(data, "params") else {},
+                ctx.split,
+                p.fid_resolution,
+                count,
+                extractor.sha256,
+            )
+            reference = cache.load(key)
+
+        generator = torch.Generator(device=ctx.device).manual_seed(p.seed)
+        psnr: list[Tensor] = []
+        ssim: list[Tensor] = []
+        gen_feats: list[np.ndarray] = []
+        real_feats: list[np.ndarray] = []
+        figure_rows: dict[str, Tensor] | None = None
+        size: tuple[int, int] | None = None
+        for batch, out in ctx.predictions(desc="conditional generation"):
+            real = batch.images.float()
+            fake = self._generate(decoder, out.slots, generator).float()
+            if fake.shape != real.shape:
+                raise DataError(
+                    f"decoder {type(decoder).__name__} generated {tuple(fake.shape)} images "
+                    f"for real images of shape {tuple(real.shape)}"
+                )
+            size = (int(real.shape[-2]), int(real.shape[-1]))
+            psnr.append(
+                peak_signal_noise_ratio(
+                    fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3)
+                ).cpu()
+            )
+            ssim.append(_ssim(fake, real).cpu())
+            if extractor is not None:
+                gen_feats.append(self._features(extractor, fake))
+                if reference is None:
+                    real_feats.append(self._features(extractor, real))
+            if figure_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
+                figure_rows = self._figure_rows(decoder, batch.images, fake, out.slots)
+
+        images = sum(int(t.numel()) for t in psnr)
+        records = [
+            MetricRecord(self.name, "psnr", _mean(psnr), None, size, images),
+            MetricRecord(self.name, "ssim", _mean(ssim), None, size, images),
+        ]
+        info: dict[str, Any] = {"images": images}
+        if extractor is not None and key is not None:
+            cached = reference is not None
+            if reference is None:
+                reference = fidlib.statistics(np.concatenate(real_feats))
+                cache.save(key, *reference)
+            fake_features = np.concatenate(gen_feats)
+            value = (
+                fidlib.frechet_distance(*reference, fake_features)
+                if fake_features.shape[0] >= 2
+                else float("nan")
+            )
+            protocol = {
+                "package": f"clean-fid {getattr(cleanfid, '__version__', '')}".strip(),
+                "mode": "clean",
+                "extractor": fidlib.INCEPTION_FILE,
+                "weights_sha256": extractor.sha256,
+                "images": images,
+                "resolution": p.fid_resolution,
+                "reference": f"{key['dataset']} {ctx.split}, the same {count} images",
+                "steps": p.steps,
+                "guidance_scale": p.guidance_scale,
+                "seed": p.seed,
+            }
+            res = (p.fid_resolution, p.fid_resolution)
+            records.append(_record(self.name, "fid", value, res, images, protocol))
+            info["fid_reference_cached"] = cached
+            info["fid_reference_file"] = str(cache.path(key))
+        else:
+            info["fid_skipped"] = skipped
+        if figure_rows is not None and ctx.out_dir is not None:
+            path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
+            info["figure"] = str(generation_figure(figure_rows, path))
+        return TaskResult(records, info)
+
+    def _generate(self, decoder: Any, slots: Slots, generator: torch.Generator) -> Tensor:
+        p = self.params
+        return decoder.generate(
+            slots, steps=p.steps, guidance_scale=p.guidance_scale, generator=generator
+        )
+
+    def _features(self, extractor: fidlib.InceptionExtractor, images: Tensor) -> np.ndarray:
+        return fidlib.extract_features(
+            extractor, images, self.params.fid_resolution, self.params.batch_size
+        )
+
+    def _figure_rows(
+        self, decoder: Any, real: Tensor, fake: Tensor, slots: Slots
+    ) -> dict[str, Tensor]:
+        n = min(self.params.figure_images, real.shape[0])
+        rows = {"real": real[:n].float().cpu(), "generated": fake[:n].float().cpu()}
+        if n >= 2:  # recombining one image's slots gives it back
+            mix_gen = torch.Generator().manual_seed(self.params.seed + 1)
+            mixed = recombine_slots(_first(slots, n), mix_gen)
+            sample_gen = torch.Generator(device=real.device).manual_seed(self.params.seed)
+            rows["recombined slots"] = self._generate(decoder, mixed, sample_gen).float().cpu()
+        return rows
+
+
+def _first(slots: Slots, n: int) -> Slots:
+    """The first n images' slots (every batch-major tensor field sliced)."""
+    return replace(
+        slots,
+        **{
+            f.name: getattr(slots, f.name)[:n]
+            for f in fields(slots)
+            if isinstance(getattr(slots, f.name), Tensor)
+        },
+    )
+
+
+def _ssim(fake: Tensor, real: Tensor) -> Tensor:
+    """Per-image SSIM; images smaller than the 11-px window use the largest odd one that fits."""
+    side = min(real.shape[-2:])
+    kernel = min(SSIM_KERNEL, side if side % 2 else side - 1)
+    return structural_similarity_index_measure(
+        fake, real, data_range=1.0, reduction="none", kernel_size=kernel
+    )
+
+
+def _mean(chunks: list[Tensor]) -> float:
+    if not chunks:
+        return float("nan")
+    return float(torch.cat(chunks).double().mean())
+
+
+def _record(
+    task: str,
+    metric: str,
+    value: float,
+    resolution: tuple[int, int],
+    images: int,
+    protocol: dict[str, Any],
+) -> MetricRecord:
+    return MetricRecord(task, metric, value, None, resolution, images, protocol=protocol)
+
+
+def generation_figure(rows: dict[str, Tensor], path: Path) -> Path:
+    """One row per entry of `rows` (real, generated, recombined), one column per image."""
+    # imported here, not at the top: discovering plugins imports every task module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = max(t.shape[0] for t in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), count, figsize=(1.4 * count + 1.2, 1.5 * len(rows)), squeeze=False
+    )
+    for r, (title, images) in enumerate(rows.items()):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < images.shape[0]:
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [ConditionalGeneration]
