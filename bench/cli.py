@@ -148,6 +148,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid, args.overrides)
     db, runs = Path(args.db), Path(args.runs)
+    ResultStore(db)  # an unusable --db fails here, in one line, before anything runs or prints
     print(f"grid '{grid.name}': {len(grid.cells)} cells -> {db}", file=sys.stderr)
     slurm = {"partition": args.partition, "time": args.time, "gpus": args.gpus}
     if args.cluster:
@@ -345,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--executor", choices=["local", "submitit"], default="local")
     p.add_argument("--partition", help="Slurm partition (submitit)")
-    p.add_argument("--time", type=int, default=60, help="Slurm time limit in minutes")
+    p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
     p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
     p.add_argument("--leaderboard", action="store_true", help="print the grid's leaderboard")

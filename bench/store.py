@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ocl_bench.errors import DataError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     id INTEGER PRIMARY KEY,
@@ -189,11 +191,102 @@ def _wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
             delay = min(delay * 2, 0.5)
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+# What sqlite says when the file itself is bad (not when a query is): these become one line
+# naming the file; anything else (locks, constraint violations) is left to the caller.
+_BAD_FILE = ("not a database", "malformed", "unable to open", "disk i/o", "readonly", "encrypted")
+
+
+def _unreadable(path: Path, err: sqlite3.Error) -> DataError:
+    return DataError(
+        f"results database {path} cannot be used ({err}); expected an SQLite file written by"
+        " `ocl-bench grid` (pass another --db, or move this file away to start a new one)"
+    )
+
+
+def _stored_json(text: str | None, path: Path, where: str) -> Any:
+    """A JSON column's value; a damaged one fails in one line naming the file and the row."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise DataError(
+            f"results database {path} is damaged: {where} holds invalid JSON {text[:40]!r}"
+        ) from None
+
+
+def _absent_sidecars(path: Path) -> list[Path]:
+    """The -wal/-shm files sqlite would create beside `path` that do not exist yet."""
+    return [p for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if not p.exists()]
+
+
+def _remove(paths: list[Path]) -> None:
+    """Leave a refused database's folder as it was (sqlite made these to read a WAL file)."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse, before sqlite writes anything into it, a file that is not a results database.
+
+    Opening would otherwise add our tables to any other SQLite file, and print a traceback
+    for a file of random bytes."""
+    if path.is_dir():
+        raise DataError(f"results database {path} is a directory; expected an SQLite file")
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # a new database
+    try:
+        with path.open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise DataError(f"results database {path} cannot be read: {err.strerror}") from None
+    if header != SQLITE_HEADER:
+        raise DataError(
+            f"results database {path} is not an SQLite file (corrupt, or another kind of file);"
+            " expected one written by `ocl-bench grid`"
+        )
+    expected = sqlite3.connect(":memory:")
+    expected.executescript(SCHEMA)
+    fresh = _absent_sidecars(path)
+    try:
+        found = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            tables = {
+                r[0] for r in found.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if not tables:
+                return
+            missing = []
+            for table in ("cells", "metrics"):
+                want = {r[1] for r in expected.execute(f"PRAGMA table_info({table})")}
+                have = {r[1] for r in found.execute(f"PRAGMA table_info({table})")}
+                late = set(ADDED_COLUMNS.get(table, {}))
+                if not have:
+                    missing.append(f"table {table}")
+                else:
+                    missing += [f"{table}.{c}" for c in sorted(want - have - late)]
+        finally:
+            found.close()
+    except sqlite3.DatabaseError as err:
+        _remove(fresh)
+        raise _unreadable(path, err) from None
+    finally:
+        expected.close()
+    if missing:
+        raise DataError(
+            f"results database {path} is an SQLite file but not an ocl-bench results database"
+            f" (missing {', '.join(missing)}; tables found: {', '.join(sorted(tables))})"
+        )
+
+
 class ResultStore:
     """Cells (one per resolved config) and their metrics."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        _check_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(SCHEMA)
@@ -201,14 +294,26 @@ class ResultStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        fresh = _absent_sidecars(self.path)
+        try:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as err:
+            raise _unreadable(self.path, err) from None
+        bad: sqlite3.DatabaseError | None = None
         try:
             _wal(db)
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=60000")
             yield db
+        except sqlite3.DatabaseError as err:
+            if not any(s in str(err).lower() for s in _BAD_FILE):
+                raise
+            bad = err
         finally:
             db.close()
+        if bad is not None:  # after close: sqlite keeps its -wal/-shm files while open
+            _remove(fresh)
+            raise _unreadable(self.path, bad) from None
 
     @staticmethod
     def _add_columns(db: sqlite3.Connection) -> None:
@@ -399,14 +504,15 @@ class ResultStore:
         by_cell: dict[int, list[dict[str, Any]]] = {}
         for m in metrics:
             entry = dict(m)
-            entry["resolution"] = json.loads(entry["resolution"]) if entry["resolution"] else None
-            entry["protocol"] = json.loads(entry["protocol"]) if entry["protocol"] else None
+            where_m = f"metric {entry['task']}/{entry['metric']} of cell id {entry['cell_id']}"
+            entry["resolution"] = _stored_json(entry["resolution"], self.path, where_m)
+            entry["protocol"] = _stored_json(entry["protocol"], self.path, where_m)
             by_cell.setdefault(entry.pop("cell_id"), []).append(entry)
         out = []
         for r in rows:
             d = dict(r)
             cid = d.pop("id")
-            d["config"] = json.loads(d["config"])
-            d["plugins"] = json.loads(d["plugins"])
+            d["config"] = _stored_json(d["config"], self.path, f"cell {d['config_hash']}")
+            d["plugins"] = _stored_json(d["plugins"], self.path, f"cell {d['config_hash']}")
             out.append(Cell(**d, metrics=by_cell.get(cid, [])))
         return out

@@ -258,3 +258,146 @@ def test_image_folder_with_a_corrupt_image_names_the_file(tmp_path: Path) -> Non
     config = _image_folder_config(tmp_path, folder)
     result = cli(tmp_path, "train", str(config), "--out", "X", "train.steps=2", "--no-eval", "-q")
     user_error(result, "broken.png")
+
+
+# ------------------------------------------------------------------ param ranges
+
+
+@pytest.mark.parametrize(
+    ("override", "allowed"),
+    [
+        ("grouping.num_slots=0", ">= 1"),
+        ("grouping.slot_dim=-100", ">= 1"),
+        ("grouping.mlp_hidden=-100", ">= 1"),
+        ("decoder.hidden=-100", ">= 1"),
+        ("train.steps=0", ">= 1"),
+        ("train.steps=-5", ">= 1"),
+    ],
+)
+def test_value_outside_a_params_range_fails_before_anything_is_written(
+    tmp_path: Path, override: str, allowed: str
+) -> None:
+    result = cli(tmp_path, "train", "--out", "X", override, "--no-eval", "-q")
+    user_error(result, override, allowed)
+    assert not (tmp_path / "X").exists()
+
+
+def test_plugins_show_prints_each_params_range(tmp_path: Path) -> None:
+    import json
+
+    result = cli(tmp_path, "plugins", "show", "slot_attention")
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("param"))
+    assert "range" in header.split()
+    num_slots = next(line for line in result.stdout.splitlines() if line.startswith("num_slots"))
+    assert ">= 1" in num_slots
+    listing = json.loads(cli(tmp_path, "plugins", "--json").stdout)
+    grouping = next(p for p in listing if p["name"] == "slot_attention")
+    assert grouping["params"]["num_slots"]["range"] == ">= 1"
+    assert grouping["params"]["eps"]["bounds"] == {"gt": 0}
+
+
+# ------------------------------------------------------------------ results database
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _results_commands(db: str) -> list[list[str]]:
+    return [
+        ["results", "--db", db],
+        ["leaderboard", "shapes-demo", "--db", db],
+        ["leaderboard", "--list", "--db", db],
+    ]
+
+
+def test_a_database_of_random_bytes_is_named_and_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "broken.sqlite").write_bytes(os.urandom(4096))
+    before = _files(tmp_path)
+    for command in _results_commands("broken.sqlite"):
+        user_error(cli(tmp_path, *command), "broken.sqlite", "not an SQLite file")
+    assert _files(tmp_path) == before
+
+
+def test_another_programs_sqlite_file_is_refused_not_extended(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "other.sqlite")
+    db.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+    db.commit()
+    db.close()
+    before = _files(tmp_path)
+    for command in _results_commands("other.sqlite"):
+        user_error(cli(tmp_path, *command), "other.sqlite", "not an ocl-bench results database")
+    assert _files(tmp_path) == before
+
+
+def _results_database(path: Path, cells: int) -> None:
+    from ocl_bench.store import Cell, ResultStore
+
+    store = ResultStore(path)
+    for i in range(cells):
+        cell = Cell(
+            config_hash=f"h{i}",
+            config={"pad": "x" * 400},
+            plugins={},
+            dataset="shapes",
+            split="val",
+            seed=0,
+            status="running",
+        )
+        store.start(cell)
+        store.complete(f"h{i}", [{"task": "t", "metric": "m", "value": float(i)}])
+
+
+def test_a_truncated_database_is_named_and_left_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    _results_database(tmp_path / "full.sqlite", cells=200)
+    db = sqlite3.connect(tmp_path / "full.sqlite")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+    db.close()
+    data = (tmp_path / "full.sqlite").read_bytes()
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    (folder / "cut.sqlite").write_bytes(data[: len(data) // 2])
+    before = _files(folder)
+    for command in _results_commands("cut.sqlite"):
+        user_error(cli(folder, *command), "cut.sqlite", "malformed")
+    assert _files(folder) == before  # no -wal/-shm left beside it either
+
+
+def test_a_damaged_row_names_the_database_and_the_cell(tmp_path: Path) -> None:
+    import sqlite3
+
+    _results_database(tmp_path / "r.sqlite", cells=3)
+    db = sqlite3.connect(tmp_path / "r.sqlite")
+    db.execute("UPDATE cells SET config = '{not json' WHERE config_hash = 'h1'")
+    db.commit()
+    db.close()
+    user_error(cli(tmp_path, "results", "--db", "r.sqlite"), "r.sqlite", "h1", "invalid JSON")
+
+
+def test_a_directory_as_database_is_named(tmp_path: Path) -> None:
+    (tmp_path / "dbdir").mkdir()
+    user_error(cli(tmp_path, "results", "--db", "dbdir"), "dbdir", "directory")
+
+
+def test_grid_on_a_broken_database_runs_nothing(tmp_path: Path) -> None:
+    (tmp_path / "broken.sqlite").write_bytes(os.urandom(2048))
+    result = cli(tmp_path, "grid", "--db", "broken.sqlite", "--runs", "runs", "-q")
+    user_error(result, "broken.sqlite")
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ command-line options
+
+
+@pytest.mark.parametrize("workers", ["0", "-2", "two"])
+def test_grid_workers_must_be_a_positive_int(tmp_path: Path, workers: str) -> None:
+    result = cli(tmp_path, "grid", "--workers", workers, "--db", "r.sqlite", "-q")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --workers" in result.stderr.splitlines()[-1]
+    assert not (tmp_path / "r.sqlite").exists()
