@@ -56,8 +56,32 @@ class TrainSettings:
     precision: Literal["fp32", "bf16", "fp16"] = param("fp32", "autocast precision")
     num_workers: int = param(0, "data loader worker processes", ge=0)
     threads: int = param(0, "torch CPU threads; 0 = torch's default", ge=0)
+    accumulate: int = param(
+        1,
+        "micro-batches per optimiser step (gradient accumulation): batch_size stays the"
+        " global batch of one step, each process computes it in this many slices",
+        ge=1,
+    )
+    betas: tuple[float, ...] = param((0.9, 0.999), "Adam betas (beta1, beta2), each in [0, 1)")
+    no_decay_norm_bias: bool = param(
+        False, "weight decay 0 for normalisation-layer weights and every bias (timm, MAE recipes)"
+    )
+    ema_decay: float = param(
+        0.0,
+        "decay of an exponential moving average of the weights, updated every optimiser"
+        " step, saved with the checkpoint and used by every evaluation; 0 = off",
+        ge=0,
+        lt=1,
+    )
 
     def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.accumulate >= 1 and self.batch_size % self.accumulate:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must split into train.accumulate"
+                f" ({self.accumulate}) equal micro-batches"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be at least 1, got {self.batch_size}")
         if self.schedule == "cosine" and self.warmup_steps >= self.steps:

@@ -16,6 +16,7 @@ from ocl_bench import checkpoint
 from ocl_bench.compose import SlotModel, build_model
 from ocl_bench.config import RunConfig, load_config
 from ocl_bench.data import make_dataset
+from ocl_bench.ema import apply_averaged
 from ocl_bench.errors import DataError
 from ocl_bench.figures import mask_figure
 from ocl_bench.runtime import resolve_device, seed_everything
@@ -25,7 +26,10 @@ from ocl_bench.tasking import EvalContext, MetricRecord
 def load_run(
     run_dir: str | Path, overrides: list[str] | None = None
 ) -> tuple[RunConfig, SlotModel, int]:
-    """(config, model with its trained weights, step) of a run directory."""
+    """(config, model with its trained weights, step) of a run directory.
+
+    With train.ema_decay > 0 the model carries the averaged weights the run saved
+    (override train.ema_decay=0 to evaluate the raw ones)."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
@@ -35,8 +39,24 @@ def load_run(
     if found is None:
         raise DataError(f"no checkpoint in {run_dir / 'checkpoint'}; train the run first")
     image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
-    model = build_model(cfg, image_size)
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        # Seeded as training built it: frozen modules with random init (tiny runs) come
+        # back identical, since the checkpoint holds only their hash. The caller's RNG
+        # (a trainer building a teacher) is left untouched.
+        seed_everything(cfg.seed)
+        model = build_model(cfg, image_size)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
     checkpoint.load_into(model, found / checkpoint.MODEL_FILE)
+    if cfg.train.ema_decay > 0:
+        ema_path = found / checkpoint.EMA_FILE
+        if not ema_path.is_file():
+            raise DataError(
+                f"{run_dir} was trained with train.ema_decay={cfg.train.ema_decay} but "
+                f"{ema_path} is missing; evaluate the raw weights with train.ema_decay=0"
+            )
+        apply_averaged(model, checkpoint.load_weights(ema_path), str(ema_path))
     step = int((found / checkpoint.DONE_FILE).read_text())
     return cfg, model, step
 

@@ -1,24 +1,56 @@
-"""The training loop: seeded, resumable after any kill, stops cleanly on a non-finite loss."""
+"""The training loop: seeded, resumable after any kill, stops cleanly on a non-finite loss.
+
+What the loop offers the plugins of every model family:
+
+- Parameter groups. An encoder, grouping, decoder or objective module may define
+  `param_groups(self) -> list[dict]`: torch param-group dicts with "params" (its own
+  parameters; frozen ones are skipped) and optionally "lr" and/or "lr_scale" (the group's
+  peak lr is lr (default train.lr) times lr_scale), "weight_decay" and/or
+  "weight_decay_scale" (likewise from train.weight_decay), and any other AdamW option
+  ("betas", "eps"). Parameters no plugin claims form the default group (train.lr,
+  train.weight_decay). The lr schedule scales every group's own peak lr by the same factor
+  (LambdaLR). train.no_decay_norm_bias splits every group so that the weights of
+  normalisation layers and every bias train with weight decay 0; train.betas are the
+  Adam betas of every group that does not set its own.
+- Progress. Objectives are called as `objective(out, batch, progress)` with
+  `contracts.Progress(step, total)`: the 0-based optimiser step being computed and
+  train.steps, so weight schedules and stage switches need no copy of train.steps.
+- Gradient accumulation. train.batch_size stays the global batch of one optimiser step
+  (so a preset's recipe holds whatever the memory) and train.accumulate splits each
+  process's share into that many micro-batches; each micro-batch loss is divided by
+  train.accumulate, so for a per-image mean loss the step equals the unsplit one. Under
+  DDP the gradients are all-reduced only on the last micro-batch (no_sync before).
+- EMA. train.ema_decay > 0 keeps an exponential moving average of the trainable weights
+  (ocl_bench.ema), saved with each checkpoint and used by every evaluation.
+- Frozen modules. Checkpoints store a hash of each frozen module instead of its weights
+  (checkpoint.frozen_hashes); a resume or evaluation rebuilds them from their pretrained
+  source and checks the hash.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ocl_bench import checkpoint, distributed
 from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import RunConfig, read_toml
+from ocl_bench.config import RunConfig, read_toml, resolve
+from ocl_bench.contracts import Progress
 from ocl_bench.data import StepBatchSampler, make_dataset
-from ocl_bench.errors import ConfigError, TrainingDiverged
+from ocl_bench.ema import WeightEMA
+from ocl_bench.errors import ConfigError, DataError, TrainingDiverged, UserError
 from ocl_bench.evaluate import validation_probe
 from ocl_bench.figures import training_figure
 from ocl_bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
@@ -57,7 +89,13 @@ def write_config(cfg: RunConfig, run_dir: Path) -> None:
     """Write config.toml, or check that an existing run was made with the same config."""
     path = run_dir / "config.toml"
     if path.exists():
-        old = _flatten(read_toml(path))
+        old_raw = read_toml(path)
+        try:
+            # Resolved again, settings added since the run was written count as their
+            # defaults instead of as changes.
+            old = _flatten(resolve(old_raw).to_dict())
+        except UserError:
+            old = _flatten(old_raw)
         new = _flatten(cfg.to_dict())
         changed = sorted(
             ".".join(k)
@@ -103,6 +141,107 @@ def _cosine_factor(settings: Any, step: int) -> float:
     return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * i / (settings.steps - w)))
 
 
+# Names of the param-group keys the trainer resolves itself (the rest go to AdamW as is).
+GROUP_SCALES = {"lr": "lr_scale", "weight_decay": "weight_decay_scale"}
+NORM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _no_decay_ids(modules: list[nn.Module]) -> set[int]:
+    """ids of norm-layer weights and of every bias (by name: 'bias', 'in_proj_bias', ...).
+    A custom norm counts when its class name contains 'Norm' (timm's RmsNorm, LayerNorm2d)."""
+    out: set[int] = set()
+    for root in modules:
+        for module in root.modules():
+            is_norm = isinstance(module, NORM_LAYERS) or "Norm" in type(module).__name__
+            for name, param in module.named_parameters(recurse=False):
+                if is_norm or name.endswith("bias"):
+                    out.add(id(param))
+    return out
+
+
+def parameter_groups(
+    settings: Any, owners: list[tuple[str, nn.Module]], extra: list[nn.Module] = ()
+) -> list[dict[str, Any]]:
+    """AdamW param groups: the default group first, then each plugin's own groups in
+    `owners` order, each split into decay / no-decay parts when no_decay_norm_bias is on.
+    Every group carries "name" (for logs) and its resolved "lr" and "weight_decay"."""
+    modules = [m for _, m in owners] + list(extra)
+    trainable: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for param in module.parameters():
+            if param.requires_grad:
+                trainable.setdefault(id(param), param)
+    claimed: dict[int, str] = {}
+    declared: list[dict[str, Any]] = []
+    for owner, module in owners:
+        declare = getattr(module, "param_groups", None)
+        if not callable(declare):
+            continue
+        for i, spec in enumerate(declare()):
+            where = f"{owner} param_groups()[{i}]"
+            group = dict(spec)
+            if "params" not in group:
+                raise TypeError(f"{where} has no 'params'")
+            params = [q for q in group.pop("params") if q.requires_grad]
+            for q in params:
+                if id(q) not in trainable:
+                    raise ValueError(f"{where} lists a parameter that is not in the model")
+                if id(q) in claimed:
+                    raise ValueError(f"{where} lists a parameter already in {claimed[id(q)]}")
+                claimed[id(q)] = where
+            for key, scale in GROUP_SCALES.items():
+                base = getattr(settings, key)
+                group[key] = float(group.pop(key, base)) * float(group.pop(scale, 1.0))
+            group.setdefault("name", f"{owner}.{i}")
+            declared.append({**group, "params": params})
+    default = {
+        "name": "default",
+        "params": [q for k, q in trainable.items() if k not in claimed],
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+    }
+    groups = [default, *declared]
+    if settings.no_decay_norm_bias:
+        exempt = _no_decay_ids(modules)
+        split = []
+        for group in groups:
+            decay = [q for q in group["params"] if id(q) not in exempt]
+            no_decay = [q for q in group["params"] if id(q) in exempt]
+            split.append({**group, "params": decay})
+            split.append(
+                {
+                    **group,
+                    "params": no_decay,
+                    "weight_decay": 0.0,
+                    "name": f"{group['name']}.no_decay",
+                }
+            )
+        groups = split
+    return [g for g in groups if g["params"]]
+
+
+class MicroBatchSampler(Sampler[list[int]]):
+    """Each step's batch of a StepBatchSampler as `parts` equal consecutive micro-batches."""
+
+    def __init__(self, steps: StepBatchSampler, parts: int):
+        self.steps, self.parts = steps, parts
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for indices in self.steps:
+            size = len(indices) // self.parts
+            for i in range(self.parts):
+                yield indices[i * size : (i + 1) * size]
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.parts
+
+
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir`, resuming from its last checkpoint if there is one."""
     run_dir = Path(run_dir)
@@ -110,6 +249,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     world, device = distributed.setup(resolve_device(t.device))
+    if t.batch_size % (world.size * t.accumulate):
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) does not split into {world.size} processes x "
+            f"train.accumulate ({t.accumulate}) equal micro-batches"
+        )
     seed_everything(cfg.seed)
     dataset = make_dataset(cfg.dataset, "train")
     model = build_model(cfg, dataset.image_size).to(device)
@@ -119,12 +263,21 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run_dir)
     distributed.barrier()
-    parameters = [
-        p for p in list(model.parameters()) + list(objectives.parameters()) if p.requires_grad
+    owners = [
+        (f"{stage} '{getattr(cfg, stage).name}'", getattr(model, stage))
+        for stage in ("encoder", "grouping", "decoder")
     ]
-    optimizer = torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
+    owners += [(f"objective '{c.name}'", o) for c, o in zip(cfg.objectives, objectives)]
+    groups = parameter_groups(t, owners, [model])
+    parameters = [q for g in groups for q in g["params"]]
+    optimizer = torch.optim.AdamW(
+        groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s))
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    # Hashed once: frozen weights never move, and a frozen UNet takes seconds to hash.
+    frozen = checkpoint.frozen_hashes(model)
+    ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
 
     ckpt_dir = run_dir / "checkpoint"
     start = 0
@@ -136,6 +289,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         if "objectives" in state:
             objectives.load_state_dict(state["objectives"])
+        if ema is not None:
+            ema_path = found / checkpoint.EMA_FILE
+            if not ema_path.is_file():
+                raise DataError(f"{found} holds no averaged weights ({ema_path.name})")
+            ema.load_state_dict(checkpoint.load_weights(ema_path), str(ema_path))
         set_rng_state(state["rng"])
         start = int(state["step"])
     if world.size > 1:
@@ -159,7 +317,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     )
     loader = DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=MicroBatchSampler(sampler, t.accumulate),
         collate_fn=dataset.collate,
         num_workers=t.num_workers,
         # A private generator: the default one would draw from the global RNG whenever
@@ -180,6 +338,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
                 "objectives": objectives.state_dict(),
                 "rng": rng_state(),
             },
+            frozen=frozen,
+            ema=ema.state_dict() if ema is not None else None,
         )
 
     model.train()
@@ -193,39 +353,58 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         unit="step",
         dynamic_ncols=True,
     )
+    micro_batches = iter(loader)
     with open(log_path if world.main else os.devnull, "a") as log:
-        for step, batch in zip(range(start, t.steps), loader):
-            batch = batch.to(device)
-            with autocast(device, t.precision):
-                out = trained(batch)
-                terms = {}
-                for objective in objectives:
-                    terms.update(objective(out, batch))
-            total = sum(terms.values())
-            if distributed.any_true(not bool(torch.isfinite(total.detach())), device):
-                raise TrainingDiverged(
-                    f"loss became {float(total.detach())} at step {step + 1}; stopped, the "
-                    f"last good checkpoint (step {_saved_step(ckpt_dir)}) is kept in {ckpt_dir}"
-                )
+        for step in range(start, t.steps):
+            progress_now = Progress(step, t.steps)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
+            step_terms: dict[str, torch.Tensor] = {}
+            for part in range(t.accumulate):
+                batch = next(micro_batches).to(device)
+                last = part == t.accumulate - 1
+                # DDP all-reduces gradients on the last micro-batch only
+                sync = (
+                    trained.no_sync() if world.size > 1 and not last else contextlib.nullcontext()
+                )
+                with sync:
+                    with autocast(device, t.precision):
+                        out = trained(batch)
+                        terms = {}
+                        for objective in objectives:
+                            terms.update(objective(out, batch, progress_now))
+                    total = sum(terms.values())
+                    if distributed.any_true(not bool(torch.isfinite(total.detach())), device):
+                        raise TrainingDiverged(
+                            f"loss became {float(total.detach())} at step {step + 1}; stopped, "
+                            f"the last good checkpoint (step {_saved_step(ckpt_dir)}) is kept "
+                            f"in {ckpt_dir}"
+                        )
+                    if t.accumulate > 1:
+                        total = total / t.accumulate
+                        terms = {k: v / t.accumulate for k, v in terms.items()}
+                    scaler.scale(total).backward()
+                for k, v in terms.items():
+                    step_terms[k] = step_terms[k] + v.detach() if k in step_terms else v.detach()
             if t.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 norm_type = math.inf if t.grad_clip_norm == "inf" else 2.0
                 torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip, norm_type=norm_type)
-            lr = optimizer.param_groups[0]["lr"]
+            lr = t.lr * lr_factor(t, step)  # the default group's; other groups scale alike
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             # Logged values are means over all ranks: the global-batch loss.
-            losses = {k: distributed.mean(v.detach()) for k, v in terms.items()}
-            loss = distributed.mean(total.detach())
+            losses = {k: distributed.mean(v) for k, v in step_terms.items()}
+            loss = distributed.mean(sum(step_terms.values()))
             log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, **losses}) + "\n")
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
             bar.update(1)
             if probe is not None and (step + 1) % t.eval_every == 0:
                 # rank 0 only, on the unwrapped model: no collective runs inside
-                scores = probe()
+                with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
+                    scores = probe()
                 with open(eval_log_path, "a") as eval_log:
                     eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if "fg_ari" in k)

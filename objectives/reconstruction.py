@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, ReconstructionOutput
+from ocl_bench.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
@@ -29,7 +29,7 @@ class Reconstruction(nn.Module, Plugin):
         super().__init__()
         self.params = params
 
-    def forward(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, out: ModelOutput, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         d = out.decoding
         assert isinstance(d, ReconstructionOutput)
         mse = (d.reconstruction.float() - d.target.float().detach()).pow(2).mean()

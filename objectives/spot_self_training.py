@@ -11,7 +11,8 @@ As the official train_spot_2.py does it (../shared/reference/spot-and-mage.md, s
    so empty teacher slots are matched last, to whatever student slots remain.
 4. The loss is the cross-entropy of the student's last-iteration slot-attention logits
    (Slots.logits), re-ordered by the matching, against the teacher's labels, times a
-   weight (5e-3), optionally cosine-scheduled to `final_weight`.
+   weight (5e-3), optionally cosine-scheduled to `final_weight` over the whole training
+   (the trainer's step and train.steps, as the official per-iteration schedule).
 
 The student should be a fresh stage-2 model (SPOT re-initialises it, it is not a copy of
 the teacher) with `grouping.init = "learned_queries"` and `grouping.truncation =
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput
+from ocl_bench.contracts import Batch, ModelOutput, Progress
 from ocl_bench.errors import ConfigError
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.matching import hungarian_match, mask_overlap
@@ -49,12 +50,8 @@ class SpotSelfTrainingParams:
     weight: float = param(5e-3, "weight of the cross-entropy (official ce_weight)", ge=0)
     final_weight: float | None = param(
         None,
-        "if set, the weight follows a cosine from `weight` to this (final_ce_weight)",
-        ge=0,
-    )
-    schedule_steps: int = param(
-        0,
-        "length of the cosine weight schedule in optimiser steps (set it to train.steps)",
+        "if set, the weight follows a cosine from `weight` to this over train.steps"
+        " (final_ce_weight)",
         ge=0,
     )
     teacher_order: Literal["random", "standard", "all"] = param(
@@ -126,17 +123,16 @@ class SpotSelfTraining(nn.Module, Plugin):
         # Kept out of the module tree: not trained, not in this objective's state_dict
         # (so checkpoints do not carry a second copy of the encoder), moved lazily.
         self._teacher = [teacher]
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
 
-    def current_weight(self) -> float:
+    def current_weight(self, progress: Progress) -> float:
         p = self.params
         if p.final_weight is None:
             return p.weight
-        return cosine_weight(p.weight, p.final_weight, int(self.step), p.schedule_steps)
+        return cosine_weight(p.weight, p.final_weight, progress.step, progress.total)
 
     @torch.no_grad()
     def teacher_labels(self, batch: Batch) -> tuple[Tensor, int]:
@@ -161,7 +157,7 @@ class SpotSelfTraining(nn.Module, Plugin):
                 raise ValueError("the teacher's decoder produces no masks (A_dec)")
         return masks.argmax(dim=-1), int(masks.shape[-1])
 
-    def forward(self, out: ModelOutput, batch: Batch) -> dict[str, Tensor]:
+    def forward(self, out: ModelOutput, batch: Batch, progress: Progress) -> dict[str, Tensor]:
         logits = out.slots.logits
         if logits is None:
             raise ValueError("spot_self_training needs the grouping's attention logits")
@@ -178,10 +174,7 @@ class SpotSelfTraining(nn.Module, Plugin):
         # channel t of the re-ordered logits is the student slot matched to teacher slot t
         ordered = torch.gather(logits, 2, perm[:, None, :].expand(b, n, k))
         ce = F.cross_entropy(ordered.float().transpose(1, 2), labels)
-        weight = self.current_weight()
-        if self.training:
-            self.step += 1
-        return {"spot_ce": weight * ce}
+        return {"spot_ce": self.current_weight(progress) * ce}
 
 
 @hookimpl

@@ -9,7 +9,7 @@ import torch
 
 from ocl_bench.compose import build_model, build_objectives, check_compatible
 from ocl_bench.config import RunConfig, load_raw, resolve
-from ocl_bench.contracts import Batch, ModelOutput
+from ocl_bench.contracts import Batch, ModelOutput, Progress
 from ocl_bench.errors import IncompatiblePluginsError
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
@@ -163,7 +163,7 @@ def test_forward_returns_typed_output_with_normalised_masks(batch: Batch, decode
     out = model(batch)
     losses = {}
     for objective in build_objectives(cfg):
-        losses.update(objective(out, batch))
+        losses.update(objective(out, batch, Progress(0, 1)))
     total = sum(losses.values())
     assert total.ndim == 0 and torch.isfinite(total)
     total.backward()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ocl_bench.compose import build_objectives
-from ocl_bench.contracts import Batch
+from ocl_bench.contracts import Batch, Progress
 from ocl_bench.evaluate import load_run
 from ocl_bench.importers.spot import import_spot, inspect, map_state
 
@@ -154,7 +154,8 @@ def test_training_step_matches_the_official_spot(official, tmp_path) -> None:
     norm_official = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3, "inf")
     torch.manual_seed(7)
     out = ours.train()(Batch(images=images))
-    loss = sum(t for o in build_objectives(cfg) for t in o(out, Batch(images=images)).values())
+    batch = Batch(images=images)
+    loss = sum(t for o in build_objectives(cfg) for t in o(out, batch, Progress(0, 1)).values())
     loss.backward()
     trainable = [p for p in ours.parameters() if p.requires_grad]
     norm = cfg.train.grad_clip_norm

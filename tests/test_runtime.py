@@ -7,6 +7,7 @@ import torch
 
 from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
+from ocl_bench.contracts import Progress
 from ocl_bench.data import StepBatchSampler, make_dataset
 from ocl_bench.errors import ConfigError
 from ocl_bench.runtime import autocast, resolve_device
@@ -23,10 +24,10 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_stays_close_to_fp32() -> None:
     seen = []
     model.decoder.net[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
     torch.manual_seed(1)
-    full = objective(model(batch), batch)["reconstruction"].detach()
+    full = objective(model(batch), batch, Progress(0, 1))["reconstruction"].detach()
     torch.manual_seed(1)
     with autocast(torch.device("cpu"), "bf16"):
-        half = objective(model(batch), batch)["reconstruction"].detach()
+        half = objective(model(batch), batch, Progress(0, 1))["reconstruction"].detach()
     assert seen == [torch.float32, torch.bfloat16]
     assert half.dtype == torch.float32  # the objective computes in fp32
     assert abs(half.item() - full.item()) < 0.05 * full.item()

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 import ocl_bench.config
 from ocl_bench.cli import main
 from ocl_bench.compose import SlotModel
-from ocl_bench.contracts import Batch, Dims, Features, ModelOutput, ReconstructionOutput, Slots
+from ocl_bench.contracts import (
+    Batch,
+    Dims,
+    Features,
+    ModelOutput,
+    Progress,
+    ReconstructionOutput,
+    Slots,
+)
 from ocl_bench.decoders.spot_ar import (
     ORDER_NAMES,
     DinosaurTransformerDecoder,
@@ -393,7 +401,7 @@ def test_self_training_loss_is_cross_entropy_on_matched_logits() -> None:
         slots=Slots(slots=torch.zeros(b, K, DS), attn=attn, logits=logits),
         decoding=None,
     )
-    loss = obj(out, Batch(images=torch.zeros(b, 1)))["spot_ce"]
+    loss = obj(out, Batch(images=torch.zeros(b, 1)), Progress(0, 1))["spot_ce"]
     labels, student = a_dec.argmax(-1), attn.argmax(-1)
     manual = 0.0
     for i in range(b):
@@ -413,28 +421,29 @@ def test_self_training_loss_is_cross_entropy_on_matched_logits() -> None:
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
     # the teacher is frozen and kept out of this objective's state
-    assert set(obj.state_dict()) == {"step"} and not any(
+    assert set(obj.state_dict()) == set() and not any(
         p.requires_grad for p in obj.teacher.parameters()
     )
 
 
-def test_cosine_weight_schedule_and_step_counter() -> None:
+def test_cosine_weight_follows_the_training_progress() -> None:
     assert cosine_weight(5e-3, 1e-3, 0, 100) == pytest.approx(5e-3)
     assert cosine_weight(5e-3, 1e-3, 50, 100) == pytest.approx(3e-3)
     assert cosine_weight(5e-3, 1e-3, 10**6, 100) == pytest.approx(1e-3, rel=1e-3)
     teacher = _FixedTeacher(torch.rand(1, N, K).softmax(-1))
-    obj = SpotSelfTraining(
-        SpotSelfTrainingParams(final_weight=0.0, schedule_steps=4), teacher=teacher
-    )
+    obj = SpotSelfTraining(SpotSelfTrainingParams(final_weight=0.0), teacher=teacher)
     out = ModelOutput(
         None, Slots(torch.zeros(1, K, DS), torch.rand(1, N, K), torch.randn(1, N, K)), None
     )
-    weights = []
-    for _ in range(3):
-        weights.append(obj.current_weight())
-        obj(out, Batch(images=torch.zeros(1, 1)))
-    assert weights[0] == pytest.approx(5e-3) and weights[0] > weights[1] > weights[2]
-    assert int(obj.state_dict()["step"]) == 3
+    batch = Batch(images=torch.zeros(1, 1))
+    weights = [obj.current_weight(Progress(s, 4)) for s in range(4)]
+    assert weights[0] == pytest.approx(5e-3) and weights[0] > weights[1] > weights[2] > 0
+    # the loss takes the weight of the step the trainer reports, with no state of its own
+    torch.manual_seed(0)
+    late = obj(out, batch, Progress(2, 4))["spot_ce"]
+    torch.manual_seed(0)
+    early = obj(out, batch, Progress(0, 4))["spot_ce"]
+    torch.testing.assert_close(late / early, torch.tensor(weights[2] / weights[0]))
 
 
 def test_objective_without_teacher_is_a_config_error() -> None:
@@ -740,7 +749,7 @@ def test_self_training_with_an_imported_teacher_trains_the_student(
         SpotARDecoder(SpotARParams(num_layers=LAYERS, num_heads=HEADS), dims()),
     ).train()
     out = student(Batch(images=_images()))
-    loss = obj(out, Batch(images=_images()))["spot_ce"]
+    loss = obj(out, Batch(images=_images()), Progress(0, 1))["spot_ce"]
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert student.grouping.queries.grad is not None

@@ -204,9 +204,9 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
     original = reconstruction.Reconstruction.forward
     calls = {"n": 0}
 
-    def poisoned(self, out, batch):
+    def poisoned(self, out, batch, progress):
         calls["n"] += 1
-        losses = original(self, out, batch)
+        losses = original(self, out, batch, progress)
         if calls["n"] == 5:
             return {k: v * float("nan") for k, v in losses.items()}
         return losses

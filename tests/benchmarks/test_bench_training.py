@@ -10,7 +10,7 @@ import torch
 
 from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
-from ocl_bench.contracts import Dims, Features
+from ocl_bench.contracts import Dims, Features, Progress
 from ocl_bench.data import make_dataset
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 
@@ -26,7 +26,7 @@ def test_default_training_step(benchmark) -> None:
 
     def step() -> float:
         out = model(batch)
-        loss = sum(sum(o(out, batch).values()) for o in objectives)
+        loss = sum(sum(o(out, batch, Progress(0, 1)).values()) for o in objectives)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
