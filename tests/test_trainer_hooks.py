@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import tomli_w
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -15,7 +16,7 @@ from torch import nn
 
 from ocl_bench import checkpoint
 from ocl_bench.compose import build_model
-from ocl_bench.config import load_config
+from ocl_bench.config import load_config, read_toml
 from ocl_bench.contracts import Progress
 from ocl_bench.decoders.mlp import MLPDecoder
 from ocl_bench.errors import DataError
@@ -318,3 +319,22 @@ def test_frozen_submodules_are_the_outermost_all_frozen_ones() -> None:
     assert checkpoint.frozen_modules(net) == ["1"]  # not "1.0" again, not the ReLUs
     net.requires_grad_(False)
     assert checkpoint.frozen_modules(net) == ["0", "1"]  # the root itself is never one
+
+
+def test_a_run_written_before_new_settings_existed_still_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(load_config(None, [*TINY, "train.steps=2"]), run, progress=False)
+    # drop the settings this change added, as a config.toml written before it would be
+    path = run / "config.toml"
+    raw = read_toml(path)
+    for key in ("accumulate", "betas", "no_decay_norm_bias", "ema_decay"):
+        del raw["train"][key]
+    path.write_text(tomli_w.dumps(raw))
+    assert "betas" not in path.read_text() and "ema_decay" not in path.read_text()
+    result = train(load_config(None, [*TINY, "train.steps=3"]), run, progress=False)
+    assert result.resumed_from == 2
+    # a real change is still refused
+    from ocl_bench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        train(load_config(None, [*TINY, "train.steps=4", "train.ema_decay=0.5"]), run, False)
