@@ -88,6 +88,7 @@ class ConditionalGeneration(Plugin):
             print(f"warning: conditional_generation: FID skipped: {err}", file=sys.stderr)
             return None, str(err)
 
+    @torch.no_grad()  # ctx.predictions disables grad only inside its own frame
     def evaluate(self, ctx: EvalContext) -> TaskResult:
         p = self.params
         decoder = ctx.model.decoder

@@ -313,8 +313,14 @@ class InceptionExtractor(InceptionV3W):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
+        """float[B,3,R,R] in [0, 255], already resized -> float[B,2048]."""
         if tuple(x.shape[-2:]) == (CLEANFID_RESOLUTION, CLEANFID_RESOLUTION):
             return super().forward(x)
+        return self.pooled_features(x)
+
+    @torch.no_grad()
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """The same layers at any side >= 75, the last map averaged globally."""
         h = (x - 128) / 128
         for name, layer in self.layers.named_children():
             if name != "pool2":
