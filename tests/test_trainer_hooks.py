@@ -4,6 +4,10 @@ accumulation, EMA of weights, frozen modules stored as a hash."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -338,3 +342,28 @@ def test_a_run_written_before_new_settings_existed_still_resumes(tmp_path: Path)
 
     with pytest.raises(ConfigError, match="train.ema_decay"):
         train(load_config(None, [*TINY, "train.steps=4", "train.ema_decay=0.5"]), run, False)
+
+
+def test_two_processes_accumulating_train_as_one_process_on_the_whole_batch(
+    tmp_path: Path,
+) -> None:
+    """Each rank computes 2 micro-batches of 2 images, gradients synchronised once per step
+    (no_sync before the last micro-batch); the step equals one process's batch of 8."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    args = [*NO_NOISE, "train.steps=3", "train.batch_size=8", "--no-eval", "-q"]
+    base = [sys.executable, "-m", "ocl_bench.cli", "train"]
+    subprocess.run([*base, "--out", str(tmp_path / "one"), *args], check=True, env=env)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    launch = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "ocl_bench.cli", "train"]
+    subprocess.run(
+        [*launch, "--out", str(tmp_path / "ddp"), *args, "train.accumulate=2"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    logs = [
+        [json.loads(x)["loss"] for x in (tmp_path / r / "train_log.jsonl").read_text().splitlines()]
+        for r in ("one", "ddp")
+    ]
+    assert len(logs[1]) == 3 and logs[1] == pytest.approx(logs[0], rel=1e-4)
