@@ -113,8 +113,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     from ocl_bench.importing import import_checkpoint
     from ocl_bench.registry import registry
 
-    formats = registry().infos
-    importers = [i for i in formats if i.kind == "importer"]
+    importers = [i for i in registry().infos if i.kind == "importer"]
     if args.list:
         rows = [[i.name, i.distribution, i.version, i.cls.summary()] for i in importers]
         print(tabulate(rows, headers=["format", "distribution", "version", "reads"]))
