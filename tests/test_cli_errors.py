@@ -401,3 +401,69 @@ def test_grid_workers_must_be_a_positive_int(tmp_path: Path, workers: str) -> No
     assert "Traceback" not in result.stderr
     assert "argument --workers" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "r.sqlite").exists()
+
+
+# ------------------------------------------------------------------ dataset annotations
+
+
+def _dataset_config(tmp_path: Path, dataset: dict[str, object]) -> Path:
+    """A tiny run config (no tasks) on `dataset`."""
+    import tomli_w
+
+    config = {
+        "seed": 0,
+        "dataset": {**dataset, "image_size": 32, "mask_size": 32},
+        "encoder": {"name": "cnn", "channels": 8, "patch_size": 4},
+        "grouping": {"name": "slot_attention", "num_slots": 3, "slot_dim": 16},
+        "decoder": {"name": "mlp", "hidden": 16},
+        "objectives": {"reconstruction": {}},
+        "train": {"steps": 1, "batch_size": 2, "threads": 1},
+    }
+    path = tmp_path / "data.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "needles"),
+    [
+        (lambda f: f.write_text(f.read_text()[:150]), ["instances_train2017.json"]),
+        (lambda f: f.write_bytes(os.urandom(512)), ["instances_train2017.json"]),
+        (lambda f: f.write_text('{"images": 3}'), ["instances_train2017.json", "images"]),
+        (
+            lambda f: f.write_text(f.read_text().replace('"image_id"', '"imageid"')),
+            ["instances_train2017.json", "annotations[0]", "image_id"],
+        ),
+        (
+            lambda f: f.write_text(f.read_text().replace('"file_name"', '"file"')),
+            ["instances_train2017.json", "images[0]", "file_name"],
+        ),
+    ],
+    ids=["truncated", "random-bytes", "not-coco", "annotation-without-image", "image-without-file"],
+)
+def test_corrupt_coco_annotations_name_the_file(
+    tmp_path: Path, damage: object, needles: list[str]
+) -> None:
+    from tests.test_coco_voc import make_coco
+
+    root = make_coco(tmp_path / "coco", "train2017")
+    damage(root / "annotations" / "instances_train2017.json")  # type: ignore[operator]
+    config = _dataset_config(tmp_path, {"name": "coco", "root": str(root)})
+    result = cli(tmp_path, "train", str(config), "--out", "X", "--no-eval", "-q")
+    user_error(result, *needles)
+    assert not (tmp_path / "X").exists()
+
+
+@pytest.mark.parametrize("damaged", ["list", "label"])
+def test_corrupt_voc_files_name_the_file(tmp_path: Path, damaged: str) -> None:
+    from tests.test_coco_voc import VOC_IDS, make_voc
+
+    root = make_voc(tmp_path / "voc")
+    if damaged == "list":
+        target = root / "ImageSets" / "Segmentation" / "train.txt"
+    else:
+        target = root / "SegmentationObject" / f"{VOC_IDS[0]}.png"
+    target.write_bytes(b"\xff\xfe\x00" + os.urandom(300))
+    config = _dataset_config(tmp_path, {"name": "voc", "root": str(tmp_path / "voc")})
+    result = cli(tmp_path, "train", str(config), "--out", "X", "--no-eval", "-q")
+    user_error(result, target.name)

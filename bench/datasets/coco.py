@@ -124,7 +124,46 @@ def _load_json(path: Path) -> dict[str, Any]:
         raise DataError(
             f"dataset 'coco': {path} is not a COCO instances file (no {', '.join(missing)} list)"
         )
+    _check_entries(data, path)
     return data
+
+
+# The fields of each entry that loading and decoding read, and the JSON types they must have.
+_ENTRY_FIELDS = {
+    "images": {"id": int, "file_name": str, "height": int, "width": int},
+    "annotations": {"image_id": int, "category_id": int, "segmentation": (list, dict)},
+    "categories": {"id": int},
+}
+
+
+def _check_entries(data: dict[str, Any], path: Path) -> None:
+    """One line naming the file and the first bad entry, instead of a KeyError mid-epoch."""
+    if not isinstance(data.get("categories", []), list):
+        raise DataError(f"dataset 'coco': {path}: 'categories' is not a list")
+    for section, fields in _ENTRY_FIELDS.items():
+        for i, entry in enumerate(data.get(section, [])):
+            if not isinstance(entry, dict):
+                raise DataError(
+                    f"dataset 'coco': {path}: {section}[{i}] is {type(entry).__name__}, expected"
+                    " an object"
+                )
+            for key, kind in fields.items():
+                value = entry.get(key)
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    want = "a list or object" if kind == (list, dict) else kind.__name__
+                    found = f"{key}={value!r:.40}" if key in entry else f"no {key!r}"
+                    raise DataError(
+                        f"dataset 'coco': {path}: {section}[{i}] (id {entry.get('id')!r:.20}) has"
+                        f" {found}, expected {want}; not a COCO instances file"
+                    )
+            area = entry.get("area", 0.0)
+            if section == "annotations" and (
+                not isinstance(area, (int, float)) or isinstance(area, bool)
+            ):
+                raise DataError(
+                    f"dataset 'coco': {path}: annotations[{i}] (id {entry.get('id')!r}) has"
+                    f" area={area!r}, expected a number"
+                )
 
 
 class CocoDataset(SegmentationDataset):
