@@ -21,7 +21,7 @@ The official code's quirks are named params whose default is the official behavi
 
 The module keys mirror the official ones (`input_proj`, `slot_proj`, `bos_tokens`,
 `blocks.i.{self_attn,encoder_decoder_attn}.proj_{q,k,v,o}`, ...) so an official
-checkpoint maps onto it by prefix (bench/spot_import.py); the official bool
+checkpoint maps onto it by prefix (importers/spot.py); the official bool
 `self_attn_mask` parameters are not stored (the causal mask is rebuilt on the fly).
 
 DINOSAUR's autoregressive decoder in OCLF (amazon-science/object-centric-learning-framework)
