@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import re
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -41,13 +47,36 @@ def metric_values(cell: Cell) -> dict[tuple[str, str, str | None], float]:
     return {(m["task"], m["metric"], m["masks"]): m["value"] for m in cell.metrics}
 
 
+STATUSES = (
+    "complete (stored)",
+    "complete (elsewhere)",
+    "failed (elsewhere)",
+    "running elsewhere",
+    "complete",
+    "failed",
+    "skipped",
+)
+
+
 def status_lines(stderr: str) -> dict[str, str]:
     """label -> status, from the `  STATUS  LABEL` lines `ocl-bench grid` prints."""
     out = {}
     for line in stderr.splitlines():
-        for status in ("complete (stored)", "complete", "failed"):
+        for status in STATUSES:
             if line.startswith(f"  {status} "):
                 out[line[len(status) + 2 :].strip()] = status
+                break
+    return out
+
+
+def detail_lines(stderr: str) -> dict[str, str]:
+    """label -> the indented line `ocl-bench grid` prints under a cell's status."""
+    lines = stderr.splitlines()
+    out = {}
+    for i, line in enumerate(lines[:-1]):
+        for status in STATUSES:
+            if line.startswith(f"  {status} ") and lines[i + 1].startswith("   " + " " * 20):
+                out[line[len(status) + 2 :].strip()] = lines[i + 1].strip()
                 break
     return out
 
@@ -120,11 +149,19 @@ def test_failing_cells_under_workers_are_stored_failed_and_the_rest_complete(
 
     argv = ["grid", str(path), *TINY, "--db", str(db), "--runs", str(runs), "--workers", "2"]
     assert main([*argv, "-q"]) == 1  # not every cell completed
-    printed = status_lines(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    printed = status_lines(err)
     assert printed == {label: "complete" for label in cells} | {
         build_fails: "failed",
         train_fails: "failed",
     }
+    # Each failed cell's error is printed under it, in one line (a traceback's last line).
+    details = detail_lines(err)
+    assert set(details) == {build_fails, train_fails}
+    assert details[build_fails].startswith("ConfigError: ")
+    assert "power of two" in details[build_fails]
+    assert details[train_fails].startswith("IsADirectoryError: [Errno 21]")
+    assert "train_log.jsonl" in details[train_fails]
 
     store = ResultStore(db)
     stored = {c.label: c for c in store.cells()}
@@ -279,3 +316,149 @@ def test_opening_a_new_store_waits_for_another_writer_instead_of_failing(tmp_pat
     assert not thread.is_alive()
     assert "error" not in result, result["error"]
     assert result["cells"] == []
+
+
+def _claimer(db: str, results: str, index: int, barrier) -> None:
+    """A process that claims the one shared cell the moment all are ready."""
+    store = ResultStore(db)
+    barrier.wait(timeout=120)
+    claim = store.claim("shared", timeout=60)
+    taken = "lease" if claim.lease is not None else f"held by {claim.holder.pid}"
+    (Path(results) / f"{index}.txt").write_text(f"{os.getpid()} {taken}")
+
+
+def test_processes_claiming_one_cell_together_get_one_lease(tmp_path: Path) -> None:
+    db, results = tmp_path / "r.sqlite", tmp_path / "results"
+    results.mkdir()
+    ResultStore(db)
+    codes = _run_processes(_claimer, [(str(db), str(results), i) for i in range(4)])
+    assert codes == [0] * 4
+    said = [p.read_text().split(" ", 1) for p in sorted(results.iterdir())]
+    winners = [pid for pid, taken in said if taken == "lease"]
+    assert len(winners) == 1
+    # The others were told who holds it (that process has exited by now, which is why
+    # a later claim would take the cell over).
+    assert sorted(taken for _, taken in said if taken != "lease") == [f"held by {winners[0]}"] * 3
+    assert [(lease.pid, lease.released) for lease in ResultStore(db).leases()] == [
+        (int(winners[0]), None)
+    ]
+
+
+def _grid_command(path: Path, db: Path, runs: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ocl_bench.cli", "grid", str(path), *TINY] + [
+        "--db",
+        str(db),
+        "--runs",
+        str(runs),
+        "-q",
+        *extra,
+    ]
+
+
+def test_two_grids_started_together_run_each_cell_once(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [2, 3, 4]', "")
+    digests = {c.label: c.config.digest() for c in load_grid(path, [*TINY, "train.steps=6"]).cells}
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    cmd = _grid_command(path, db, runs, "train.steps=6")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    errs = [err for _, err in outputs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+
+    store = ResultStore(db)
+    leases = store.leases()
+    # Each cell was run by exactly one process, once, and completed.
+    assert sorted(lease.config_hash for lease in leases) == sorted(digests.values())
+    assert all(lease.outcome == "complete" and lease.released for lease in leases)
+    assert {c.config_hash: c.status for c in store.cells()} == dict.fromkeys(
+        digests.values(), "complete"
+    )
+    for digest in digests.values():  # one training run per directory: each step once
+        steps = [json.loads(line)["step"] for line in (runs / digest / "train_log.jsonl").open()]
+        assert steps == list(range(1, 7))
+    # Neither copy reports a failure; for every cell one copy ran it and the other saw it
+    # done or running (naming the process that held it).
+    printed = [status_lines(err) for err in errs]
+    for label in digests:
+        seen = sorted(p[label] for p in printed)
+        assert seen.count("complete") == 1, (label, seen)
+        assert not any(s.startswith("failed") for s in seen)
+    pids = {lease.pid for lease in leases}
+    for err, lines in zip(errs, printed):
+        for label, detail in detail_lines(err).items():
+            if lines[label] == "running elsewhere":
+                assert re.search(r"held by host .+, pid (\d+), since ", detail)
+                assert int(re.search(r"pid (\d+)", detail).group(1)) in pids
+
+
+def test_grid_skips_a_cell_another_process_holds_and_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
+    (cell,) = load_grid(path, TINY).cells
+    db = tmp_path / "r.sqlite"
+    holder = ResultStore(db).claim(cell.config.digest(), timeout=60).lease  # this process
+    assert main(["grid", str(path), *TINY, "--db", str(db), "--runs", str(tmp_path), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert status_lines(err) == {cell.label: "running elsewhere"}
+    detail = detail_lines(err)[cell.label]
+    assert detail.startswith(f"held by host {holder.host}, pid {os.getpid()}, since ")
+    assert "1 cell(s) are running in other processes" in err
+    assert ResultStore(db).get(cell.config.digest()) is None  # nothing ran, nothing written
+    assert not (tmp_path / cell.config.digest()).exists()
+
+
+def test_grid_wait_waits_for_the_holder_and_reports_its_result(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
+    (cell,) = load_grid(path, TINY).cells
+    digest = cell.config.digest()
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    store = ResultStore(db)
+    lease = store.claim(digest, timeout=60).lease
+    cmd = _grid_command(path, db, runs, "--wait")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = proc.stderr.readline()
+    while waiting and not waiting.startswith("waiting for"):
+        waiting = proc.stderr.readline()
+    assert waiting.startswith(f"waiting for '{cell.label}': host ")
+    time.sleep(1.0)
+    assert proc.poll() is None  # still waiting for us
+    # This process finishes the cell (as another grid would) and lets go of it.
+    store.start(_cell(digest, 0, 0))
+    store.complete(digest, _records(0, 0))
+    store.release(lease, "complete")
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    assert status_lines(rest) == {cell.label: "complete (elsewhere)"}
+    assert detail_lines(rest)[cell.label] == f"run by host {lease.host}, pid {os.getpid()}"
+    assert [lease.pid for lease in store.leases(digest)] == [os.getpid()]  # it never ran it
+    assert not (runs / digest).exists()
+
+
+def test_grid_takes_over_a_cell_whose_holder_died(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
+    (cell,) = load_grid(path, TINY).cells
+    digest = cell.config.digest()
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    ResultStore(db)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    now = time.time()
+    with sqlite3.connect(db) as conn:  # a lease whose heartbeat is fresh but whose pid is gone
+        conn.execute(
+            "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
+            " VALUES (?,?,?,?,?,?)",
+            (digest, socket.gethostname(), dead.pid, now, now, now + 600),
+        )
+    statuses = run_grid(load_grid(path, TINY), db, runs, progress=False)
+    assert statuses == {cell.label: "complete"}
+    leases = ResultStore(db).leases(digest)
+    assert [lease.pid for lease in leases] == [dead.pid, os.getpid()]
+    assert leases[0].outcome.startswith(f"expired: pid {dead.pid} ")
+    assert leases[1].outcome == "complete"
+    assert ResultStore(db).get(digest).status == "complete"
