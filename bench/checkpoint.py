@@ -148,6 +148,19 @@ def recover(directory: Path) -> Path | None:
     return None
 
 
+def saved_step(directory: Path) -> int:
+    """The step a complete checkpoint directory holds (its DONE_FILE, written last)."""
+    done = Path(directory) / DONE_FILE
+    try:
+        text = done.read_text()
+        return int(text.strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise DataError(
+            f"checkpoint marker {done} is damaged: expected the step number `save` writes"
+            " last; delete the checkpoint folder to start the run again"
+        ) from None
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():

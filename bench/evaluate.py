@@ -17,7 +17,7 @@ from ocl_bench.compose import SlotModel, build_model
 from ocl_bench.config import RunConfig, load_config
 from ocl_bench.data import make_dataset
 from ocl_bench.ema import apply_averaged
-from ocl_bench.errors import DataError
+from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 from ocl_bench.figures import mask_figure
 from ocl_bench.runtime import resolve_device, seed_everything
 from ocl_bench.tasking import EvalContext, MetricRecord
@@ -34,6 +34,10 @@ def load_run(
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
         raise DataError(f"{run_dir} is not a run directory: {config_path} not found")
+    try:  # resolved alone first, so a bad saved config is blamed on the file, not an override
+        load_config(config_path)
+    except (ConfigError, UnknownPluginError) as err:
+        raise type(err)(f"run config {config_path}: {err}") from None
     cfg = load_config(config_path, overrides)
     found = checkpoint.recover(run_dir / "checkpoint")
     if found is None:
@@ -57,7 +61,7 @@ def load_run(
                 f"{ema_path} is missing; evaluate the raw weights with train.ema_decay=0"
             )
         apply_averaged(model, checkpoint.load_weights(ema_path), str(ema_path))
-    step = int((found / checkpoint.DONE_FILE).read_text())
+    step = checkpoint.saved_step(found)
     return cfg, model, step
 
 

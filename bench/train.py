@@ -424,7 +424,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
 
 def _saved_step(ckpt_dir: Path) -> int:
     done = ckpt_dir / checkpoint.DONE_FILE
-    return int(done.read_text()) if done.exists() else 0
+    return checkpoint.saved_step(ckpt_dir) if done.exists() else 0
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -467,3 +467,84 @@ def test_corrupt_voc_files_name_the_file(tmp_path: Path, damaged: str) -> None:
     config = _dataset_config(tmp_path, {"name": "voc", "root": str(tmp_path / "voc")})
     result = cli(tmp_path, "train", str(config), "--out", "X", "--no-eval", "-q")
     user_error(result, target.name)
+
+
+# ------------------------------------------------------------------ run directories (more)
+
+
+def test_eval_on_a_damaged_checkpoint_marker_names_it(tmp_path: Path, trained_run: Path) -> None:
+    run = copy_run(trained_run, tmp_path)
+    (run / "checkpoint" / "COMPLETE").write_text("not a step")
+    result = cli(tmp_path, "eval", "run", "-q")
+    user_error(result, str(Path("run") / "checkpoint" / "COMPLETE"), "damaged")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda text: "seed = 0\n", "missing table"),
+        (lambda text: text.replace('name = "cnn"', 'name = "resnet9000"'), "resnet9000"),
+        (lambda text: text.replace("num_slots = 3", "num_slots = 0"), "num_slots=0"),
+    ],
+    ids=["no-dataset", "unknown-plugin", "out-of-range"],
+)
+def test_eval_blames_a_bad_saved_config_on_its_file(
+    tmp_path: Path, trained_run: Path, edit: object, needle: str
+) -> None:
+    run = copy_run(trained_run, tmp_path)
+    config = run / "config.toml"
+    config.write_text(edit(config.read_text()))  # type: ignore[operator]
+    result = cli(tmp_path, "eval", "run", "-q")
+    user_error(result, str(Path("run") / "config.toml"), needle)
+
+
+def test_eval_on_a_file_instead_of_a_run(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    user_error(cli(tmp_path, "eval", "model.safetensors", "-q"), "not a run directory")
+
+
+# ------------------------------------------------------------------ pretrained weights by path
+
+TINY_VIT = [
+    "encoder.name=dino_vits16",
+    "encoder.embed_dim=32",
+    "encoder.depth=2",
+    "encoder.num_heads=2",
+    "encoder.block=2",
+    "encoder.image_size=32",
+    *(o for o in TINY_RUN if not o.startswith("encoder.")),
+    "train.steps=1",
+]
+
+
+def _weights_files(folder: Path) -> dict[str, tuple[str, str]]:
+    """name -> (file, words the error must contain), each a different kind of bad file."""
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "random.pth").write_bytes(os.urandom(2000))
+    (folder / "random.safetensors").write_bytes(os.urandom(2000))
+    save_file({"w": torch.zeros(512)}, str(folder / "full.safetensors"))
+    data = (folder / "full.safetensors").read_bytes()
+    (folder / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    torch.save([1, 2, 3], folder / "list.pth")
+    return {
+        "random-pth": ("random.pth", "weights_only"),
+        "random-safetensors": ("random.safetensors", "corrupt"),
+        "truncated-safetensors": ("cut.safetensors", "corrupt"),
+        "not-a-state-dict": ("list.pth", "no state dict"),
+        "wrong-keys": ("full.safetensors", "missing keys"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["random-pth", "random-safetensors", "truncated-safetensors", "not-a-state-dict", "wrong-keys"],
+)
+def test_a_bad_weights_file_is_named(tmp_path: Path, case: str) -> None:
+    name, words = _weights_files(tmp_path)[case]
+    result = cli(
+        tmp_path, "train", "--out", "X", *TINY_VIT, f"encoder.weights={name}", "--no-eval", "-q"
+    )
+    user_error(result, name, words)
+    assert not (tmp_path / "X").exists()
