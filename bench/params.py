@@ -159,7 +159,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
             return tuple(
-                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value))
+                _coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))
             )
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -373,3 +373,14 @@ def test_range_is_described_for_plugins_show() -> None:
     assert range_text({"gt": 0, "le": 1}) == "(0, 1]"
     assert range_text({"ge": 0, "lt": 1}) == "[0, 1)"
     assert range_text({"le": 0.5}) == "<= 0.5"
+
+
+def test_fixed_length_tuple_params_coerce_each_value_with_its_own_type() -> None:
+    from ocl_bench.params import _coerce
+
+    assert _coerce([1, 2.5], tuple[float, float], "p") == (1.0, 2.5)
+    assert _coerce(["a", 3], tuple[str, int], "p") == ("a", 3)
+    with pytest.raises(ConfigError, match=r"p\[1\]: expected int"):
+        _coerce(["a", "b"], tuple[str, int], "p")
+    with pytest.raises(ConfigError, match="expected 2 values"):
+        _coerce([1.0], tuple[float, float], "p")
