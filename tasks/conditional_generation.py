@@ -10,12 +10,12 @@ ocl_bench.tasks.fid); reference statistics are cached on disk.
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import cleanfid
 import numpy as np
 import torch
 from torch import Tensor
@@ -75,13 +75,15 @@ class ConditionalGeneration(Plugin):
     def __init__(self, params: ConditionalGenerationParams):
         self.params = params
 
-    def _extractor(self) -> tuple[fidlib.InceptionExtractor | None, str | None]:
+    def _extractor(
+        self, device: torch.device
+    ) -> tuple[fidlib.InceptionExtractor | None, str | None]:
         """(extractor, None), or (None, why FID is skipped) under fid='if_available'."""
         if self.params.fid == "off":
             return None, "fid='off'"
         try:
             file = fidlib.find_inception(self.params.inception_path or None)
-            return fidlib.load_extractor(file), None
+            return fidlib.load_extractor(file).to(device), None
         except DataError as err:
             if self.params.fid == "required":
                 raise
@@ -94,7 +96,7 @@ class ConditionalGeneration(Plugin):
         decoder = ctx.model.decoder
         if not isinstance(decoder, GenerativeDecoder):
             raise DataError(f"decoder {type(decoder).__name__} has no generate(); cannot generate")
-        extractor, skipped = self._extractor()
+        extractor, skipped = self._extractor(ctx.device)
         data = ctx.dataset(ctx.split)
         count = len(data) if ctx.num_images <= 0 else min(ctx.num_images, len(data))
         cache = fidlib.ReferenceCache(
@@ -149,17 +151,14 @@ class ConditionalGeneration(Plugin):
         info: dict[str, Any] = {"images": images}
         if extractor is not None and key is not None:
             cached = reference is not None
-            if reference is None:
-                reference = fidlib.statistics(np.concatenate(real_feats))
-                cache.save(key, *reference)
-            fake_features = np.concatenate(gen_feats)
-            value = (
-                fidlib.frechet_distance(*reference, fake_features)
-                if fake_features.shape[0] >= 2
-                else float("nan")
-            )
+            value = float("nan")  # a covariance needs two images
+            if images >= 2:
+                if reference is None:
+                    reference = fidlib.statistics(np.concatenate(real_feats))
+                    cache.save(key, *reference)
+                value = fidlib.frechet_distance(*reference, np.concatenate(gen_feats))
             protocol = {
-                "package": f"clean-fid {getattr(cleanfid, '__version__', '')}".strip(),
+                "package": f"clean-fid {importlib.metadata.version('clean-fid')}",
                 "mode": "clean",
                 "extractor": fidlib.INCEPTION_FILE,
                 "weights_sha256": extractor.sha256,

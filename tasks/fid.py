@@ -395,9 +395,10 @@ def extract_features(
         raise ValueError(f"FID resolution {resolution} is below Inception's {MIN_RESOLUTION}")
     chunks = []
     extractor.eval()
+    device = next(extractor.parameters()).device
     for start in range(0, images.shape[0], batch_size):
         x = clean_resize(images[start : start + batch_size], resolution)
-        chunks.append(extractor(x).double().cpu().numpy())
+        chunks.append(extractor(x.to(device)).double().cpu().numpy())
     if not chunks:
         return np.zeros((0, FEATURE_DIM))
     return np.concatenate(chunks)

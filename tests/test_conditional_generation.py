@@ -360,7 +360,8 @@ def test_end_to_end_on_the_default_model_reads_the_cache_second_time(
     protocol = records["fid"].protocol
     assert protocol is not None
     assert protocol["images"] == 8 and protocol["resolution"] == SMALL
-    assert protocol["extractor"] == fidlib.INCEPTION_FILE
+    assert protocol["extractor"] == fidlib.INCEPTION_FILE and protocol["mode"] == "clean"
+    assert protocol["package"].startswith("clean-fid 0.")
     assert protocol["weights_sha256"] == hashlib.sha256(inception_file.read_bytes()).hexdigest()
     assert "val" in protocol["reference"] and "shapes" in protocol["reference"]
     assert records["fid"].resolution == (SMALL, SMALL) and records["fid"].num_images == 8
