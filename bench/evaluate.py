@@ -93,13 +93,14 @@ def evaluate(
     started = time.time()
     records: list[MetricRecord] = []
     info: dict[str, Any] = {}
+    figures: list[str] = []
     for choice in cfg.tasks:
         # Same slot-init noise for every task and every evaluation of this checkpoint.
         seed_everything(cfg.seed)
         result = choice.cls(choice.params).evaluate(ctx)
         records.extend(result.records)
         info[choice.name] = result.info
-    figures = []
+        figures.extend(result.figures)
     if cfg.eval.figure_images > 0:
         seed_everything(cfg.seed)
         batch, out = next(ctx.predictions(count=cfg.eval.figure_images, desc="figure"))

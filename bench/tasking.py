@@ -39,6 +39,7 @@ class MetricRecord:
 class TaskResult:
     records: list[MetricRecord]
     info: dict[str, Any] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)  # files the run's metrics.json lists
 
 
 @dataclass

@@ -175,10 +175,11 @@ class ConditionalGeneration(Plugin):
             info["fid_reference_file"] = str(cache.path(key))
         else:
             info["fid_skipped"] = skipped
+        figures = []
         if figure_rows is not None and ctx.out_dir is not None:
             path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
-            info["figure"] = str(generation_figure(figure_rows, path))
-        return TaskResult(records, info)
+            figures.append(str(generation_figure(figure_rows, path)))
+        return TaskResult(records, info, figures)
 
     def _generate(self, decoder: Any, slots: Slots, generator: torch.Generator) -> Tensor:
         p = self.params

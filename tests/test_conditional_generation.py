@@ -303,7 +303,7 @@ def test_fid_of_generated_equal_to_real_is_zero(
     result = task.evaluate(_context(CopyModel(32), _shapes(), tmp_path))
     fid = next(r for r in result.records if r.metric == "fid")
     assert abs(fid.value) < 1e-6
-    figure = Path(result.info["figure"])
+    figure = Path(result.figures[0])
     assert figure.is_file() and figure.parent == tmp_path / "figures"
     assert not offline
 
