@@ -129,6 +129,83 @@ def row_config(
     return resolve(row_raw(row, base, dataset, overrides))
 
 
+# The TOML type of each key a leaderboard or grid file may hold (keys are not limited here:
+# load_grid refuses unknown grid keys itself).
+_SPEC_TYPES: dict[str, Any] = {
+    "name": str,
+    "title": str,
+    "source": dict,
+    "dataset": str,
+    "base": dict,
+    "base_config": str,
+    "columns": list,
+    "rows": list,
+    "axes": dict,
+    "masks": str,
+    "exclude": list,
+}
+_ROW_TYPES: dict[str, Any] = {
+    "label": str,
+    "overrides": dict,
+    "published": dict,
+    "notes": str,
+    "preset": str,
+    "dataset_overrides": dict,
+}
+_COLUMN_TYPES: dict[str, Any] = {
+    "key": str,
+    "task": str,
+    "metric": str,
+    "dataset": str,
+    "label": str,
+    "masks": str,
+    "scale": (int, float),
+}
+
+
+def _type_words(kind: Any) -> str:
+    names = {str: "a string", dict: "a table", list: "a list", (int, float): "a number"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_spec(spec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`spec` when every value has the type the readers expect, else one ConfigError line
+    naming the file and the entry (rather than a traceback while rendering)."""
+
+    def check(table: Any, types: dict[str, Any], where: str, required: tuple[str, ...] = ()):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {where} is {table!r:.40}, expected a table")
+        for key in required:
+            if key not in table:
+                raise ConfigError(f"{path}: {where} has no '{key}'")
+        for key, kind in types.items():
+            value = table.get(key)
+            if key in table and (not isinstance(value, kind) or isinstance(value, bool)):
+                at = f"{where}.{key}" if where else key
+                raise ConfigError(f"{path}: {at} is {value!r:.40}, expected {_type_words(kind)}")
+
+    check(spec, _SPEC_TYPES, "")
+    for i, row in enumerate(spec.get("rows", [])):
+        check(row, _ROW_TYPES, f"rows[{i}]", ("label",))
+        for key, value in row.get("published", {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(
+                    f"{path}: rows[{i}] ('{row['label']}') published.{key} is {value!r:.40},"
+                    " expected a number"
+                )
+        for ds, table in row.get("dataset_overrides", {}).items():
+            check(table, {}, f"rows[{i}].dataset_overrides.{ds}")
+    grid_file = "axes" in spec or "rows" not in spec
+    for i, column in enumerate(spec.get("columns", [])):
+        if grid_file and not isinstance(column, str):
+            raise ConfigError(f"{path}: columns[{i}] is {column!r:.40}, expected a metric name")
+        if not grid_file:
+            check(column, _COLUMN_TYPES, f"columns[{i}]", ("key", "task"))
+    for i, rule in enumerate(spec.get("exclude", [])):
+        check(rule, {}, f"exclude[{i}]")
+    return spec
+
+
 def read_rows(spec: dict[str, Any]) -> list[Row]:
     """The rows of a parsed published leaderboard (nothing measured yet)."""
     return [
@@ -226,7 +303,7 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
     path = Path(path) if path is not None else demo_grid_path()
     if not path.suffix and not path.exists():  # a leaderboard by name
         path = board_path(path)
-    spec = read_toml(path)
+    spec = check_spec(read_toml(path), path)
     if "rows" in spec and "axes" not in spec:
         return _board_grid(path, spec, list(overrides or []))
     unknown = [k for k in spec if k not in GRID_KEYS]

@@ -16,6 +16,7 @@ from ocl_bench.boards import (
     Column,
     Row,
     board_path,
+    check_spec,
     grid_columns,
     leaderboard_dir,
     list_leaderboards,
@@ -61,7 +62,7 @@ def load_leaderboard(
     board's rows take them last, so the same overrides find the same stored cells.
     """
     path = board_path(name_or_path)
-    spec = read_toml(path)
+    spec = check_spec(read_toml(path), path)
     if "axes" in spec:  # a grid file: its cells are the rows
         return _from_grid(path, db, overrides)
     columns = read_columns(spec)

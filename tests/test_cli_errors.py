@@ -548,3 +548,28 @@ def test_a_bad_weights_file_is_named(tmp_path: Path, case: str) -> None:
     )
     user_error(result, name, words)
     assert not (tmp_path / "X").exists()
+
+
+# ------------------------------------------------------------------ grid and leaderboard files
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("[axes\n", ["bad.toml", "TOML"]),
+        ('name = 5\n[axes]\n"decoder.name" = ["mlp"]\n', ["bad.toml", "name is 5"]),
+        ("axes = 7\n", ["bad.toml", "axes is 7"]),
+        ('title = "t"\nrows = 3\n', ["bad.toml", "rows is 3"]),
+        ('title = "t"\n[[rows]]\nlabel = 3\n', ["bad.toml", "rows[0].label"]),
+        ('[[rows]]\nlabel = "a"\n[rows.published]\nfg_ari = "12"\n', ["published.fg_ari"]),
+        ('columns = [3]\n[[rows]]\nlabel = "a"\n', ["bad.toml", "columns[0]"]),
+    ],
+    ids=["toml", "name", "axes", "rows", "label", "published", "columns"],
+)
+def test_a_malformed_grid_or_leaderboard_file_is_named(
+    tmp_path: Path, text: str, needles: list[str]
+) -> None:
+    (tmp_path / "bad.toml").write_text(text)
+    for command in (["grid", "bad.toml", "--db", "r.sqlite", "-q"], ["leaderboard", "bad.toml"]):
+        user_error(cli(tmp_path, *command), *needles)
+    assert not (tmp_path / "r.sqlite").exists()
