@@ -255,10 +255,18 @@ def read_columns(spec: dict[str, Any]) -> list[Column]:
 
 
 def grid_columns(spec: dict[str, Any]) -> list[Column]:
-    """A grid file's columns: object discovery metrics (in percent) of its cells."""
+    """A grid file's columns: object discovery metrics of its cells (in percent; "fg_ari"),
+    or another task's metric as it is stored ("conditional_generation.fid")."""
     metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
     masks = spec.get("masks", "decoder")
-    return [Column(m, m, "object_discovery", None, m, masks, 100.0) for m in metrics]
+    columns = []
+    for m in metrics:
+        if "." in m:
+            task, metric = m.split(".", 1)
+            columns.append(Column(m, metric, task, None, metric, None, 1.0))
+        else:
+            columns.append(Column(m, m, "object_discovery", None, m, masks, 100.0))
+    return columns
 
 
 GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")

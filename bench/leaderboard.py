@@ -154,10 +154,13 @@ def protocol_notes(board: Leaderboard) -> list[str]:
 
 
 def _latest_figure(cell: Any) -> list[str]:
-    """The newest evaluation figure of a stored cell's run directory (none if absent)."""
+    """The newest mask figure of a stored cell's run directory, then its generated images
+    (none if absent)."""
     if not cell.run_dir:
         return []
-    return sorted(str(p) for p in Path(cell.run_dir).glob("figures/step*.png"))[-1:]
+    figures = Path(cell.run_dir) / "figures"
+    masks = sorted(str(p) for p in figures.glob("step*.png"))[-1:]
+    return masks + [str(p) for p in figures.glob("conditional_generation.png")]
 
 
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:

@@ -506,3 +506,30 @@ def test_hand_picked_numbers(table: str, label: str, key: str, printed: str):
 def test_samples_cover_every_table():
     counts = {t: sum(1 for s in SAMPLES if s[0] == t) for t in REGIONS}
     assert all(n >= 3 for n in counts.values()), counts
+
+
+def test_grid_columns_take_other_tasks_metrics_unscaled() -> None:
+    from ocl_bench.boards import grid_columns
+
+    cols = grid_columns({"columns": ["fg_ari", "conditional_generation.psnr"], "masks": "attn"})
+    fg, psnr = cols
+    assert (fg.task, fg.metric, fg.masks, fg.scale) == ("object_discovery", "fg_ari", "attn", 100)
+    assert (psnr.task, psnr.metric, psnr.masks, psnr.scale) == (
+        "conditional_generation",
+        "psnr",
+        None,
+        1.0,
+    )
+
+
+def test_demo_grid_measures_generation_for_its_pixel_decoders() -> None:
+    from ocl_bench.boards import demo_grid_path, grid_columns, load_grid
+    from ocl_bench.config import read_toml
+
+    grid = load_grid(demo_grid_path())
+    for cell in grid.cells:
+        assert "conditional_generation" in [t.name for t in cell.config.tasks]
+        gives = cell.config.decoder.cls.capabilities(cell.config.decoder.params)[1]
+        assert "generation.images" in gives
+    keys = {c.key for c in grid_columns(read_toml(demo_grid_path()))}
+    assert {"conditional_generation.fid", "conditional_generation.ssim"} <= keys

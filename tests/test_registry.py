@@ -194,7 +194,9 @@ def test_module_raising_on_import_is_reported_broken(
     info = [i for i in reg.infos if i.name == "raises"]
     assert len(info) == 1 and info[0].broken
     assert "RuntimeError" in info[0].error and "boom at import" in info[0].error
-    assert set(reg.names("task")) == {"object_discovery", "property_prediction"}
+    # the rest of the registry is intact
+    tasks = {"object_discovery", "property_prediction", "conditional_generation"}
+    assert tasks <= set(reg.names("task"))
 
 
 # ------------------------------------------------------------------ the CLI
