@@ -1,4 +1,5 @@
-"""The evaluation figure: image, ground truth, each slot's mask, reconstruction."""
+"""Figures: masks (image, ground truth, each slot's mask, reconstruction), training curves,
+rows of generated images. Each is written atomically (a kill never leaves half a PNG)."""
 
 from __future__ import annotations
 
@@ -73,14 +74,7 @@ def mask_figure(
                 ax.set_title(title, fontsize=8)
         for c in range(len(panels), cols):
             axes[r, c].axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, Path(path))
 
 
 def _read_log(path: Path) -> list[dict]:
@@ -143,11 +137,35 @@ def training_figure(run_dir: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation score")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return save_figure(fig, run_dir / "figures" / "training.png", dpi=110)
+
+
+def image_rows_figure(rows: dict[str, torch.Tensor], path: Path) -> Path:
+    """One row per entry of `rows` (e.g. real, generated, recombined), one column per
+    image; images float[n,3,H,W] in [0, 1], rows may hold different counts."""
+    count = max(t.shape[0] for t in rows.values())
+    fig, axes = plt.subplots(
+        len(rows), count, figsize=(1.4 * count + 1.2, 1.5 * len(rows)), squeeze=False
+    )
+    for r, (title, images) in enumerate(rows.items()):
+        for c in range(count):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < images.shape[0]:
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            else:
+                ax.axis("off")
+        axes[r, 0].set_ylabel(title, fontsize=8)
+    return save_figure(fig, Path(path))
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
+    """Lay out, write beside `path` and rename into place, close."""
     fig.tight_layout()
-    out = run_dir / "figures" / "training.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("training.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    tmp.replace(path)
+    return path

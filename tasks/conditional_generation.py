@@ -178,7 +178,10 @@ class ConditionalGeneration(Plugin):
         figures = []
         if figure_rows is not None and ctx.out_dir is not None:
             path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
-            figures.append(str(generation_figure(figure_rows, path)))
+            # imported here: discovering plugins imports every task module, and matplotlib is slow
+            from ocl_bench.figures import image_rows_figure
+
+            figures.append(str(image_rows_figure(figure_rows, path)))
         return TaskResult(records, info, figures)
 
     def _generate(self, decoder: Any, slots: Slots, generator: torch.Generator) -> Tensor:
@@ -241,37 +244,6 @@ def _record(
     protocol: dict[str, Any],
 ) -> MetricRecord:
     return MetricRecord(task, metric, value, None, resolution, images, protocol=protocol)
-
-
-def generation_figure(rows: dict[str, Tensor], path: Path) -> Path:
-    """One row per entry of `rows` (real, generated, recombined), one column per image."""
-    # imported here, not at the top: discovering plugins imports every task module
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = max(t.shape[0] for t in rows.values())
-    fig, axes = plt.subplots(
-        len(rows), count, figsize=(1.4 * count + 1.2, 1.5 * len(rows)), squeeze=False
-    )
-    for r, (title, images) in enumerate(rows.items()):
-        for c in range(count):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < images.shape[0]:
-                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            else:
-                ax.axis("off")
-        axes[r, 0].set_ylabel(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from cleanfid.resize import make_resizer
 from torch import Tensor, nn
 
 from ocl_bench.errors import DataError
+from ocl_bench.weights import file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "OCL_BENCH_INCEPTION"
@@ -279,20 +280,9 @@ def find_inception(path: str | None = None) -> Path:
     )
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
 def weights_sha256(file: Path) -> str:
     """sha256 of the weights file (memoised per path, size and mtime: a run hashes once)."""
-    stat = file.stat()
-    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
+    return file_sha256(file)
 
 
 class InceptionExtractor(InceptionV3W):

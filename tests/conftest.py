@@ -27,6 +27,18 @@ TINY = [
 ]
 
 
+# The smallest default-config model (no training settings): composition and decoder tests.
+TINY_MODEL = [
+    "dataset.image_size=32",
+    "encoder.channels=8",
+    "encoder.patch_size=4",
+    "encoder.dim=16",
+    "grouping.num_slots=3",
+    "grouping.slot_dim=16",
+    "grouping.mlp_hidden=16",
+]
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)

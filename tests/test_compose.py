@@ -14,16 +14,7 @@ from ocl_bench.errors import IncompatiblePluginsError
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 from ocl_bench.registry import PluginInfo, Registry, registry
-
-TINY_MODEL = [
-    "dataset.image_size=32",
-    "encoder.channels=8",
-    "encoder.patch_size=4",
-    "encoder.dim=16",
-    "grouping.num_slots=3",
-    "grouping.slot_dim=16",
-    "grouping.mlp_hidden=16",
-]
+from tests.conftest import TINY_MODEL
 
 
 def resolved(*overrides: str, reg: Registry | None = None) -> RunConfig:

@@ -32,19 +32,10 @@ from ocl_bench.tasks.conditional_generation import (
     ConditionalGeneration,
     ConditionalGenerationParams,
 )
+from tests.conftest import TINY_MODEL
 
 SMALL = 75  # FID resolution in these tests
-TINY = [
-    "dataset.image_size=32",
-    "dataset.val_size=8",
-    "encoder.channels=8",
-    "encoder.patch_size=4",
-    "encoder.dim=16",
-    "grouping.num_slots=3",
-    "grouping.slot_dim=16",
-    "grouping.mlp_hidden=16",
-    "decoder.hidden=16",
-]
+TINY = [*TINY_MODEL, "dataset.val_size=8", "decoder.hidden=16"]
 
 
 @pytest.fixture(scope="module")

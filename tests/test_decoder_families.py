@@ -23,17 +23,9 @@ from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
 from ocl_bench.objectives.token_cross_entropy import TokenCrossEntropy, TokenCrossEntropyParams
 from ocl_bench.plugin import Plugin
 from ocl_bench.registry import PluginInfo, Registry, registry
+from tests.conftest import TINY_MODEL
 
-TINY = [
-    "dataset.image_size=32",
-    "encoder.channels=8",
-    "encoder.patch_size=4",
-    "encoder.dim=16",
-    "grouping.num_slots=3",
-    "grouping.slot_dim=16",
-    "grouping.mlp_hidden=16",
-    "decoder.hidden=16",
-]
+TINY = [*TINY_MODEL, "decoder.hidden=16"]
 
 
 class _TokenDecoder(Plugin):
