@@ -22,7 +22,6 @@ every importer gets it the same way:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from ocl_bench.config import STAGES, RunConfig, parse_override
 from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 from ocl_bench.params import build_params, to_dict
 from ocl_bench.plugin import Plugin
+from ocl_bench.weights import file_sha256
 
 PARAMS_PREFIX = "importer."
 EXPECTED_FILE = (
@@ -224,14 +224,6 @@ def read_state_dict(
             f"(e.g. {', '.join(not_tensors[:5])}) and no dict of tensors was found{under}"
         )
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ sizes and keys
