@@ -1,0 +1,198 @@
+"""Mean, spread and confidence intervals of repeated measurements, and paired comparisons.
+
+Conventions (what a leaderboard cell's "mean ± ci" means):
+
+- Values are per seed, or per image when a cell has one seed. NaN marks a value that was
+  not measured (an image skipped by the IoU family) and is dropped before anything else.
+- `std` is the sample standard deviation (ddof=1), 0 for a single value.
+- The interval is the bootstrap percentile interval of the mean: `resamples` resamples of
+  the values with replacement, the (1-c)/2 and (1+c)/2 quantiles of their means. It needs
+  no normality assumption, and it is what SciPy's `bootstrap(method="percentile")` gives.
+  One value has no spread to resample: its interval is (mean, mean), method "single".
+- Comparisons are paired (the same images, or the same seeds, in both rows): the interval
+  is the bootstrap interval of the mean difference, the p-value that of a two-sided
+  sign-flip permutation test of the mean difference (under the null hypothesis "no
+  difference", each pair's difference is as likely to have either sign).
+- Everything is deterministic for a given `seed` (numpy's PCG64 generator).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+# Index matrices are built this many elements at a time (32 MiB of int32 indices + the
+# gathered float64 values): 10k resamples of 10k values fit without 800 MB arrays.
+_CHUNK_ELEMENTS = 1 << 22
+# Up to 2**this pairs the sign-flip test enumerates every sign pattern (an exact p-value).
+_EXACT_MAX_PAIRS = 13
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The mean of some values with its spread and confidence interval."""
+
+    mean: float
+    std: float
+    n: int
+    ci_low: float
+    ci_high: float
+    method: str  # "bootstrap", "single" (one value) or "empty" (none: every field NaN)
+    confidence: float = 0.95
+
+    def contains(self, value: float) -> bool:
+        """Whether `value` (a published number, say) lies inside the interval, ends included."""
+        return bool(self.ci_low <= value <= self.ci_high)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Row A minus row B over paired values."""
+
+    difference: float  # mean of a - b
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided, sign-flip permutation test; 1.0 when nothing differs
+    n: int  # pairs compared (pairs with a NaN on either side are dropped)
+    method: str  # "exact" (every sign pattern) or "monte carlo" (`resamples` patterns)
+    confidence: float = 0.95
+
+
+def _finite(values: Iterable[float] | np.ndarray) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64).ravel()
+    return array[~np.isnan(array)]
+
+
+def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The means of `resamples` resamples (with replacement) of `values`, chunked so the
+    index matrix stays small."""
+    n = values.size
+    means = np.empty(resamples, dtype=np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    index_type = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        picks = rng.integers(0, n, size=(stop - start, n), dtype=index_type)
+        means[start:stop] = np.take(values, picks).mean(axis=1)
+    return means
+
+
+def _percentile_interval(samples: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(samples, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+def summarize(
+    values: Iterable[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Summary:
+    """Mean, sample std (ddof=1) and bootstrap percentile interval of the mean of `values`
+    (NaNs dropped). See the module docstring for the conventions."""
+    _check_confidence(confidence)
+    data = _finite(values)
+    n = int(data.size)
+    if n == 0:
+        nan = float("nan")
+        return Summary(nan, nan, 0, nan, nan, "empty", confidence)
+    mean = float(data.mean())
+    if n == 1:
+        return Summary(mean, 0.0, 1, mean, mean, "single", confidence)
+    std = float(data.std(ddof=1))
+    if std == 0.0:  # every resample has the same mean; skip the work and rounding noise
+        return Summary(mean, 0.0, n, mean, mean, "bootstrap", confidence)
+    means = bootstrap_means(data, resamples, np.random.default_rng(seed))
+    low, high = _percentile_interval(means, confidence)
+    return Summary(mean, std, n, low, high, "bootstrap", confidence)
+
+
+def _sign_flip_means(
+    differences: np.ndarray, resamples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, str]:
+    """The mean difference under sign patterns: all 2**n of them when n is small (exact),
+    else `resamples` random ones. A pattern's mean is (2 * bits @ d - sum d) / n, so each
+    chunk is one matrix-vector product over random bits."""
+    n = differences.size
+    total = differences.sum()
+    if n <= _EXACT_MAX_PAIRS:
+        bits = np.array(list(product((0.0, 1.0), repeat=n)))
+        return (2.0 * (bits @ differences) - total) / n, "exact"
+    means = np.empty(resamples, dtype=np.float64)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        packed = rng.integers(0, 256, size=(stop - start, (n + 7) // 8), dtype=np.uint8)
+        bits = np.unpackbits(packed, axis=1, count=n).astype(np.float64)
+        means[start:stop] = (2.0 * (bits @ differences) - total) / n
+    return means, "monte carlo"
+
+
+def paired_difference(
+    a: Iterable[float] | np.ndarray,
+    b: Iterable[float] | np.ndarray,
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> Comparison:
+    """Mean of a - b over pairs (a[i], b[i]) — the same image or seed in both rows — with
+    the bootstrap percentile interval of that mean and a two-sided p-value.
+
+    The p-value comes from a sign-flip permutation test (SciPy's
+    `permutation_test(..., permutation_type="samples")` on paired data tests the same
+    hypothesis, but calls the statistic per batch of Python-built permutations; this one is
+    a matrix product over random bits). It is exact up to 2**13 sign patterns, else
+    estimated from `resamples` random patterns as (1 + hits) / (1 + resamples), so it is
+    never 0. Pairs with a NaN on either side are dropped."""
+    _check_confidence(confidence)
+    left = np.asarray(a, dtype=np.float64).ravel()
+    right = np.asarray(b, dtype=np.float64).ravel()
+    if left.shape != right.shape:
+        raise ValueError(
+            f"paired values need the same count on both sides, got {left.size} and {right.size}"
+        )
+    keep = ~(np.isnan(left) | np.isnan(right))
+    differences = left[keep] - right[keep]
+    n = int(differences.size)
+    if n == 0:
+        nan = float("nan")
+        return Comparison(nan, nan, nan, nan, 0, "exact", confidence)
+    observed = float(differences.mean())
+    if not differences.any():  # identical rows: no resampling can make them differ
+        return Comparison(0.0, 0.0, 0.0, 1.0, n, "exact", confidence)
+    rng = np.random.default_rng(seed)
+    if n == 1:
+        low = high = observed
+    else:
+        low, high = _percentile_interval(bootstrap_means(differences, resamples, rng), confidence)
+    flipped, method = _sign_flip_means(differences, resamples, rng)
+    # The observed pattern must count as at least as extreme despite float rounding.
+    tolerance = 1e-12 * max(1.0, float(np.abs(differences).max()))
+    hits = int(np.count_nonzero(np.abs(flipped) >= abs(observed) - tolerance))
+    if method == "exact":
+        p_value = hits / flipped.size
+    else:
+        p_value = (1 + hits) / (1 + flipped.size)
+    return Comparison(observed, low, high, min(1.0, p_value), n, method, confidence)
+
+
+def resolved(best: Summary, runner_up: Summary, *, higher_is_better: bool = True) -> bool:
+    """Whether `best` leads `runner_up` by more than the runner-up's own uncertainty: its
+    mean lies beyond the runner-up's interval, on the better side. NaN is never resolved."""
+    if math.isnan(best.mean) or math.isnan(runner_up.ci_low) or math.isnan(runner_up.ci_high):
+        return False
+    if higher_is_better:
+        return best.mean > runner_up.ci_high
+    return best.mean < runner_up.ci_low

@@ -1,0 +1,151 @@
+"""The statistics behind "mean ± ci" and paired comparisons (bench/stats.py)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ocl_bench.stats import Summary, paired_difference, resolved, summarize
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def test_bootstrap_interval_matches_the_normal_closed_form() -> None:
+    sigma, n = 2.0, 10_000
+    values = np.random.default_rng(1).normal(5.0, sigma, size=n)
+    s = summarize(values)
+    half = Z95 * sigma / math.sqrt(n)
+    assert s.method == "bootstrap" and s.n == n
+    assert s.mean == pytest.approx(values.mean())
+    assert s.std == pytest.approx(values.std(ddof=1))
+    assert s.ci_low == pytest.approx(s.mean - half, abs=0.05 * half)
+    assert s.ci_high == pytest.approx(s.mean + half, abs=0.05 * half)
+
+
+def test_interval_covers_the_true_mean_about_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(2)
+    draws = 300
+    covered = 0
+    for i in range(draws):
+        s = summarize(rng.normal(0.0, 1.0, size=60), resamples=1000, seed=i)
+        covered += s.ci_low <= 0.0 <= s.ci_high
+    # Percentile bootstrap undercovers slightly at n=60; 300 draws give a ~1.3% std error.
+    assert 0.90 <= covered / draws <= 0.98
+
+
+def test_a_wider_confidence_gives_a_wider_interval() -> None:
+    values = np.random.default_rng(3).normal(size=200)
+    narrow, wide = summarize(values, confidence=0.8), summarize(values, confidence=0.99)
+    assert wide.ci_low < narrow.ci_low < narrow.mean < narrow.ci_high < wide.ci_high
+
+
+def test_deterministic_for_a_seed_and_varies_across_seeds() -> None:
+    values = np.random.default_rng(4).normal(size=30)
+    assert summarize(values, seed=7) == summarize(values, seed=7)
+    assert summarize(values, seed=7).ci_low != summarize(values, seed=8).ci_low
+
+
+def test_nans_are_dropped_before_anything_else() -> None:
+    s = summarize([1.0, float("nan"), 3.0, float("nan"), 2.0])
+    assert s.n == 3 and s.mean == 2.0 and s.std == 1.0
+    assert 1.0 <= s.ci_low < 2.0 < s.ci_high <= 3.0
+
+
+def test_one_value_has_a_point_interval() -> None:
+    s = summarize([0.42, float("nan")])
+    assert s == Summary(0.42, 0.0, 1, 0.42, 0.42, "single")
+    assert s.contains(0.42) and not s.contains(0.43)
+
+
+def test_no_values_give_an_empty_summary() -> None:
+    s = summarize([float("nan")])
+    assert s.n == 0 and s.method == "empty" and math.isnan(s.mean)
+    assert not s.contains(0.0)
+
+
+def test_constant_values_have_no_spread() -> None:
+    s = summarize([0.7] * 5)
+    assert (s.std, s.ci_low, s.ci_high) == (0.0, 0.7, 0.7)
+
+
+def test_confidence_outside_0_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="confidence"):
+        summarize([1.0, 2.0], confidence=95)
+
+
+@pytest.mark.parametrize("n", [1, 5, 40, 3000])
+def test_identical_rows_never_differ(n: int) -> None:
+    a = np.random.default_rng(n).uniform(size=n)
+    c = paired_difference(a, a.copy())
+    assert (c.difference, c.ci_low, c.ci_high, c.p_value, c.n) == (0.0, 0.0, 0.0, 1.0, n)
+
+
+def test_a_clearly_shifted_pair_differs() -> None:
+    rng = np.random.default_rng(5)
+    b = rng.uniform(0.3, 0.7, size=200)
+    a = b + 0.05 + rng.normal(0.0, 0.05, size=200)
+    c = paired_difference(a, b)
+    assert c.method == "monte carlo" and c.n == 200
+    assert c.difference == pytest.approx(float(np.mean(a - b)))
+    assert 0.0 < c.ci_low < c.difference < c.ci_high
+    assert c.p_value < 0.01
+    flipped = paired_difference(b, a)  # the same comparison seen from the other row
+    assert flipped.difference == pytest.approx(-c.difference)
+    assert flipped.p_value < 0.01 and flipped.ci_high < 0.0
+
+
+def test_false_positive_rate_under_no_difference_is_about_5_percent() -> None:
+    rng = np.random.default_rng(6)
+    draws = 200
+    significant = covered = 0
+    for i in range(draws):
+        b = rng.uniform(size=40)
+        c = paired_difference(b + rng.normal(0.0, 0.1, size=40), b, resamples=2000, seed=i)
+        significant += c.p_value < 0.05
+        covered += c.ci_low <= 0.0 <= c.ci_high
+    # 200 draws: ~1.5% std error around 5% and 95%.
+    assert significant / draws <= 0.10
+    assert 0.88 <= covered / draws <= 0.99
+
+
+def test_exact_sign_flip_p_value_for_three_seeds() -> None:
+    # Three positive differences: of the 8 sign patterns, only all-plus and all-minus are as
+    # extreme, so p = 2/8 (three seeds can never reach p < 0.05).
+    c = paired_difference([0.61, 0.65, 0.70], [0.50, 0.52, 0.55])
+    assert c.method == "exact" and c.p_value == pytest.approx(0.25)
+
+
+def test_pairs_with_a_nan_are_dropped_together() -> None:
+    nan = float("nan")
+    c = paired_difference([1.0, nan, 2.0, 3.0], [0.5, 0.0, nan, 2.5])
+    assert c.n == 2 and c.difference == pytest.approx(0.5)
+
+
+def test_unpaired_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match="same count"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def _summary(mean: float, low: float, high: float) -> Summary:
+    return Summary(mean, 0.1, 3, low, high, "bootstrap")
+
+
+def test_resolved_needs_the_lead_outside_the_runner_up_interval() -> None:
+    runner_up = _summary(0.50, 0.45, 0.55)
+    assert resolved(_summary(0.60, 0.58, 0.62), runner_up)
+    assert not resolved(_summary(0.54, 0.50, 0.58), runner_up)
+    assert not resolved(_summary(0.55, 0.50, 0.60), runner_up)  # on the edge: not outside
+
+
+def test_resolved_for_lower_is_better_metrics() -> None:
+    runner_up = _summary(30.0, 27.0, 33.0)  # an FID, say
+    assert resolved(_summary(25.0, 24.0, 26.0), runner_up, higher_is_better=False)
+    assert not resolved(_summary(28.0, 26.0, 30.0), runner_up, higher_is_better=False)
+    assert not resolved(_summary(25.0, 24.0, 26.0), runner_up)  # wrong direction
+
+
+def test_nan_is_never_resolved() -> None:
+    assert not resolved(summarize([]), _summary(0.5, 0.4, 0.6))
+    assert not resolved(_summary(0.9, 0.8, 1.0), summarize([]))
