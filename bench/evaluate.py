@@ -115,8 +115,13 @@ def evaluate(
         "split": cfg.eval.split,
         "seconds": round(time.time() - started, 3),
         "summary": {r.key: r.value for r in records},
+        # Per-image values go to the results store (returned below), not to metrics.json,
+        # where thousands of numbers per metric would bury the ones a reader looks for.
         "records": [
-            {**r.__dict__, "resolution": list(r.resolution) if r.resolution else None}
+            {
+                **{k: v for k, v in r.__dict__.items() if k != "per_image"},
+                "resolution": list(r.resolution) if r.resolution else None,
+            }
             for r in records
         ],
         "info": info,
@@ -125,6 +130,9 @@ def evaluate(
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
     tmp.replace(run_dir / "metrics.json")
+    for record, saved in zip(records, metrics["records"], strict=True):
+        if record.per_image is not None:
+            saved["per_image"] = record.per_image
     return metrics
 
 

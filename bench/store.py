@@ -8,6 +8,11 @@ heartbeat, expiry), taken in one transaction with a look at the cell's status, s
 grids started together on one database never run the same cell at once. A lease whose
 heartbeat stopped, or whose process is gone from this host, is taken over. Released
 leases stay as the history of who ran what.
+
+Besides each metric's value, table `per_image` keeps its value on every image (in the
+order of the eval split; NULL where the image was skipped, as NaN), so a cell with one
+seed still has an interval (bootstrap over images) and two cells can be compared image by
+image. Databases made before it existed get the table on opening and read back no values.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ocl_bench.errors import DataError
 
@@ -66,6 +74,15 @@ CREATE TABLE IF NOT EXISTS leases (
     outcome TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_lease ON leases (config_hash) WHERE released IS NULL;
+CREATE TABLE IF NOT EXISTS per_image (
+    cell_id INTEGER NOT NULL REFERENCES cells(id) ON DELETE CASCADE,
+    task TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    masks TEXT,
+    image INTEGER NOT NULL,
+    value REAL,
+    UNIQUE (cell_id, task, metric, masks, image)
+);
 """
 
 # Columns added after a database may have been created, with their SQL type.
@@ -145,6 +162,9 @@ class Cell:
     started: float | None = None
     ended: float | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    # (task, metric, masks) -> the value on each image, NaN where skipped; filled only when
+    # read with per_image=True (leaderboards of many cells need not load them all).
+    per_image: dict[tuple[str, str, str | None], np.ndarray] = field(default_factory=dict)
 
     @property
     def error_line(self) -> str | None:
@@ -170,6 +190,14 @@ class Cell:
     def value(self, task: str, metric: str, masks: str | None = None) -> float | None:
         found = self.record(task, metric, masks)
         return found["value"] if found else None
+
+    def image_values(self, task: str, metric: str, masks: str | None = None) -> np.ndarray | None:
+        """A metric's per-image values (NaN where skipped), picking masks as `record` does;
+        None when none were stored (a database from before them, or not read)."""
+        found = self.record(task, metric, masks)
+        if found is None:
+            return None
+        return self.per_image.get((task, metric, found["masks"]))
 
 
 def _wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
@@ -462,6 +490,16 @@ class ResultStore:
                     for r in records
                 ],
             )
+            db.execute("DELETE FROM per_image WHERE cell_id = ?", (row[0],))
+            db.executemany(
+                "INSERT INTO per_image (cell_id, task, metric, masks, image, value)"
+                " VALUES (?,?,?,?,?,?)",
+                (
+                    (row[0], r["task"], r["metric"], r.get("masks"), i, _real(v))
+                    for r in records
+                    for i, v in enumerate(r.get("per_image") or ())
+                ),
+            )
             db.execute(
                 "UPDATE cells SET status='complete', error=NULL, ended=? WHERE id=?",
                 (time.time(), row[0]),
@@ -482,17 +520,18 @@ class ResultStore:
             ).fetchone()
         return row[0] if row else None
 
-    def cells(self, grid: str | None = None) -> list[Cell]:
+    def cells(self, grid: str | None = None, per_image: bool = False) -> list[Cell]:
         if grid:
-            return self._select("WHERE grid = ?", (grid,))
-        return self._select("", ())
+            return self._select("WHERE grid = ?", (grid,), per_image)
+        return self._select("", (), per_image)
 
-    def get(self, config_hash: str) -> Cell | None:
-        found = self._select("WHERE config_hash = ?", (config_hash,))
+    def get(self, config_hash: str, per_image: bool = False) -> Cell | None:
+        found = self._select("WHERE config_hash = ?", (config_hash,), per_image)
         return found[0] if found else None
 
-    def _select(self, where: str, args: tuple[Any, ...]) -> list[Cell]:
-        """The cells matching `where`, with their metrics only (not the whole table's)."""
+    def _select(self, where: str, args: tuple[Any, ...], per_image: bool = False) -> list[Cell]:
+        """The cells matching `where`, with their metrics only (not the whole table's), and
+        with `per_image` their per-image values."""
         with self._connect() as db:
             db.row_factory = sqlite3.Row
             db.execute("BEGIN")  # one snapshot: a cell's status and its metrics agree
@@ -500,6 +539,16 @@ class ResultStore:
             metrics = db.execute(
                 f"SELECT * FROM metrics WHERE cell_id IN (SELECT id FROM cells {where})", args
             ).fetchall()
+            images = (
+                db.execute(
+                    "SELECT cell_id, task, metric, masks, value FROM per_image"
+                    f" WHERE cell_id IN (SELECT id FROM cells {where})"
+                    " ORDER BY cell_id, task, metric, masks, image",
+                    args,
+                ).fetchall()
+                if per_image
+                else []
+            )
             db.execute("COMMIT")
         by_cell: dict[int, list[dict[str, Any]]] = {}
         for m in metrics:
@@ -508,11 +557,28 @@ class ResultStore:
             entry["resolution"] = _stored_json(entry["resolution"], self.path, where_m)
             entry["protocol"] = _stored_json(entry["protocol"], self.path, where_m)
             by_cell.setdefault(entry.pop("cell_id"), []).append(entry)
+        values = _group_images([tuple(r) for r in images])
         out = []
         for r in rows:
             d = dict(r)
             cid = d.pop("id")
             d["config"] = _stored_json(d["config"], self.path, f"cell {d['config_hash']}")
             d["plugins"] = _stored_json(d["plugins"], self.path, f"cell {d['config_hash']}")
-            out.append(Cell(**d, metrics=by_cell.get(cid, [])))
+            out.append(Cell(**d, metrics=by_cell.get(cid, []), per_image=values.get(cid, {})))
         return out
+
+
+def _real(value: float | None) -> float | None:
+    """NaN as NULL: what SQLite would store anyway, said here so reading maps it back."""
+    return None if value is None or value != value else float(value)
+
+
+def _group_images(
+    rows: list[tuple[int, str, str, str | None, float | None]],
+) -> dict[int, dict[tuple[str, str, str | None], np.ndarray]]:
+    """Rows sorted by (cell, task, metric, masks, image) -> per cell, per metric, an array
+    of values in image order (NULL read back as NaN)."""
+    out: dict[int, dict[tuple[str, str, str | None], np.ndarray]] = {}
+    for key, group in groupby(rows, key=lambda r: r[:4]):
+        out.setdefault(key[0], {})[key[1:]] = np.array([r[4] for r in group], dtype=np.float64)
+    return out

@@ -29,6 +29,9 @@ class MetricRecord:
     # reader needs to compare it with a published number (for FID: images, resolution,
     # reference set, feature extractor and its weights hash). Stored; shown by leaderboards.
     protocol: dict[str, Any] | None = None
+    # The value on each evaluated image, in eval-split order, NaN where the image was
+    # skipped: kept in the results store for intervals over images and paired comparisons.
+    per_image: list[float] | None = None
 
     @property
     def key(self) -> str:

@@ -108,7 +108,15 @@ class ObjectDiscovery(Plugin):
             counted = values[~values.isnan()]
             value = float(counted.mean()) if counted.numel() else float("nan")
             records.append(
-                MetricRecord(self.name, metric, value, source, resolution, int(counted.numel()))
+                MetricRecord(
+                    self.name,
+                    metric,
+                    value,
+                    source,
+                    resolution,
+                    int(counted.numel()),
+                    per_image=values.tolist(),
+                )
             )
         return TaskResult(records, {"images": images})
 
