@@ -71,10 +71,60 @@ class Row:
     dataset_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # column key -> how its measured value was measured (MetricRecord.protocol), if stored
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # column key -> the measured value over the row's seeds (`measured` holds its mean)
+    spreads: dict[str, Spread] = field(default_factory=dict)
 
     @property
     def buildable(self) -> bool:
         return bool(self.preset or self.overrides)
+
+
+@dataclass
+class Spread:
+    """A column's value over a row's seeds: its mean, and with two seeds or more the
+    standard deviation and 95% confidence interval (ocl_bench.stats.summarize)."""
+
+    mean: float
+    n: int
+    seeds: list[int]
+    std: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    method: str | None = None
+
+    @property
+    def half_width(self) -> float | None:
+        if self.ci_low is None or self.ci_high is None:
+            return None
+        return (self.ci_high - self.ci_low) / 2
+
+    def contains(self, value: float | None) -> bool | None:
+        """Whether a (published) value lies inside the interval; None with no interval."""
+        if value is None or self.ci_low is None or self.ci_high is None:
+            return None
+        return self.ci_low <= value <= self.ci_high
+
+
+def seed_list(seeds: Any, first: int, where: str) -> list[int]:
+    """The seeds a `seeds` setting names: N means the N seeds from `first` on (so one
+    seed is the run config's own, and the cells stored before seeds existed count), a
+    list names them."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ConfigError(f"{where}: seeds must be at least 1, got {seeds}")
+        return [first + i for i in range(seeds)]
+    if (
+        isinstance(seeds, list)
+        and seeds
+        and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}: seeds {seeds} repeat a seed")
+        return list(seeds)
+    raise ConfigError(
+        f"{where}: seeds is {seeds!r:.40}, expected a number of seeds or a non-empty list of"
+        " integers"
+    )
 
 
 def _param_names(cls: type) -> set[str]:
@@ -143,6 +193,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "axes": dict,
     "masks": str,
     "exclude": list,
+    "seeds": (int, list),
 }
 _ROW_TYPES: dict[str, Any] = {
     "label": str,
@@ -164,7 +215,13 @@ _COLUMN_TYPES: dict[str, Any] = {
 
 
 def _type_words(kind: Any) -> str:
-    names = {str: "a string", dict: "a table", list: "a list", (int, float): "a number"}
+    names = {
+        str: "a string",
+        dict: "a table",
+        list: "a list",
+        (int, float): "a number",
+        (int, list): "a number or a list",
+    }
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 
 
@@ -269,7 +326,17 @@ def grid_columns(spec: dict[str, Any]) -> list[Column]:
     return columns
 
 
-GRID_KEYS = ("name", "title", "base", "base_config", "axes", "exclude", "columns", "masks")
+GRID_KEYS = (
+    "name",
+    "title",
+    "base",
+    "base_config",
+    "axes",
+    "exclude",
+    "columns",
+    "masks",
+    "seeds",
+)
 
 
 @dataclass
@@ -280,6 +347,10 @@ class GridCell:
     overrides: list[str]
     config: RunConfig
     needs: dict[str, GridCell] = field(default_factory=dict)  # dotted key -> producing cell
+    row: str = ""  # the label without the seed: cells that differ only by seed share it
+
+    def __post_init__(self) -> None:
+        self.row = self.row or self.label
 
 
 @dataclass
@@ -306,12 +377,19 @@ def demo_grid_path() -> Path:
     return path
 
 
-def load_grid(path: str | Path | None = None, overrides: list[str] | None = None) -> Grid:
-    """Read a grid file and expand its cross product (minus `exclude` rules)."""
+def load_grid(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    seeds: int | list[int] | None = None,
+) -> Grid:
+    """Read a grid file and expand its cross product (minus `exclude` rules), each
+    combination once per seed: `seeds` (as `--seeds`) replaces the file's `seeds`."""
     path = Path(path) if path is not None else demo_grid_path()
     if not path.suffix and not path.exists():  # a leaderboard by name
         path = board_path(path)
     spec = check_spec(read_toml(path), path)
+    if seeds is not None:
+        spec["seeds"] = seeds
     if "rows" in spec and "axes" not in spec:
         return _board_grid(path, spec, list(overrides or []))
     unknown = [k for k in spec if k not in GRID_KEYS]
@@ -325,22 +403,44 @@ def load_grid(path: str | Path | None = None, overrides: list[str] | None = None
         start = tomllib.loads(default_text())
     base = _merge(start, spec.get("base", {}))
     base = apply_overrides(base, list(overrides or []))
-    axes: dict[str, list[Any]] = spec.get("axes", {})
+    axes: dict[str, list[Any]] = dict(spec.get("axes", {}))
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
+    if "seed" in axes:  # a seed axis is the seeds setting by another name
+        if "seeds" in spec:
+            raise ConfigError(f"{path}: give the seeds once, as `seeds` or as the axis 'seed'")
+        spec["seeds"] = axes.pop("seed")
+    first = base.get("seed", 0)  # checked when the cells resolve
+    first = first if isinstance(first, int) and not isinstance(first, bool) else 0
+    seeds = seed_list(spec.get("seeds", 1), first, str(path))
     excludes = spec.get("exclude", [])
     keys = list(axes)
     cells = []
     for combo in itertools.product(*(axes[k] for k in keys)):
         chosen = dict(zip(keys, combo))
-        if any(all(chosen.get(k) == v for k, v in rule.items()) for rule in excludes):
-            continue
-        cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
-        label = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
-        raw = apply_overrides(base, cell_overrides)
-        cells.append(GridCell(label, cell_overrides, resolve(raw), _needs(raw, overrides)))
+        row = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
+        for seed in seeds:
+            if any(
+                all({**chosen, "seed": seed}.get(k) == v for k, v in rule.items())
+                for rule in excludes
+            ):
+                continue
+            cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
+            if len(seeds) > 1 or seed != first:
+                cell_overrides.append(f"seed={seed}")
+            raw = apply_overrides(base, cell_overrides)
+            label = _seed_label(row, seed, seeds, keys)
+            needs = _needs(raw, overrides, seed if len(seeds) > 1 else None)
+            cells.append(GridCell(label, cell_overrides, resolve(raw), needs, row))
     return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _seed_label(row: str, seed: int, seeds: list[int], axes: list[str]) -> str:
+    """A cell's label: its row's, naming the seed only when the grid has several."""
+    if len(seeds) == 1:
+        return row
+    return f"{row}, seed={seed}" if axes else f"seed={seed}"
 
 
 def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
@@ -362,7 +462,20 @@ def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
             except ConfigError as err:
                 raise ConfigError(f"{path.stem} row '{row.label}' [{ds}]: {err}") from None
             where = ds if cfg.dataset.name == ds else f"{ds} as {cfg.dataset.name}"
-            cells.append(GridCell(f"{row.label} [{where}]", [], cfg, _needs(raw, overrides)))
+            label = f"{row.label} [{where}]"
+            seeds = seed_list(spec.get("seeds", 1), cfg.seed, str(path))
+            for seed in seeds:
+                seeded = raw if seed == cfg.seed else apply_overrides(raw, [f"seed={seed}"])
+                many = len(seeds) > 1
+                cells.append(
+                    GridCell(
+                        f"{label} seed={seed}" if many else label,
+                        [],
+                        cfg if seeded is raw else resolve(seeded),
+                        _needs(seeded, overrides, seed if many else None),
+                        label,
+                    )
+                )
         if not_applied:
             unique = " ".join(dict.fromkeys(not_applied))
             print(f"{row.label}: its plugins have no {unique}; not applied", file=sys.stderr)
@@ -382,15 +495,23 @@ def _references(raw: Any, prefix: str = "") -> dict[str, str]:
     return found
 
 
-def _needs(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, GridCell]:
-    """The cells a config's "@PRESET" values name: each preset on the config's dataset."""
+def _needs(
+    raw: dict[str, Any], overrides: list[str] | None, seed: int | None = None
+) -> dict[str, GridCell]:
+    """The cells a config's "@PRESET" values name: each preset on the config's dataset;
+    with `seed` (a grid of several seeds), the needed run takes the cell's seed too, so
+    that the spread over seeds includes the spread of what the cell builds on."""
     needs = {}
     for key, preset in _references(raw).items():
         dep = read_toml(preset)
         dep["dataset"] = dict(raw["dataset"])
         dep_raw = apply_overrides(dep, list(overrides or []))
-        label = f"@{preset} [{raw['dataset'].get('name', '')}]"
-        needs[key] = GridCell(label, [], resolve(dep_raw), _needs(dep_raw, overrides))
+        row = f"@{preset} [{raw['dataset'].get('name', '')}]"
+        label = row
+        if seed is not None:
+            dep_raw = apply_overrides(dep_raw, [f"seed={seed}"])
+            label = f"{row} seed={seed}"
+        needs[key] = GridCell(label, [], resolve(dep_raw), _needs(dep_raw, overrides, seed), row)
     return needs
 
 

@@ -145,7 +145,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     from ocl_bench.leaderboard import load_leaderboard, render
     from ocl_bench.store import ResultStore
 
-    grid = load_grid(args.grid, args.overrides)
+    grid = load_grid(args.grid, args.overrides, args.seeds)
     db, runs = Path(args.db), Path(args.runs)
     ResultStore(db)  # an unusable --db fails here, in one line, before anything runs or prints
     print(f"grid '{grid.name}': {len(grid.cells)} cells -> {db}", file=sys.stderr)
@@ -348,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
     p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
+    p.add_argument(
+        "--seeds",
+        type=_positive(int),
+        metavar="N",
+        help="run each cell with N seeds (the config's seed and the next N-1; replaces the"
+        " file's `seeds`); stored seeds are not rerun",
+    )
     p.add_argument("--leaderboard", action="store_true", help="print the grid's leaderboard")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_grid)

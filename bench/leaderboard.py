@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -15,6 +16,7 @@ from tabulate import tabulate
 from ocl_bench.boards import (
     Column,
     Row,
+    Spread,
     board_path,
     check_spec,
     grid_columns,
@@ -25,11 +27,16 @@ from ocl_bench.boards import (
     read_rows,
     row_config,
 )
-from ocl_bench.config import read_toml
+from ocl_bench.config import RunConfig, read_toml
 from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
-from ocl_bench.store import ResultStore
+from ocl_bench.store import Cell, ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
+# Under a table whose rows have several seeds: what "±" and "n" mean.
+SPREAD_NOTE = (
+    "Measured: mean ± half-width of the 95% bootstrap confidence interval of the mean over"
+    " the row's n seeds; (in CI) / (outside CI): whether the published number lies inside it."
+)
 __all__ = ["Leaderboard", "leaderboard_dir", "list_leaderboards", "load_leaderboard", "render"]
 
 
@@ -69,7 +76,7 @@ def load_leaderboard(
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
     rows = read_rows(spec)
-    store = ResultStore(db) if db is not None and Path(db).exists() else None
+    store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
     base = dict(spec.get("base", {}))
     for row in rows:
         _measure(row, columns, base, store, overrides)
@@ -83,11 +90,31 @@ def load_leaderboard(
     )
 
 
+class _Stored:
+    """The stored cells by config hash, and every seed a cell was run with: a row's seeds
+    are its config with each of those seeds, so cells that differ only by seed are one row
+    whichever grid (or `--seeds`) ran them."""
+
+    def __init__(self, store: ResultStore | None) -> None:
+        cells = store.cells() if store is not None else []
+        self.by_hash = {c.config_hash: c for c in cells}
+        self.seeds = sorted({c.seed for c in cells})
+
+    def seeded(self, cfg: RunConfig) -> list[tuple[int, Cell]]:
+        """The stored cells of `cfg` under each seed, its own seed first."""
+        found = []
+        for seed in dict.fromkeys([cfg.seed, *self.seeds]):
+            cell = self.by_hash.get(dataclasses.replace(cfg, seed=seed).digest())
+            if cell is not None:
+                found.append((seed, cell))
+        return found
+
+
 def _measure(
     row: Row,
     columns: list[Column],
     base: dict[str, Any],
-    store: ResultStore | None,
+    store: _Stored,
     overrides: list[str] | None = None,
 ) -> None:
     if not row.buildable:
@@ -104,28 +131,58 @@ def _measure(
             row.missing = f"needs: {err}"
             return
         row.config_hashes[ds] = cfg.digest()
-        cells[ds] = store.get(cfg.digest()) if store else None
-    shown = None  # the figure comes from the last column's measured cell
+        cells[ds] = [(s, c) for s, c in store.seeded(cfg) if c.status == "complete"]
+    shown = None  # the figure comes from the last column's measured cell (its first seed)
     for col in columns:
-        cell = cells.get(col.dataset or "")
-        if cell is None or cell.status != "complete":
+        complete = cells.get(col.dataset or "", [])
+        if not complete:
             row.measured[col.key] = None
             continue
-        _take(row, col, cell)
-        shown = cell
+        _take(row, col, complete)
+        shown = complete[0][1]
     if shown is not None:
         row.figures = _latest_figure(shown)
     if all(v is None for v in row.measured.values()):
         row.missing = "not measured yet (run its grid)"
 
 
-def _take(row: Row, col: Column, cell: Any) -> None:
-    """A complete cell's value for a column (scaled), and how it was measured."""
-    record = cell.record(col.task, col.metric, col.masks)
-    value = None if record is None else record["value"]
-    row.measured[col.key] = None if value is None else value * col.scale
-    if record is not None and record.get("protocol"):
-        row.protocols[col.key] = record["protocol"]
+def _take(row: Row, col: Column, cells: list[tuple[int, Cell]]) -> None:
+    """A column's value (scaled) over a row's complete cells, one per seed, and how the
+    first was measured."""
+    values = []
+    for seed, cell in cells:
+        record = cell.record(col.task, col.metric, col.masks)
+        value = None if record is None else record["value"]
+        if value is not None and not math.isnan(value):
+            values.append((seed, value * col.scale))
+        if record is not None and record.get("protocol") and col.key not in row.protocols:
+            row.protocols[col.key] = record["protocol"]
+    if not values:
+        row.measured[col.key] = None
+        return
+    spread = spread_of(values)
+    row.spreads[col.key] = spread
+    row.measured[col.key] = spread.mean
+
+
+def spread_of(values: list[tuple[int, float]]) -> Spread:
+    """(seed, value) pairs summarised: one seed is its value as measured; more get their
+    standard deviation and 95% bootstrap interval."""
+    seeds = [seed for seed, _ in values]
+    if len(values) == 1:
+        return Spread(values[0][1], 1, seeds)
+    from ocl_bench.stats import summarize
+
+    summary = summarize([v for _, v in values], confidence=0.95)
+    return Spread(
+        summary.mean,
+        summary.n,
+        seeds,
+        summary.std,
+        summary.ci_low,
+        summary.ci_high,
+        summary.method,
+    )
 
 
 def _protocol_text(protocol: dict[str, Any]) -> str:
@@ -167,22 +224,28 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
     spec = read_toml(path)
     grid = load_grid(path, overrides)
     columns = grid_columns(spec)
-    store = ResultStore(db) if db is not None and Path(db).exists() else None
-    rows = []
+    store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
+    groups: dict[str, list[Any]] = {}  # a row per group of cells that differ only by seed
     for cell in grid.cells:
-        row = Row(cell.label, {}, {})
-        stored = store.get(cell.config.digest()) if store else None
+        groups.setdefault(cell.row, []).append(cell)
+    rows = []
+    for label, group in groups.items():
+        row = Row(label, {}, {})
+        row.config_hashes[""] = group[0].config.digest()
+        seeded = store.seeded(group[0].config)
+        complete = [(s, c) for s, c in seeded if c.status == "complete"]
         for col in columns:
-            if stored is not None and stored.status == "complete":
-                _take(row, col, stored)
+            if complete:
+                _take(row, col, complete)
             else:
                 row.measured[col.key] = None
-        if stored is None:
-            row.missing = "not measured yet (run its grid)"
-        elif stored.status == "failed":
-            row.missing = f"failed: {(stored.error_line or '')[:120]}"
+        failed = [c for _, c in seeded if c.status == "failed"]
+        if complete:
+            row.figures = _latest_figure(complete[0][1])
+        elif failed:
+            row.missing = f"failed: {(failed[0].error_line or '')[:120]}"
         else:
-            row.figures = _latest_figure(stored)
+            row.missing = "not measured yet (run its grid)"
         rows.append(row)
     return Leaderboard(
         grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows
@@ -193,25 +256,53 @@ def _fmt(v: float | None) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
+def _measured_text(spread: Spread | None) -> str:
+    """`mean ± half-width of the 95% interval`, or the value alone with one seed."""
+    if spread is None:
+        return ""
+    width = spread.half_width
+    if width is None or math.isnan(width) or math.isnan(spread.mean):
+        return _fmt(spread.mean)
+    return f"{spread.mean:.2f} ± {width:.2f}"
+
+
+def _seed_count(row: Row) -> str:
+    """How many seeds a row's numbers average: one number, or the range when its
+    columns (datasets) differ."""
+    counts = sorted({s.n for s in row.spreads.values()})
+    if not counts:
+        return ""
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def _inside_text(inside: bool | None) -> str:
+    return {True: " (in CI)", False: " (outside CI)", None: ""}[inside]
+
+
 def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
-    """Headers and cells: published, measured and their difference per column; a board
-    with no published numbers at all (a grid's) shows the measured values only."""
+    """Headers and cells: published, measured (mean ± 95% interval over seeds) and their
+    difference per column, saying whether the published number lies in the interval, and
+    each row's number of seeds; a board with no published numbers at all (a grid's) shows
+    the measured values only."""
     published = any(r.published for r in board.rows)
-    headers = ["system"]
+    headers = ["system", "n"]
     for c in board.columns:
         label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
         headers += [f"{label} pub", "meas", "diff"] if published else [label]
     body = []
     for r in board.rows:
-        line = [r.label]
+        line = [r.label, _seed_count(r)]
         for c in board.columns:
             pub, meas = r.published.get(c.key), r.measured.get(c.key)
-            shown = _fmt(meas) if r.missing is None or meas is not None else "-"
+            spread = r.spreads.get(c.key)
+            shown = _measured_text(spread) if meas is not None else ""
+            shown = shown if r.missing is None or meas is not None else "-"
             if not published:
                 line.append(shown)
                 continue
             diff = None if pub is None or meas is None else meas - pub
-            line += [_fmt(pub), shown, _fmt(diff)]
+            inside = spread.contains(pub) if spread is not None else None
+            line += [_fmt(pub), shown, _fmt(diff) + _inside_text(inside)]
         if r.missing:
             line[-1] = (line[-1] + " " if line[-1] else "") + f"({r.missing})"
         body.append(line)
@@ -231,20 +322,14 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
         if board.overrides:
             head += f"Measured with: {' '.join(board.overrides)}\n"
         text = head + "\n" + tabulate(body, headers=headers, tablefmt="github")
+        if any(s.n > 1 for r in board.rows for s in r.spreads.values()):
+            text += f"\n\n{SPREAD_NOTE}"
         notes = protocol_notes(board)
         if notes:
             text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
         return text
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        # The protocols as one JSON field per row (column key -> protocol), when any.
-        with_protocols = any(r.protocols for r in board.rows)
-        writer.writerow([*headers, "protocol"] if with_protocols else headers)
-        for r, line in zip(board.rows, body):
-            extra = [json.dumps(r.protocols) if r.protocols else ""] if with_protocols else []
-            writer.writerow([*line, *extra])
-        return buf.getvalue()
+        return _csv(board)
     if fmt == "json":
         return json.dumps(
             {
@@ -262,6 +347,10 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                         "missing": r.missing,
                         "config_hashes": r.config_hashes,
                         "protocol": r.protocols,
+                        "stats": {
+                            key: _stats_fields(spread, r.published.get(key))
+                            for key, spread in r.spreads.items()
+                        },
                     }
                     for r in board.rows
                 ],
@@ -271,3 +360,64 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
     from ocl_bench.report_html import leaderboard_html
 
     return leaderboard_html(board, headers, body)
+
+
+def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, Any]:
+    """A measured column's numbers as separate fields (json, csv): mean, std, the 95%
+    interval, the seeds, and whether the published number lies in the interval (null
+    when there is no interval or no published number)."""
+    if spread is None:
+        return dict.fromkeys(("mean", "std", "ci_low", "ci_high", "n", "seeds", "pub_in_ci"))
+    return {
+        "mean": spread.mean,
+        "std": spread.std,
+        "ci_low": spread.ci_low,
+        "ci_high": spread.ci_high,
+        "n": spread.n,
+        "seeds": spread.seeds,
+        "method": spread.method,
+        "pub_in_ci": spread.contains(published),
+    }
+
+
+def _csv(board: Leaderboard) -> str:
+    """One field per number (a spreadsheet must not parse "56.9 ± 3.2"): per column its
+    published value, mean, std, interval, seed count, difference and whether the published
+    value is inside; then the row's status and, when any, its protocols as JSON."""
+    published = any(r.published for r in board.rows)
+    fields = ["mean", "std", "ci_low", "ci_high", "n"]
+    headers = ["system"]
+    for c in board.columns:
+        label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
+        named = [f"{label} {f}" for f in fields]
+        if published:
+            named = [f"{label} pub", *named, f"{label} diff", f"{label} pub_in_ci"]
+        headers += named
+    with_protocols = any(r.protocols for r in board.rows)
+    headers += ["status", "protocol"] if with_protocols else ["status"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(headers)
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    for r in board.rows:
+        line = [r.label]
+        for c in board.columns:
+            pub = r.published.get(c.key)
+            stats = _stats_fields(r.spreads.get(c.key), pub)
+            numbers = [cell(stats[f]) for f in fields]
+            if not published:
+                line += numbers
+                continue
+            mean = stats["mean"]
+            diff = None if pub is None or mean is None else mean - pub
+            line += [cell(pub), *numbers, cell(diff), cell(stats["pub_in_ci"])]
+        line.append(r.missing or "")
+        if with_protocols:
+            line.append(json.dumps(r.protocols) if r.protocols else "")
+        writer.writerow(line)
+    return buf.getvalue()

@@ -38,8 +38,10 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
-    from ocl_bench.leaderboard import protocol_notes
+    from ocl_bench.leaderboard import SPREAD_NOTE, protocol_notes
 
+    several_seeds = any(s.n > 1 for r in board.rows for s in r.spreads.values())
+    spread_note = f"<p class='spread'>{html.escape(SPREAD_NOTE)}</p>" if several_seeds else ""
     notes = protocol_notes(board)
     protocols = (
         "<section class='protocols'><h2>Protocols</h2><ul>"
@@ -59,5 +61,5 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{protocols}{figures}</body></html>"
+        f"{spread_note}{protocols}{figures}</body></html>"
     )

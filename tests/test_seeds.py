@@ -1,0 +1,284 @@
+"""Seeds as a grid axis, and leaderboards that aggregate a row's seeds (mean ± 95% CI)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from ocl_bench.boards import read_rows, row_config
+from ocl_bench.cli import main
+from ocl_bench.config import read_toml
+from ocl_bench.errors import ConfigError
+from ocl_bench.grid import load_grid, run_grid
+from ocl_bench.leaderboard import load_leaderboard, render, table
+from ocl_bench.stats import summarize
+from ocl_bench.store import Cell, ResultStore
+from tests.conftest import TINY as ALL_TINY
+from tests.test_leaderboard_runs import SPOT
+
+TINY = [o for o in ALL_TINY if not o.startswith("tasks.")]
+
+GRID = """
+name = "seeded"
+columns = ["fg_ari"]
+{seeds}
+[base]
+tasks = {{ object_discovery = {{}} }}
+[base.train]
+steps = 1
+[axes]
+"grouping.num_slots" = [3, 4]
+"""
+
+BOARD = """
+name = "published"
+title = "published rows"
+{seeds}
+[source]
+document = "test"
+[[columns]]
+key = "fg_ari"
+task = "object_discovery"
+dataset = "shapes"
+label = "FG-ARI"
+scale = 100
+[[rows]]
+label = "three seeds"
+overrides = {{ "grouping.num_slots" = 4 }}
+published = {{ fg_ari = 60.0 }}
+[[rows]]
+label = "three seeds, published outside"
+overrides = {{ "grouping.num_slots" = 5 }}
+published = {{ fg_ari = 90.0 }}
+[[rows]]
+label = "one seed"
+overrides = {{ "grouping.num_slots" = 6 }}
+published = {{ fg_ari = 40.0 }}
+"""
+
+
+def _grid_file(tmp_path: Path, seeds: str = "") -> Path:
+    path = tmp_path / "seeded.toml"
+    path.write_text(GRID.format(seeds=seeds))
+    return path
+
+
+def _store(db: Path, config: dict, seed: int, ari: float) -> None:
+    """A complete cell of `config` under `seed` whose decoder FG-ARI is `ari`."""
+    from ocl_bench.config import resolve
+
+    cfg = dataclasses.replace(resolve(config), seed=seed)
+    store = ResultStore(db)
+    store.start(Cell(cfg.digest(), cfg.to_dict(), {}, "shapes", "val", seed, "running"))
+    record = {"task": "object_discovery", "metric": "fg_ari", "masks": "decoder", "value": ari}
+    store.complete(cfg.digest(), [record])
+
+
+def test_seeds_expand_each_cell_once_per_seed(tmp_path: Path) -> None:
+    path = _grid_file(tmp_path)
+    one = load_grid(path, TINY)
+    three = load_grid(path, TINY, seeds=3)
+    assert len(three.cells) == 3 * len(one.cells) == 6
+    # one seed: labels and configs as before seeds existed (so stored cells still count)
+    assert [c.label for c in one.cells] == ["grouping.num_slots=3", "grouping.num_slots=4"]
+    assert [c.config.digest() for c in one.cells] == [
+        c.config.digest() for c in three.cells if c.config.seed == 0
+    ]
+    assert [(c.row, c.config.seed) for c in three.cells[:3]] == [
+        ("grouping.num_slots=3", 0),
+        ("grouping.num_slots=3", 1),
+        ("grouping.num_slots=3", 2),
+    ]
+    assert three.cells[1].label == "grouping.num_slots=3, seed=1"
+    assert len({c.config.digest() for c in three.cells}) == 6
+    assert len({c.label for c in three.cells}) == 6  # grid statuses are keyed by label
+    # N seeds start at the base's own seed
+    assert {c.config.seed for c in load_grid(path, [*TINY, "seed=7"], seeds=2).cells} == {7, 8}
+
+
+def test_seeds_from_the_file_as_a_count_a_list_or_a_seed_axis(tmp_path: Path) -> None:
+    assert {c.config.seed for c in load_grid(_grid_file(tmp_path, "seeds = 2")).cells} == {0, 1}
+    listed = load_grid(_grid_file(tmp_path, "seeds = [5, 9]"))
+    assert [c.config.seed for c in listed.cells] == [5, 9, 5, 9]
+    # the command line's --seeds replaces the file's
+    assert len(load_grid(_grid_file(tmp_path, "seeds = [5, 9]"), seeds=1).cells) == 2
+    axis = tmp_path / "axis.toml"
+    axis.write_text('[axes]\n"grouping.num_slots" = [3]\nseed = [0, 1]\n')
+    assert [c.label for c in load_grid(axis).cells] == [
+        "grouping.num_slots=3, seed=0",
+        "grouping.num_slots=3, seed=1",
+    ]
+    axis.write_text("seeds = 2\n[axes]\nseed = [0, 1]\n")
+    with pytest.raises(ConfigError, match="seeds once"):
+        load_grid(axis)
+
+
+@pytest.mark.parametrize("bad", ["0", "[]", "[1, 1]", '"3"', "true", "[1.5]"])
+def test_bad_seeds_fail_in_one_line_naming_the_file(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ConfigError, match="seeded.toml.*seeds"):
+        load_grid(_grid_file(tmp_path, f"seeds = {bad}"))
+
+
+def test_published_board_seeds_every_row_and_what_it_needs(tmp_path: Path) -> None:
+    grid = load_grid("thesis-table-5-1", SPOT, seeds=2)
+    by_label = {c.label: c for c in grid.cells}
+    assert set(by_label) == {
+        "@spot-coco [shapes] seed=0",
+        "@spot-coco [shapes] seed=1",
+        "Spot + DINO ViT [coco as shapes] seed=0",
+        "Spot + DINO ViT [coco as shapes] seed=1",
+    }
+    for seed in (0, 1):
+        student = by_label[f"Spot + DINO ViT [coco as shapes] seed={seed}"]
+        assert student.row == "Spot + DINO ViT [coco as shapes]"
+        (teacher,) = student.needs.values()
+        assert student.config.seed == teacher.config.seed == seed
+    # one seed: the cells of before
+    single = [c.label for c in load_grid("thesis-table-5-1", SPOT).cells]
+    assert single == ["@spot-coco [shapes]", "Spot + DINO ViT [coco as shapes]"]
+
+
+def test_rerun_with_more_seeds_trains_only_the_new_seed(tmp_path: Path) -> None:
+    path = _grid_file(tmp_path)
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    first = run_grid(load_grid(path, TINY, seeds=2), db, runs, progress=False)
+    assert list(first.values()) == ["complete"] * 4
+    again = run_grid(load_grid(path, TINY, seeds=3), db, runs, progress=False)
+    assert sorted(again.values()) == ["complete"] * 2 + ["complete (stored)"] * 4
+    assert {label for label, s in again.items() if s == "complete"} == {
+        "grouping.num_slots=3, seed=2",
+        "grouping.num_slots=4, seed=2",
+    }
+    stored = ResultStore(db).cells()
+    assert len(stored) == 6
+    assert sorted(c.seed for c in stored) == [0, 0, 1, 1, 2, 2]
+    assert all(c.config["seed"] == c.seed for c in stored)
+
+    board = load_leaderboard(path, db, overrides=TINY)
+    assert [r.label for r in board.rows] == ["grouping.num_slots=3", "grouping.num_slots=4"]
+    for row in board.rows:
+        values = [
+            100 * c.value("object_discovery", "fg_ari", "decoder")
+            for c in stored
+            if c.config["grouping"]["num_slots"] == int(row.label[-1])
+        ]
+        expected = summarize(values)
+        spread = row.spreads["fg_ari"]
+        assert spread.n == 3 and sorted(spread.seeds) == [0, 1, 2]
+        assert row.measured["fg_ari"] == pytest.approx(expected.mean)
+        assert (spread.ci_low, spread.ci_high) == pytest.approx((expected.ci_low, expected.ci_high))
+    _, body = table(board)
+    assert [line[1] for line in body] == ["3", "3"]
+
+
+def test_cli_grid_seeds_option_runs_each_cell_per_seed(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text(GRID.format(seeds="").replace("[3, 4]", "[3]"))
+    db = tmp_path / "r.sqlite"
+    args = ["grid", str(path), *TINY, "--db", str(db), "--runs", str(tmp_path / "runs")]
+    assert main([*args, "--seeds", "2", "-q", "--leaderboard"]) == 0
+    out = capsys.readouterr()
+    assert "2 cells" in out.err
+    assert sorted(c.seed for c in ResultStore(db).cells()) == [0, 1]
+    line = next(x for x in out.out.splitlines() if x.startswith("| grouping.num_slots=3"))
+    cells = [x.strip() for x in line.strip("|").split("|")]
+    assert cells[1] == "2" and "±" in cells[2]
+    with pytest.raises(SystemExit):
+        main([*args, "--seeds", "0"])
+
+
+def _published(tmp_path: Path, values: dict[str, list[float]], seeds: str = "") -> tuple:
+    """The board file and a store holding each row's FG-ARI under seeds 0, 1, ..."""
+    path = tmp_path / "published.toml"
+    path.write_text(BOARD.format(seeds=seeds))
+    db = tmp_path / "r.sqlite"
+    for row in read_rows(read_toml(path)):
+        raw = row_config(row, {}, "shapes").raw
+        for seed, value in enumerate(values.get(row.label, [])):
+            _store(db, raw, seed, value)
+    return path, db
+
+
+VALUES = {
+    "three seeds": [0.55, 0.60, 0.68],
+    "three seeds, published outside": [0.55, 0.60, 0.68],
+    "one seed": [0.42],
+}
+
+
+def test_published_board_shows_mean_and_interval_and_whether_published_is_inside(
+    tmp_path: Path,
+) -> None:
+    path, db = _published(tmp_path, VALUES)
+    board = load_leaderboard(path, db)
+    rows = {r.label: r for r in board.rows}
+    expected = summarize([55.0, 60.0, 68.0])
+    spread = rows["three seeds"].spreads["fg_ari"]
+    assert spread.mean == pytest.approx(expected.mean)
+    assert spread.std == pytest.approx(expected.std)
+    assert (spread.ci_low, spread.ci_high) == pytest.approx((expected.ci_low, expected.ci_high))
+    assert spread.contains(60.0) and not spread.contains(90.0)
+    one = rows["one seed"].spreads["fg_ari"]
+    assert (one.n, one.mean, one.ci_low) == (1, pytest.approx(42.0), None)
+
+    headers, body = table(board)
+    assert headers[:2] == ["system", "n"]
+    lines = {line[0]: line for line in body}
+    width = (expected.ci_high - expected.ci_low) / 2
+    assert lines["three seeds"][1:4] == [
+        "3",
+        "60.00",
+        f"{expected.mean:.2f} ± {width:.2f}",
+    ]
+    assert lines["three seeds"][4].endswith("(in CI)")
+    assert lines["three seeds, published outside"][4].endswith("(outside CI)")
+    # one seed: the value as before, n=1, and no claim about an interval
+    assert lines["one seed"][1:] == ["1", "40.00", "42.00", "2.00"]
+    md = render(board, "md")
+    assert f"{expected.mean:.2f} ± {width:.2f}" in md and "95%" in md
+
+    data = json.loads(render(board, "json"))
+    stats = {r["label"]: r["stats"]["fg_ari"] for r in data["rows"]}
+    assert stats["three seeds"]["n"] == 3 and stats["three seeds"]["pub_in_ci"] is True
+    assert stats["three seeds, published outside"]["pub_in_ci"] is False
+    assert stats["three seeds"]["ci_low"] == pytest.approx(expected.ci_low)
+    assert stats["one seed"]["n"] == 1 and stats["one seed"]["pub_in_ci"] is None
+    assert data["rows"][0]["measured"]["fg_ari"] == pytest.approx(expected.mean)
+
+    parsed = list(csv.DictReader(io.StringIO(render(board, "csv"))))
+    by_label = {r["system"]: r for r in parsed}
+    three = by_label["three seeds"]
+    assert float(three["FG-ARI [shapes] mean"]) == pytest.approx(expected.mean)
+    assert float(three["FG-ARI [shapes] std"]) == pytest.approx(expected.std)
+    assert float(three["FG-ARI [shapes] ci_high"]) == pytest.approx(expected.ci_high)
+    assert three["FG-ARI [shapes] n"] == "3" and three["FG-ARI [shapes] pub_in_ci"] == "true"
+    assert by_label["three seeds, published outside"]["FG-ARI [shapes] pub_in_ci"] == "false"
+    assert by_label["one seed"]["FG-ARI [shapes] ci_low"] == ""
+    assert by_label["one seed"]["status"] == ""
+
+    html = render(board, "html")
+    assert f"{expected.mean:.2f} ± {width:.2f}" in html
+
+
+def test_identical_seeds_have_a_zero_width_interval(tmp_path: Path) -> None:
+    path, db = _published(tmp_path, {"three seeds": [0.6, 0.6, 0.6]})
+    row = load_leaderboard(path, db).rows[0]
+    spread = row.spreads["fg_ari"]
+    assert (spread.n, spread.std, spread.half_width) == (3, 0.0, 0.0)
+    assert spread.contains(60.0)
+    assert table(load_leaderboard(path, db))[1][0][3] == "60.00 ± 0.00"
+
+
+def test_a_board_file_may_name_its_seeds(tmp_path: Path) -> None:
+    path, _ = _published(tmp_path, {}, seeds="seeds = [3, 4]")
+    grid = load_grid(path)
+    assert [c.config.seed for c in grid.cells] == [3, 4, 3, 4, 3, 4]
+    assert grid.cells[0].label == "three seeds [shapes] seed=3"
+    path.write_text(BOARD.format(seeds='seeds = "x"'))
+    with pytest.raises(ConfigError, match="seeds"):
+        load_grid(path)
