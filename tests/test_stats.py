@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ocl_bench.stats import Summary, paired_difference, resolved, summarize
+from ocl_bench.stats import Summary, bootstrap_means, paired_difference, resolved, summarize
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -149,3 +149,14 @@ def test_resolved_for_lower_is_better_metrics() -> None:
 def test_nan_is_never_resolved() -> None:
     assert not resolved(summarize([]), _summary(0.5, 0.4, 0.6))
     assert not resolved(_summary(0.9, 0.8, 1.0), summarize([]))
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_bootstrap_resamples_every_position_uniformly(position: int) -> None:
+    # With one 1 among three values, each resample mean is (times the 1 was drawn) / 3:
+    # over many resamples the average is 1/3 wherever the 1 sits (first and last included).
+    values = np.zeros(3)
+    values[position] = 1.0
+    means = bootstrap_means(values, 30_000, np.random.default_rng(position))
+    assert set(np.round(means * 3).astype(int)) == {0, 1, 2, 3}
+    assert means.mean() == pytest.approx(1 / 3, abs=0.006)
