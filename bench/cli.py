@@ -189,6 +189,20 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     return 1 if any(s.startswith("failed") for s in statuses.values()) else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from ocl_bench.compare import compare_rows
+    from ocl_bench.store import ResultStore
+
+    if not Path(args.db).is_file():
+        raise UserError(f"results database not found: {args.db}")
+    task, _, metric = args.metric.rpartition(".")
+    found = compare_rows(
+        ResultStore(args.db), args.row_a, args.row_b, task or "object_discovery", metric, args.masks
+    )
+    print(json.dumps(found.as_dict(), indent=2) if args.json else found.text())
+    return 0
+
+
 def _cmd_results(args: argparse.Namespace) -> int:
     import time
 
@@ -363,6 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser("compare", help="paired difference of two stored rows: interval and p-value")
+    p.add_argument("db", help="results database")
+    p.add_argument("row_a", help="a config-hash prefix or a cell label (all its seeds)")
+    p.add_argument("row_b", help="the row A is compared with")
+    p.add_argument(
+        "--metric",
+        default="object_discovery.fg_ari",
+        help="TASK.METRIC (a bare metric is object discovery's)",
+    )
+    p.add_argument("--masks", default=None, help="decoder or attn (default: decoder if stored)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("leaderboard", help="published vs measured tables")
     p.add_argument("name", nargs="?", help="leaderboard name (see --list)")
