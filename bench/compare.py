@@ -37,16 +37,22 @@ class RowComparison:
 
     @property
     def resolved(self) -> bool:
-        """The interval of the difference leaves out 0."""
-        return not (self.result.ci_low <= 0.0 <= self.result.ci_high)
+        """The interval of the difference leaves out 0 and the test agrees (p < 0.05).
+
+        Both, because a bootstrap interval over a handful of pairs is too narrow (one pair
+        has a zero-width interval), while the exact sign-flip test over n pairs cannot go
+        below 2 / 2**n: three seeds alone never resolve a difference, which is honest."""
+        r = self.result
+        return not (r.ci_low <= 0.0 <= r.ci_high) and r.p_value < 0.05
 
     def text(self) -> str:
         r = self.result
-        verdict = (
-            f"{'A' if r.difference > 0 else 'B'} is higher; the interval leaves out 0"
-            if self.resolved
-            else "not resolved: the interval includes 0"
-        )
+        if self.resolved:
+            verdict = f"{'A' if r.difference > 0 else 'B'} is higher (interval leaves out 0)"
+        elif r.ci_low <= 0.0 <= r.ci_high:
+            verdict = "not resolved: the interval includes 0"
+        else:
+            verdict = f"not resolved: p = {r.p_value:.3g} with {self.pairs} pairs"
         return "\n".join(
             [
                 f"metric     {self.metric}",

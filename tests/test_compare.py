@@ -68,8 +68,17 @@ def test_without_per_image_values_rows_pair_on_seeds(tmp_path: Path) -> None:
     store = _rows(tmp_path, shift=0.05, per_image=False)
     found = compare_rows(store, "decoder.name=a", "decoder.name=b")
     assert found.unit == "seed" and found.pairs == 3
-    # three seeds: the exact sign-flip test cannot go below 2 / 2**3
+    # three seeds: the exact sign-flip test cannot go below 2 / 2**3, so however clear
+    # the lead looks, three values alone do not resolve it
     assert found.result.p_value == pytest.approx(0.25)
+    assert found.result.ci_low > 0 and not found.resolved
+    assert "not resolved: p = 0.25 with 3 pairs" in found.text()
+
+
+def test_one_pair_never_resolves(tmp_path: Path) -> None:
+    store = _rows(tmp_path, shift=0.05, per_image=False, seeds=1)
+    found = compare_rows(store, "decoder.name=a", "decoder.name=b")
+    assert found.pairs == 1 and not found.resolved
 
 
 def test_rows_by_hash_prefix_and_errors(tmp_path: Path) -> None:
