@@ -9,6 +9,18 @@ names a run the cell needs: the grid adds a cell for that preset on the same dat
 with the same command-line overrides, runs it first, and hands its run directory to the
 cell. The stored config (and so its hash) keeps "@PRESET", which is what a leaderboard
 recomputes; the run directory's config.toml holds the resolved path.
+
+A grid file may name its rows with a `[labels]` table, one sub-table per axis mapping
+each value (as TOML writes it: `true`, `3`, or a string's text) to a name:
+
+    [labels."decoder.attn_prior"]
+    true = "attention prior"
+    false = "MLP masks"
+
+A row's label joins the names of its values ("attention prior, Gaussian slots"); a value
+left unnamed shows as `key=value`, as every row does in a grid without `[labels]`. Labels
+name rows (leaderboard, progress, `ocl-bench compare`) and are not part of any config, so
+naming rows changes no config hash.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ocl_bench.config import (
     STAGES,
@@ -33,6 +45,9 @@ from ocl_bench.config import (
 )
 from ocl_bench.errors import ConfigError, DataError, UnknownPluginError, UserError
 from ocl_bench.registry import registry
+
+if TYPE_CHECKING:
+    from ocl_bench.stats import Summary
 
 
 def leaderboard_dir() -> Path:
@@ -55,6 +70,8 @@ class Column:
     label: str
     masks: str | None = None
     scale: float = 1.0
+    # Which way is better decides the leaderboard's mark; only a few metrics (FID) fall.
+    higher_is_better: bool = True
 
 
 @dataclass
@@ -91,6 +108,9 @@ class Spread:
     ci_low: float | None = None
     ci_high: float | None = None
     method: str | None = None
+    # With one seed: the interval over the cell's stored per-image values (scaled like the
+    # column), what the leaderboard's best-row mark compares against; None when not stored.
+    images: Summary | None = None
 
     @property
     def half_width(self) -> float | None:
@@ -194,6 +214,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "masks": str,
     "exclude": list,
     "seeds": (int, list),
+    "labels": dict,
 }
 _ROW_TYPES: dict[str, Any] = {
     "label": str,
@@ -306,9 +327,14 @@ def read_columns(spec: dict[str, Any]) -> list[Column]:
             label=c.get("label", c["key"]),
             masks=c.get("masks"),
             scale=float(c.get("scale", 1)),
+            higher_is_better=(c["task"], c.get("metric", c["key"])) not in LOWER_IS_BETTER,
         )
         for c in spec.get("columns", [])
     ]
+
+
+# (task, metric) pairs where a lower value is the better one; every other metric is higher.
+LOWER_IS_BETTER = {("conditional_generation", "fid")}
 
 
 def grid_columns(spec: dict[str, Any]) -> list[Column]:
@@ -320,7 +346,8 @@ def grid_columns(spec: dict[str, Any]) -> list[Column]:
     for m in metrics:
         if "." in m:
             task, metric = m.split(".", 1)
-            columns.append(Column(m, metric, task, None, metric, None, 1.0))
+            better = (task, metric) not in LOWER_IS_BETTER
+            columns.append(Column(m, metric, task, None, metric, None, 1.0, better))
         else:
             columns.append(Column(m, m, "object_discovery", None, m, masks, 100.0))
     return columns
@@ -336,6 +363,7 @@ GRID_KEYS = (
     "columns",
     "masks",
     "seeds",
+    "labels",
 )
 
 
@@ -415,17 +443,24 @@ def load_grid(
     first = first if isinstance(first, int) and not isinstance(first, bool) else 0
     seeds = seed_list(spec.get("seeds", 1), first, str(path))
     excludes = spec.get("exclude", [])
+    names = _axis_value_names(spec.get("labels", {}), axes, path)
+    combos_by_row: dict[str, dict[str, Any]] = {}
     keys = list(axes)
     cells = []
     for combo in itertools.product(*(axes[k] for k in keys)):
         chosen = dict(zip(keys, combo))
-        row = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "base"
+        row = _row_label(chosen, names)
         for seed in seeds:
             if any(
                 all({**chosen, "seed": seed}.get(k) == v for k, v in rule.items())
                 for rule in excludes
             ):
                 continue
+            if combos_by_row.setdefault(row, chosen) != chosen:
+                raise ConfigError(
+                    f"{path}: [labels] give two rows the same label '{row}'"
+                    f" ({_row_label(combos_by_row[row], {})} and {_row_label(chosen, {})})"
+                )
             cell_overrides = [f"{k}={_format(v)}" for k, v in chosen.items()]
             if len(seeds) > 1 or seed != first:
                 cell_overrides.append(f"seed={seed}")
@@ -434,6 +469,45 @@ def load_grid(
             needs = _needs(raw, overrides, seed if len(seeds) > 1 else None)
             cells.append(GridCell(label, cell_overrides, resolve(raw), needs, row))
     return Grid(spec.get("name", path.stem), _with_needs(cells))
+
+
+def _value_key(value: Any) -> str:
+    """An axis value as a `[labels]` key: a string's own text, else its TOML form."""
+    return value if isinstance(value, str) else _format(value)
+
+
+def _axis_value_names(
+    labels: dict[str, Any], axes: dict[str, list[Any]], path: Path
+) -> dict[str, dict[str, str]]:
+    """A grid file's `[labels]`, checked: every axis and value it names exists (a typo
+    would otherwise leave a row silently unnamed) and every name is a non-empty string."""
+    for key, table in labels.items():
+        if key not in axes:
+            raise ConfigError(
+                f'{path}: labels."{key}" names no axis; axes: {", ".join(axes) or "none"}'
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f'{path}: labels."{key}" is {table!r:.40}, expected a table of value = name'
+            )
+        known = [_value_key(v) for v in axes[key]]
+        for value, name in table.items():
+            if value not in known:
+                raise ConfigError(
+                    f"{path}: labels.\"{key}\" names value '{value}', not on the axis;"
+                    f" values: {', '.join(known)}"
+                )
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(
+                    f'{path}: labels."{key}".{value} is {name!r:.40}, expected a name'
+                )
+    return labels
+
+
+def _row_label(chosen: dict[str, Any], names: dict[str, dict[str, str]]) -> str:
+    """A combination's row label: each value's name from `[labels]`, else `key=value`."""
+    parts = [names.get(k, {}).get(_value_key(v), f"{k}={v}") for k, v in chosen.items()]
+    return ", ".join(parts) or "base"
 
 
 def _seed_label(row: str, seed: int, seeds: list[int], axes: list[str]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tabulate import tabulate
 
 from ocl_bench.boards import (
@@ -29,6 +30,7 @@ from ocl_bench.boards import (
 )
 from ocl_bench.config import RunConfig, read_toml
 from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
+from ocl_bench.stats import Summary, resolved, summarize
 from ocl_bench.store import Cell, ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
@@ -36,6 +38,13 @@ FORMATS = ("md", "csv", "html", "json")
 SPREAD_NOTE = (
     "Measured: mean ± half-width of the 95% bootstrap confidence interval of the mean over"
     " the row's n seeds; (in CI) / (outside CI): whether the published number lies inside it."
+)
+# Under a table with a measured column: what a bold (marked) cell means, and when none is.
+MARK_NOTE = (
+    "Bold (best in json/csv): the column's best row (lowest FID, else highest), marked only"
+    " where its mean lies outside the runner-up's 95% interval (over seeds; with one seed,"
+    " over the stored per-image values). No mark: the lead is within that interval, or a"
+    " row has no interval to judge it by."
 )
 __all__ = ["Leaderboard", "leaderboard_dir", "list_leaderboards", "load_leaderboard", "render"]
 
@@ -97,8 +106,20 @@ class _Stored:
 
     def __init__(self, store: ResultStore | None) -> None:
         cells = store.cells() if store is not None else []
+        self.store = store
         self.by_hash = {c.config_hash: c for c in cells}
         self.seeds = sorted({c.seed for c in cells})
+        self._with_images: dict[str, Cell | None] = {}
+
+    def image_values(self, cell: Cell, col: Column) -> np.ndarray | None:
+        """A cell's stored per-image values of a column's metric (unscaled), read on first
+        use: only single-seed rows need them, and a board of many cells need not load all."""
+        if self.store is None:
+            return None
+        if cell.config_hash not in self._with_images:
+            self._with_images[cell.config_hash] = self.store.get(cell.config_hash, per_image=True)
+        full = self._with_images[cell.config_hash]
+        return None if full is None else full.image_values(col.task, col.metric, col.masks)
 
     def seeded(self, cfg: RunConfig) -> list[tuple[int, Cell]]:
         """The stored cells of `cfg` under each seed, its own seed first."""
@@ -138,7 +159,7 @@ def _measure(
         if not complete:
             row.measured[col.key] = None
             continue
-        _take(row, col, complete)
+        _take(row, col, complete, store)
         shown = complete[0][1]
     if shown is not None:
         row.figures = _latest_figure(shown)
@@ -146,9 +167,11 @@ def _measure(
         row.missing = "not measured yet (run its grid)"
 
 
-def _take(row: Row, col: Column, cells: list[tuple[int, Cell]]) -> None:
+def _take(
+    row: Row, col: Column, cells: list[tuple[int, Cell]], stored: _Stored | None = None
+) -> None:
     """A column's value (scaled) over a row's complete cells, one per seed, and how the
-    first was measured."""
+    first was measured; with one seed, also the interval over its stored per-image values."""
     values = []
     for seed, cell in cells:
         record = cell.record(col.task, col.metric, col.masks)
@@ -161,6 +184,10 @@ def _take(row: Row, col: Column, cells: list[tuple[int, Cell]]) -> None:
         row.measured[col.key] = None
         return
     spread = spread_of(values)
+    if spread.n == 1 and stored is not None:
+        per_image = stored.image_values(cells[0][1], col)
+        if per_image is not None:
+            spread.images = summarize(np.asarray(per_image, dtype=np.float64) * col.scale)
     row.spreads[col.key] = spread
     row.measured[col.key] = spread.mean
 
@@ -236,7 +263,7 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
         complete = [(s, c) for s, c in seeded if c.status == "complete"]
         for col in columns:
             if complete:
-                _take(row, col, complete)
+                _take(row, col, complete, store)
             else:
                 row.measured[col.key] = None
         failed = [c for _, c in seeded if c.status == "failed"]
@@ -250,6 +277,53 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
     return Leaderboard(
         grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows
     )
+
+
+def judged(spread: Spread | None) -> Summary | None:
+    """The summary a row's column is compared by: over its seeds, or with one seed over its
+    stored per-image values; None when it has no interval (one value, nothing per image)."""
+    if spread is None:
+        return None
+    if spread.n > 1 and spread.ci_low is not None and spread.ci_high is not None:
+        std = math.nan if spread.std is None else spread.std
+        method = spread.method or "bootstrap"
+        return Summary(spread.mean, std, spread.n, spread.ci_low, spread.ci_high, method)
+    if spread.images is not None and spread.images.n > 1:
+        return spread.images
+    return None
+
+
+def best_rows(board: Leaderboard) -> dict[str, int]:
+    """Column key -> index of the row marked best: the best mean in the column's direction,
+    only when it is resolved against the runner-up (bench.stats.resolved). A column where a
+    measured row has no interval, or with fewer than two measured rows, has no mark."""
+    marks = {}
+    for col in board.columns:
+        measured = []
+        for i, row in enumerate(board.rows):
+            spread = row.spreads.get(col.key)
+            if spread is None or math.isnan(spread.mean):
+                continue
+            summary = judged(spread)
+            if summary is None:
+                measured = []  # one row cannot be placed: the column is not judged
+                break
+            measured.append((i, summary))
+        if len(measured) < 2:
+            continue
+        sign = -1.0 if col.higher_is_better else 1.0
+        ranked = sorted(measured, key=lambda item: sign * item[1].mean)
+        (best, lead), (_, runner_up) = ranked[0], ranked[1]
+        if resolved(lead, runner_up, higher_is_better=col.higher_is_better):
+            marks[col.key] = best
+    return marks
+
+
+def marked_cells(board: Leaderboard) -> set[tuple[int, int]]:
+    """(row, position in `table`'s line) of each marked measured cell."""
+    published = any(r.published for r in board.rows)
+    where = {c.key: 2 + (3 * i + 1 if published else i) for i, c in enumerate(board.columns)}
+    return {(row, where[key]) for key, row in best_rows(board).items()}
 
 
 def _fmt(v: float | None) -> str:
@@ -283,8 +357,10 @@ def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
     """Headers and cells: published, measured (mean ± 95% interval over seeds) and their
     difference per column, saying whether the published number lies in the interval, and
     each row's number of seeds; a board with no published numbers at all (a grid's) shows
-    the measured values only."""
+    the measured values only. A row's status (why it has no numbers) is a last column of
+    its own, present when any row has one."""
     published = any(r.published for r in board.rows)
+    statuses = any(r.missing for r in board.rows)
     headers = ["system", "n"]
     for c in board.columns:
         label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
@@ -303,9 +379,11 @@ def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
             diff = None if pub is None or meas is None else meas - pub
             inside = spread.contains(pub) if spread is not None else None
             line += [_fmt(pub), shown, _fmt(diff) + _inside_text(inside)]
-        if r.missing:
-            line[-1] = (line[-1] + " " if line[-1] else "") + f"({r.missing})"
+        if statuses:
+            line.append(r.missing or "")
         body.append(line)
+    if statuses:
+        headers.append("status")
     return headers, body
 
 
@@ -314,6 +392,8 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
         raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
     headers, body = table(board)
     if fmt == "md":
+        for i, j in marked_cells(board):
+            body[i][j] = f"**{body[i][j]}**"
         head = f"## {board.name}: {board.title}\n"
         if board.source:
             head += (
@@ -324,6 +404,8 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
         text = head + "\n" + tabulate(body, headers=headers, tablefmt="github")
         if any(s.n > 1 for r in board.rows for s in r.spreads.values()):
             text += f"\n\n{SPREAD_NOTE}"
+        if any(r.spreads for r in board.rows):
+            text += f"\n\n{MARK_NOTE}"
         notes = protocol_notes(board)
         if notes:
             text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
@@ -331,6 +413,7 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
     if fmt == "csv":
         return _csv(board)
     if fmt == "json":
+        best = best_rows(board)
         return json.dumps(
             {
                 "name": board.name,
@@ -348,18 +431,21 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                         "config_hashes": r.config_hashes,
                         "protocol": r.protocols,
                         "stats": {
-                            key: _stats_fields(spread, r.published.get(key))
+                            key: {
+                                **_stats_fields(spread, r.published.get(key)),
+                                "best": best.get(key) == i,
+                            }
                             for key, spread in r.spreads.items()
                         },
                     }
-                    for r in board.rows
+                    for i, r in enumerate(board.rows)
                 ],
             },
             indent=2,
         )
     from ocl_bench.report_html import leaderboard_html
 
-    return leaderboard_html(board, headers, body)
+    return leaderboard_html(board, headers, body, marked_cells(board))
 
 
 def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, Any]:
@@ -383,13 +469,15 @@ def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, A
 def _csv(board: Leaderboard) -> str:
     """One field per number (a spreadsheet must not parse "56.9 ± 3.2"): per column its
     published value, mean, std, interval, seed count, difference and whether the published
-    value is inside; then the row's status and, when any, its protocols as JSON."""
+    value is inside, and whether the row is marked best in the column; then the row's
+    status and, when any, its protocols as JSON."""
     published = any(r.published for r in board.rows)
     fields = ["mean", "std", "ci_low", "ci_high", "n"]
+    best = best_rows(board)
     headers = ["system"]
     for c in board.columns:
         label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
-        named = [f"{label} {f}" for f in fields]
+        named = [*(f"{label} {f}" for f in fields), f"{label} best"]
         if published:
             named = [f"{label} pub", *named, f"{label} diff", f"{label} pub_in_ci"]
         headers += named
@@ -404,12 +492,13 @@ def _csv(board: Leaderboard) -> str:
             return ""
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    for r in board.rows:
+    for i, r in enumerate(board.rows):
         line = [r.label]
         for c in board.columns:
             pub = r.published.get(c.key)
             stats = _stats_fields(r.spreads.get(c.key), pub)
-            numbers = [cell(stats[f]) for f in fields]
+            marked = None if stats["mean"] is None else best.get(c.key) == i
+            numbers = [*(cell(stats[f]) for f in fields), cell(marked)]
             if not published:
                 line += numbers
                 continue

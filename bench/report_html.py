@@ -1,13 +1,19 @@
-"""A self-contained HTML page for a leaderboard: tables and each measured row's figure."""
+"""A self-contained HTML page for a leaderboard: tables, a chart of each measured column's
+means and 95% intervals, and each measured row's figure (all images embedded as PNG)."""
 
 from __future__ import annotations
 
 import base64
 import html
+import io
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ocl_bench.boards import Column
     from ocl_bench.leaderboard import Leaderboard
 
 STYLE = """
@@ -17,6 +23,8 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; }
 figure { margin: 1em 0; }
+.charts { display: flex; flex-wrap: wrap; gap: 1em; }
+.charts figure { margin: 0; }
 """
 
 
@@ -25,11 +33,105 @@ def _img(path: str) -> str:
     return f'<img alt="{html.escape(Path(path).name)}" src="data:image/png;base64,{data}">'
 
 
-def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str]]) -> str:
+def _png(data: bytes, alt: str, css: str = "") -> str:
+    encoded = base64.b64encode(data).decode()
+    kind = f' class="{css}"' if css else ""
+    return f'<img{kind} alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def column_chart(board: Leaderboard, column: Column, best: int | None) -> Figure | None:
+    """One column's chart: each measured row's mean with its 95% interval as an error bar
+    (over seeds, or with one seed over its images; a bare point when it has none), the
+    marked row filled red; None when no row is measured. Rows read top to bottom as in the
+    table. A matplotlib Figure without pyplot, so no global figure state is touched."""
+    from matplotlib.figure import Figure
+
+    from ocl_bench.leaderboard import judged
+
+    points = []
+    for i, row in enumerate(board.rows):
+        spread = row.spreads.get(column.key)
+        if spread is None or math.isnan(spread.mean):
+            continue
+        summary = judged(spread)
+        if summary is None:
+            points.append((i, row.label, spread.mean, 0.0, 0.0))
+        else:  # a percentile interval need not be symmetric about the mean
+            low = max(0.0, summary.mean - summary.ci_low)
+            high = max(0.0, summary.ci_high - summary.mean)
+            points.append((i, row.label, summary.mean, low, high))
+    if not points:
+        return None
+    fig = Figure(figsize=(5.5, 1.2 + 0.35 * len(points)), facecolor="white")
+    ax = fig.add_subplot()
+    for y, (i, _, mean, low, high) in enumerate(points):
+        marked = i == best
+        ax.errorbar(
+            [mean],
+            [y],
+            xerr=[[low], [high]],
+            fmt="o",
+            color="tab:red" if marked else "tab:blue",
+            markerfacecolor="tab:red" if marked else "white",
+            capsize=3,
+        )
+    ax.set_yticks(range(len(points)), [_short(p[1]) for p in points], fontsize=8)
+    ax.set_ylim(len(points) - 0.5, -0.5)
+    label = f"{column.label} [{column.dataset}]" if column.dataset else column.label
+    better = "higher" if column.higher_is_better else "lower"
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel(f"mean and 95% interval ({better} is better)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=90)
+    return out.getvalue()
+
+
+def _short(label: str, limit: int = 48) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def _charts(board: Leaderboard) -> str:
+    from ocl_bench.leaderboard import best_rows
+
+    best = best_rows(board)
+    figures = []
+    for column in board.columns:
+        fig = column_chart(board, column, best.get(column.key))
+        if fig is not None:
+            caption = html.escape(column.label)
+            png = _png_bytes(fig)
+            figures.append(
+                f"<figure>{_png(png, f'chart: {column.key}', 'chart')}"
+                f"<figcaption>{caption}</figcaption></figure>"
+            )
+    if not figures:
+        return ""
+    return "<section class='charts'>" + "".join(figures) + "</section>"
+
+
+def leaderboard_html(
+    board: Leaderboard,
+    headers: list[str],
+    body: list[list[str]],
+    marked: set[tuple[int, int]] | None = None,
+) -> str:
+    """The page; `marked` (row, cell) positions of `body` are the resolved best rows."""
+    marked = marked or set()
+
+    def cell(i: int, j: int, text: str) -> str:
+        shown = html.escape(text)
+        return f"<td><strong>{shown}</strong></td>" if (i, j) in marked else f"<td>{shown}</td>"
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in line) + "</tr>"
-        for line in body
+        "<tr>" + "".join(cell(i, j, text) for j, text in enumerate(line)) + "</tr>"
+        for i, line in enumerate(body)
     )
     figures = "".join(
         f"<figure>{_img(path)}<figcaption>{html.escape(row.label)}</figcaption></figure>"
@@ -38,10 +140,12 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
-    from ocl_bench.leaderboard import SPREAD_NOTE, protocol_notes
+    from ocl_bench.leaderboard import MARK_NOTE, SPREAD_NOTE, protocol_notes
 
     several_seeds = any(s.n > 1 for r in board.rows for s in r.spreads.values())
     spread_note = f"<p class='spread'>{html.escape(SPREAD_NOTE)}</p>" if several_seeds else ""
+    if any(r.spreads for r in board.rows):
+        spread_note += f"<p class='marks'>{html.escape(MARK_NOTE)}</p>"
     notes = protocol_notes(board)
     protocols = (
         "<section class='protocols'><h2>Protocols</h2><ul>"
@@ -61,5 +165,5 @@ def leaderboard_html(board: Leaderboard, headers: list[str], body: list[list[str
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{spread_note}{protocols}{figures}</body></html>"
+        f"{protocols}{spread_note}{_charts(board)}{figures}</body></html>"
     )

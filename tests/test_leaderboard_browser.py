@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.leaderboard import Leaderboard, load_leaderboard, render, table
+from ocl_bench.leaderboard import Leaderboard, load_leaderboard, marked_cells, render, table
 from tests.conftest import TINY as ALL_TINY
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -67,9 +67,13 @@ PAGE_FACTS = (
       headers: Array.from(t.querySelectorAll('thead th')).map(th => th.textContent),
       firstCells: Array.from(t.tBodies).flatMap(b => Array.from(b.rows))
         .map(r => r.cells.length ? r.cells[0].textContent : null),
+      cells: Array.from(t.tBodies).flatMap(b => Array.from(b.rows))
+        .map(r => Array.from(r.cells).map(c => c.textContent)),
+      bold: Array.from(t.querySelectorAll('tbody td strong')).map(b => b.textContent),
     })),
     images: Array.from(document.images).map(img => ({
       alt: img.alt,
+      chart: img.classList.contains('chart'),
       complete: img.complete,
       naturalWidth: img.naturalWidth,
       naturalHeight: img.naturalHeight,
@@ -156,7 +160,7 @@ def _open(browser: Any, path: Path) -> dict[str, Any]:
 def _check(board: Leaderboard, facts: dict[str, Any]) -> None:
     assert facts["title"] == board.name
     assert facts["remote"] == [] and facts["errors"] == []
-    headers, _ = table(board)
+    headers, body = table(board)
     assert facts["tables"], "no <table> in the page"
     for t in facts["tables"]:
         assert t["headRows"] == 1 and t["bodyRows"] == len(board.rows)
@@ -165,12 +169,23 @@ def _check(board: Leaderboard, facts: dict[str, Any]) -> None:
         for col in board.columns:
             assert any(col.label in h for h in t["headers"]), f"no header for {col.label!r}"
         assert t["firstCells"] == [r.label for r in board.rows]
+        assert t["cells"] == body  # every cell as rendered, none empty or doubled
+        # a row's status sits in a column of its own, never inside a measured/diff cell
+        if any(r.missing for r in board.rows):
+            assert t["headers"][-1] == "status"
+            assert [cells[-1] for cells in t["cells"]] == [r.missing or "" for r in board.rows]
+        for r, cells in zip(board.rows, t["cells"]):
+            if r.missing:
+                assert not any(r.missing in c for c in cells[:-1]), cells
+    charts = [i for i in facts["images"] if i["chart"]]
+    measured_columns = [c for c in board.columns if any(c.key in r.spreads for r in board.rows)]
+    assert [i["alt"] for i in charts] == [f"chart: {c.key}" for c in measured_columns]
     broken = [i for i in facts["images"] if not (i["complete"] and i["naturalWidth"] > 0)]
     assert not broken, f"images that did not load: {broken}"
     cut = [i for i in facts["images"] if not i["bottomPainted"]]
     assert not cut, f"images cut short (bottom row not painted): {cut}"
     with_figures = [r for r in board.rows if r.missing is None and r.figures]
-    assert len(facts["images"]) == len(with_figures)
+    assert len(facts["images"]) - len(charts) == len(with_figures)
 
 
 def test_measured_leaderboard_in_chromium(
@@ -215,3 +230,76 @@ def test_broken_figure_is_caught(
     path.write_text(page[: first.start(1)] + junk + page[first.end(1) :], encoding="utf-8")
     with pytest.raises(AssertionError, match=error):
         _check(board, _open(browser, path))
+
+
+def test_named_rows_status_column_marks_and_charts_in_chromium(
+    browser: Any, measured: tuple[Leaderboard, Path], tmp_path: Path
+) -> None:
+    """The measured grid again with a third, unrun row and names for its rows: the names
+    are the first cells, the unrun row's status is its own last cell, bold cells are the
+    marked ones, and each measured column has its chart."""
+    _, db = measured
+    grid_file = tmp_path / "named.toml"
+    grid_file.write_text(
+        """
+name = "tiny-browser"
+title = "two tiny cells and one not run"
+columns = ["fg_ari", "mbo_i"]
+[base]
+tasks = { object_discovery = {} }
+[base.train]
+steps = 2
+[axes]
+"grouping.num_slots" = [3, 4, 5]
+[labels."grouping.num_slots"]
+3 = "three slots"
+4 = "four slots"
+"""
+    )
+    board = load_leaderboard(grid_file, db, overrides=TINY)
+    assert [r.label for r in board.rows] == ["three slots", "four slots", "grouping.num_slots=5"]
+    assert [r.missing for r in board.rows][:2] == [None, None]
+    assert board.rows[2].missing.startswith("not measured yet")
+    # one seed each: the interval is over the stored per-image values
+    assert all(r.spreads["fg_ari"].images is not None for r in board.rows[:2])
+    facts = _open(browser, _write_html(board, tmp_path / "named.html"))
+    _check(board, facts)
+    (t,) = facts["tables"]
+    _, body = table(board)
+    assert sorted(t["bold"]) == sorted(body[i][j] for i, j in marked_cells(board))
+    assert sum(1 for i in facts["images"] if i["chart"]) == 2
+
+
+def _error_bars(fig: Any) -> list[tuple[float, float, float]]:
+    """(mean, low end, high end) of each error bar drawn, top row first."""
+    (ax,) = fig.axes
+    out = []
+    for container in ax.containers:
+        (point,) = container.lines[0].get_xdata()
+        (segment,) = container.lines[2][0].get_segments()
+        out.append((float(point), float(segment[0][0]), float(segment[1][0])))
+    return out
+
+
+def test_column_chart_draws_each_rows_mean_and_interval() -> None:
+    from ocl_bench.boards import Column, Row, Spread
+    from ocl_bench.report_html import column_chart
+    from ocl_bench.stats import summarize
+
+    images = summarize([40.0, 50.0, 45.0, 55.0])
+    rows = [
+        Row("seeds", {}, {}, spreads={"m": Spread(60.0, 3, [0, 1, 2], 2.0, 57.0, 64.0, "b")}),
+        Row("one seed, per image", {}, {}, spreads={"m": Spread(47.0, 1, [0], images=images)}),
+        Row("not measured", {}, {}, missing="not measured yet (run its grid)"),
+    ]
+    column = Column("m", "m", "object_discovery", None, "m")
+    board = Leaderboard("b", "", {}, [column], rows)
+    fig = column_chart(board, column, best=0)
+    drawn = [x for bar in _error_bars(fig) for x in bar]
+    assert drawn == pytest.approx([60.0, 57.0, 64.0, images.mean, images.ci_low, images.ci_high])
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["seeds", "one seed, per image"]
+    assert "higher is better" in fig.axes[0].get_xlabel()
+    column.higher_is_better = False
+    assert "lower is better" in column_chart(board, column, best=None).axes[0].get_xlabel()
+    empty = Leaderboard("b", "", {}, [column], [rows[2]])
+    assert column_chart(empty, column, best=None) is None

@@ -533,3 +533,93 @@ def test_demo_grid_measures_generation_for_its_pixel_decoders() -> None:
         assert "generation.images" in gives
     keys = {c.key for c in grid_columns(read_toml(demo_grid_path()))}
     assert {"conditional_generation.fid", "conditional_generation.ssim"} <= keys
+
+
+def test_fid_columns_are_lower_is_better_and_others_higher() -> None:
+    from ocl_bench.boards import grid_columns, read_columns
+
+    spec = {"columns": ["fg_ari", "conditional_generation.fid", "conditional_generation.psnr"]}
+    assert [c.higher_is_better for c in grid_columns(spec)] == [True, False, True]
+    published = {
+        "columns": [
+            {"key": "fid", "task": "conditional_generation"},
+            {"key": "mbo_i", "task": "object_discovery"},
+        ]
+    }
+    assert [c.higher_is_better for c in read_columns(published)] == [False, True]
+
+
+def test_demo_grid_names_its_rows_and_keeps_its_config_hashes(tmp_path: Path) -> None:
+    from ocl_bench.boards import demo_grid_path, load_grid
+
+    named = load_grid(demo_grid_path())
+    assert [c.row for c in named.cells] == [
+        "attention prior, Gaussian slots",
+        "attention prior, learned slots",
+        "MLP decoder masks, Gaussian slots",
+    ]
+    assert [c.label for c in named.cells] == [c.row for c in named.cells]
+    # the same grid without its names: override strings, the same configs
+    text = demo_grid_path().read_text()
+    plain = tmp_path / "plain.toml"
+    plain.write_text(text[: text.index("[labels.")])
+    unnamed = load_grid(plain)
+    assert unnamed.cells[0].row == "decoder.attn_prior=True, grouping.init=shared_gaussian"
+    digests = [c.config.digest() for c in named.cells]
+    assert digests == [c.config.digest() for c in unnamed.cells]
+
+
+LABELLED_GRID = """
+[axes]
+"grouping.num_slots" = [3, 4]
+"grouping.init" = ["shared_gaussian", "learned_queries"]
+{labels}
+"""
+
+
+def test_grid_labels_name_some_values_and_seeds_keep_their_suffix(tmp_path: Path) -> None:
+    from ocl_bench.boards import load_grid
+
+    path = tmp_path / "g.toml"
+    path.write_text(
+        LABELLED_GRID.format(labels='[labels."grouping.init"]\nlearned_queries = "learned"')
+    )
+    cells = load_grid(path, seeds=2).cells
+    assert [c.row for c in cells[::2]] == [
+        "grouping.num_slots=3, grouping.init=shared_gaussian",
+        "grouping.num_slots=3, learned",
+        "grouping.num_slots=4, grouping.init=shared_gaussian",
+        "grouping.num_slots=4, learned",
+    ]
+    assert cells[3].label == "grouping.num_slots=3, learned, seed=1"
+
+
+@pytest.mark.parametrize(
+    ("labels", "error"),
+    [
+        ('[labels."grouping.slots"]\n3 = "three"', "names no axis"),
+        ('[labels."grouping.init"]\ngaussian = "G"', "names value 'gaussian', not on the axis"),
+        ('[labels."grouping.init"]\nshared_gaussian = 3', "expected a name"),
+        ('[labels]\n"grouping.init" = "G"', "expected a table of value = name"),
+        ('labels = "x"', "labels is 'x', expected a table"),
+        (
+            '[labels."grouping.init"]\nshared_gaussian = "same"\nlearned_queries = "same"\n'
+            '[labels."grouping.num_slots"]\n3 = "three"\n4 = "three"',
+            "two rows the same label 'three, same'",
+        ),
+    ],
+)
+def test_bad_grid_labels_fail_in_one_line_naming_the_file(
+    tmp_path: Path, labels: str, error: str
+) -> None:
+    from ocl_bench.boards import load_grid
+    from ocl_bench.errors import ConfigError
+
+    path = tmp_path / "g.toml"
+    text = LABELLED_GRID.format(labels=labels)
+    if labels.startswith("labels ="):  # a top-level key must come before the first table
+        text = labels + "\n" + LABELLED_GRID.format(labels="")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(error)) as caught:
+        load_grid(path)
+    assert str(path) in str(caught.value) and "\n" not in str(caught.value)

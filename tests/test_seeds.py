@@ -8,14 +8,15 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ocl_bench.boards import read_rows, row_config
+from ocl_bench.boards import Column, Row, Spread, read_rows, row_config
 from ocl_bench.cli import main
 from ocl_bench.config import read_toml
 from ocl_bench.errors import ConfigError
 from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.leaderboard import load_leaderboard, render, table
+from ocl_bench.leaderboard import Leaderboard, best_rows, load_leaderboard, render, table
 from ocl_bench.stats import summarize
 from ocl_bench.store import Cell, ResultStore
 from tests.conftest import TINY as ALL_TINY
@@ -68,14 +69,19 @@ def _grid_file(tmp_path: Path, seeds: str = "") -> Path:
     return path
 
 
-def _store(db: Path, config: dict, seed: int, ari: float) -> None:
-    """A complete cell of `config` under `seed` whose decoder FG-ARI is `ari`."""
+def _store(
+    db: Path, config: dict, seed: int, ari: float, per_image: list[float] | None = None
+) -> None:
+    """A complete cell of `config` under `seed` whose decoder FG-ARI is `ari` (and, when
+    given, its per-image values)."""
     from ocl_bench.config import resolve
 
     cfg = dataclasses.replace(resolve(config), seed=seed)
     store = ResultStore(db)
     store.start(Cell(cfg.digest(), cfg.to_dict(), {}, "shapes", "val", seed, "running"))
     record = {"task": "object_discovery", "metric": "fg_ari", "masks": "decoder", "value": ari}
+    if per_image is not None:
+        record["per_image"] = per_image
     store.complete(cfg.digest(), [record])
 
 
@@ -282,3 +288,88 @@ def test_a_board_file_may_name_its_seeds(tmp_path: Path) -> None:
     path.write_text(BOARD.format(seeds='seeds = "x"'))
     with pytest.raises(ConfigError, match="seeds"):
         load_grid(path)
+
+
+# ------------------------------------------------------------------------------------------
+# The best row of a column is marked only where its lead is resolved
+
+
+def _marks(tmp_path: Path, values: dict[str, list[float]]) -> tuple[dict[str, int], object]:
+    path, db = _published(tmp_path, values)
+    board = load_leaderboard(path, db)
+    return best_rows(board), board
+
+
+def test_identical_rows_are_never_marked(tmp_path: Path) -> None:
+    same = [0.55, 0.60, 0.68]
+    marks, board = _marks(tmp_path, {"three seeds": same, "three seeds, published outside": same})
+    assert marks == {}
+    assert "**" not in render(board, "md")
+    data = json.loads(render(board, "json"))
+    assert not any(r["stats"].get("fg_ari", {}).get("best") for r in data["rows"])
+
+
+def test_a_clearly_better_row_is_marked_in_every_format(tmp_path: Path) -> None:
+    values = {"three seeds": [0.80, 0.81, 0.82], "three seeds, published outside": [0.55, 0.6]}
+    marks, board = _marks(tmp_path, values)
+    assert marks == {"fg_ari": 0}
+    best = table(board)[1][0][3]
+    md = render(board, "md")
+    assert f"**{best}**" in md and md.count("**") == 2 and "runner-up" in md
+    data = json.loads(render(board, "json"))
+    assert [r["stats"]["fg_ari"]["best"] for r in data["rows"][:2]] == [True, False]
+    parsed = {r["system"]: r for r in csv.DictReader(io.StringIO(render(board, "csv")))}
+    assert parsed["three seeds"]["FG-ARI [shapes] best"] == "true"
+    assert parsed["three seeds, published outside"]["FG-ARI [shapes] best"] == "false"
+    assert parsed["one seed"]["FG-ARI [shapes] best"] == ""  # not measured: no claim
+    assert f"<strong>{best}</strong>" in render(board, "html")
+
+
+def test_a_lead_inside_the_runner_ups_interval_is_not_marked(tmp_path: Path) -> None:
+    runner_up = [0.55, 0.60, 0.68]
+    interval = summarize([55.0, 60.0, 68.0])
+    lead = [0.61, 0.62, 0.63]  # mean 62: ahead of 61, inside the runner-up's interval
+    assert interval.mean < summarize([61.0, 62.0, 63.0]).mean < interval.ci_high
+    marks, _ = _marks(tmp_path, {"three seeds": lead, "three seeds, published outside": runner_up})
+    assert marks == {}
+
+
+def test_one_seed_rows_are_judged_by_their_per_image_interval(tmp_path: Path) -> None:
+    path = tmp_path / "published.toml"
+    path.write_text(BOARD.format(seeds=""))
+    rows = read_rows(read_toml(path))
+    rng = np.random.default_rng(0)
+    images = {  # per-image FG-ARI: 64 images each, means ~0.8 and ~0.5, spread ~0.05
+        rows[0].label: 0.8 + 0.05 * rng.standard_normal(64),
+        rows[1].label: 0.5 + 0.05 * rng.standard_normal(64),
+    }
+    with_images, without = tmp_path / "with.sqlite", tmp_path / "without.sqlite"
+    for row in rows[:2]:
+        raw = row_config(row, {}, "shapes").raw
+        values = images[row.label]
+        _store(with_images, raw, 0, float(values.mean()), list(values))
+        _store(without, raw, 0, float(values.mean()))
+    board = load_leaderboard(path, with_images)
+    spread = board.rows[0].spreads["fg_ari"]
+    assert spread.n == 1 and spread.images is not None and spread.images.n == 64
+    assert spread.images.mean == pytest.approx(100 * images[rows[0].label].mean())
+    assert best_rows(board) == {"fg_ari": 0}
+    # the same means with nothing stored per image: no interval, so no mark
+    assert best_rows(load_leaderboard(path, without)) == {}
+
+
+def _board_of(spreads: list[Spread], higher_is_better: bool) -> Leaderboard:
+    column = Column("fid", "fid", "conditional_generation", None, "fid", None, 1.0)
+    column.higher_is_better = higher_is_better
+    rows = [Row(f"row {i}", {}, {}, spreads={"fid": s}) for i, s in enumerate(spreads)]
+    return Leaderboard("b", "", {}, [column], rows)
+
+
+def test_the_column_direction_decides_which_row_is_best() -> None:
+    low = Spread(10.0, 3, [0, 1, 2], 0.5, 9.5, 10.5, "bootstrap")
+    high = Spread(20.0, 3, [0, 1, 2], 0.5, 19.5, 20.5, "bootstrap")
+    assert best_rows(_board_of([low, high], higher_is_better=False)) == {"fid": 0}
+    assert best_rows(_board_of([low, high], higher_is_better=True)) == {"fid": 1}
+    # a row without any interval (one seed, nothing per image) leaves the column unjudged
+    single = Spread(30.0, 1, [0])
+    assert best_rows(_board_of([low, high, single], higher_is_better=True)) == {}
