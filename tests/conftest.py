@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 TINY = [
@@ -37,6 +40,21 @@ TINY_MODEL = [
     "grouping.slot_dim=16",
     "grouping.mlp_hidden=16",
 ]
+
+
+def write_old_store(path: Path, schema: str) -> None:
+    """A results database made with an older `schema`, holding one complete cell 'old'
+    with FG-ARI 0.25: what migration tests open with today's ResultStore."""
+    with sqlite3.connect(path) as conn:
+        conn.executescript(schema)
+        conn.execute(
+            "INSERT INTO cells (id, config_hash, config, plugins, dataset, split, seed, status)"
+            " VALUES (1, 'old', '{}', '{}', 'shapes', 'val', 0, 'complete')"
+        )
+        conn.execute(
+            "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution, num_images)"
+            " VALUES (1, 'object_discovery', 'fg_ari', 'decoder', 0.25, '[32, 32]', 16)"
+        )
 
 
 @pytest.fixture

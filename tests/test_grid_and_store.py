@@ -18,6 +18,7 @@ from ocl_bench.grid import _Heartbeat, load_grid, run_cell, run_grid, status_det
 from ocl_bench.leaderboard import load_leaderboard, render
 from ocl_bench.store import SCHEMA, Cell, ResultStore, this_host
 from tests.conftest import TINY as ALL_TINY
+from tests.conftest import write_old_store
 
 # The grids below choose their own tasks.
 TINY = [o for o in ALL_TINY if not o.startswith("tasks.")]
@@ -343,16 +344,7 @@ def test_an_old_database_gains_the_protocol_column_and_keeps_its_rows(tmp_path: 
     # The tables as they were before protocols and leases.
     without_protocol = SCHEMA.replace("    protocol TEXT,\n", "")
     old_schema = without_protocol.split("CREATE TABLE IF NOT EXISTS leases")[0]
-    with sqlite3.connect(path) as conn:
-        conn.executescript(old_schema)
-        conn.execute(
-            "INSERT INTO cells (id, config_hash, config, plugins, dataset, split, seed, status)"
-            " VALUES (1, 'old', '{}', '{}', 'shapes', 'val', 0, 'complete')"
-        )
-        conn.execute(
-            "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution, num_images)"
-            " VALUES (1, 'object_discovery', 'fg_ari', 'decoder', 0.25, '[32, 32]', 16)"
-        )
+    write_old_store(path, old_schema)
     store = ResultStore(path)
     old = store.get("old")
     assert old.value("object_discovery", "fg_ari") == 0.25

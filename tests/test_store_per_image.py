@@ -12,7 +12,7 @@ import numpy as np
 from ocl_bench.grid import load_grid, run_grid
 from ocl_bench.stats import summarize
 from ocl_bench.store import SCHEMA, Cell, ResultStore
-from tests.conftest import TINY
+from tests.conftest import TINY, write_old_store
 
 NAN = float("nan")
 
@@ -71,16 +71,7 @@ def test_per_image_values_of_a_replaced_run_are_deleted_with_it(tmp_path: Path) 
 
 def test_an_old_database_gains_the_per_image_table_and_reads_no_values(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
-    with sqlite3.connect(path) as conn:
-        conn.executescript(SCHEMA.split("CREATE TABLE IF NOT EXISTS per_image")[0])
-        conn.execute(
-            "INSERT INTO cells (id, config_hash, config, plugins, dataset, split, seed, status)"
-            " VALUES (1, 'old', '{}', '{}', 'shapes', 'val', 0, 'complete')"
-        )
-        conn.execute(
-            "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution, num_images)"
-            " VALUES (1, 'object_discovery', 'fg_ari', 'decoder', 0.25, '[32, 32]', 16)"
-        )
+    write_old_store(path, SCHEMA.split("CREATE TABLE IF NOT EXISTS per_image")[0])
     store = ResultStore(path)
     old = store.get("old", per_image=True)
     assert old.value("object_discovery", "fg_ari") == 0.25
