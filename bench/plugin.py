@@ -7,7 +7,16 @@ from typing import Any, ClassVar
 from ocl_bench.contracts import Decoding, ReconstructionOutput
 from ocl_bench.params import NoParams
 
-KINDS = ("dataset", "encoder", "grouping", "decoder", "objective", "task", "importer")
+KINDS = (
+    "dataset",
+    "tokenizer",
+    "encoder",
+    "grouping",
+    "decoder",
+    "objective",
+    "task",
+    "importer",
+)
 
 
 class Plugin:

@@ -1,0 +1,1 @@
+"""Image tokenizer plugins (kind "tokenizer"): images to discrete token ids and back."""
