@@ -77,7 +77,15 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
             raise ConfigError(f"{stage} '{choice.name}': {err}") from None
         dims = module.output_dims(dims)
         modules.append(module)
-    return SlotModel(*modules)
+    model = SlotModel(*modules)
+    for module in modules:
+        # A stage that needs another stage's modules beyond its typed inputs (MAGE's decoder
+        # ties its head to the encoder's embeddings and re-runs the encoder while sampling)
+        # receives the model once, to keep a reference that is not a submodule.
+        connect = getattr(module, "connect", None)
+        if callable(connect):
+            connect(model)
+    return model
 
 
 def build_objectives(cfg: RunConfig) -> nn.ModuleList:

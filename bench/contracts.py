@@ -77,9 +77,14 @@ class Features:
     token_ids: long[B,N], discrete tokens (a VQ tokenizer's ids) of every grid position.
     token_mask: uint8[B,N], TokenState of every grid position for encoders that see only
         part of the tokens (MAGE): VISIBLE, MASKED (replaced by a mask token) or DROPPED
-        (removed before the encoder). `tokens` then holds the encoded positions only when
-        `kept` says which ones.
-    kept: long[B,N'], the grid positions `tokens` holds, when the encoder dropped some.
+        (removed before the encoder).
+    kept: long[B,N'], the grid positions the partly masked pass encoded (token_mask is
+        not DROPPED there), in the order of `masked_tokens`.
+    masked_tokens: float[B,P+N',D], the encoder's output on the partly masked input, P
+        prefix tokens (MAGE: the class token) first, then the positions of `kept`. An
+        encoder with two branches (MAGE in the thesis) keeps `tokens` = the pass over all
+        visible tokens (what the grouping reads) and gives the masked pass here, for a
+        decoder that reconstructs the masked ids.
     """
 
     tokens: Tensor
@@ -88,6 +93,7 @@ class Features:
     token_ids: Tensor | None = None
     token_mask: Tensor | None = None
     kept: Tensor | None = None
+    masked_tokens: Tensor | None = None
 
     def available(self) -> set[str]:
         """Capability names ("features.<field>") of the fields that are set."""
