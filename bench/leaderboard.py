@@ -36,8 +36,9 @@ from ocl_bench.store import Cell, ResultStore
 FORMATS = ("md", "csv", "html", "json")
 # Under a table whose rows have several seeds: what "±" and "n" mean.
 SPREAD_NOTE = (
-    "Measured: mean ± half-width of the 95% bootstrap confidence interval of the mean over"
-    " the row's n seeds; (in CI) / (outside CI): whether the published number lies inside it."
+    "Measured: mean ± half-width of the 95% confidence interval of the mean over the row's"
+    " n seeds (Student's t below 20 seeds, else bootstrap); (in CI) / (outside CI): whether"
+    " the published number lies inside it."
 )
 # Under a table with a measured column: what a bold (marked) cell means, and when none is.
 MARK_NOTE = (
@@ -194,7 +195,7 @@ def _take(
 
 def spread_of(values: list[tuple[int, float]]) -> Spread:
     """(seed, value) pairs summarised: one seed is its value as measured; more get their
-    standard deviation and 95% bootstrap interval."""
+    standard deviation and 95% interval (bench.stats.summarize)."""
     seeds = [seed for seed, _ in values]
     if len(values) == 1:
         return Spread(values[0][1], 1, seeds)

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from ocl_bench.stats import Summary, bootstrap_means, paired_difference, resolved, summarize
+from ocl_bench.stats import (
+    Summary,
+    _percentile_interval,
+    bootstrap_means,
+    paired_difference,
+    resolved,
+    summarize,
+)
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -50,7 +57,22 @@ def test_deterministic_for_a_seed_and_varies_across_seeds() -> None:
 def test_nans_are_dropped_before_anything_else() -> None:
     s = summarize([1.0, float("nan"), 3.0, float("nan"), 2.0])
     assert s.n == 3 and s.mean == 2.0 and s.std == 1.0
-    assert 1.0 <= s.ci_low < 2.0 < s.ci_high <= 3.0
+    # Student's t with 2 degrees of freedom: t = 4.3027, half-width t * 1 / sqrt(3).
+    assert s.method == "student t"
+    assert s.ci_low == pytest.approx(2.0 - 4.302653 / math.sqrt(3), abs=1e-5)
+    assert s.ci_high == pytest.approx(2.0 + 4.302653 / math.sqrt(3), abs=1e-5)
+
+
+def test_a_few_seeds_get_an_interval_that_covers_95_percent_of_the_time() -> None:
+    # Three seeds: the percentile bootstrap of 3 values covers the true mean ~3 times in 4,
+    # which would mark differences as resolved that are not; Student's t covers ~95%.
+    rng = np.random.default_rng(5)
+    draws = 2000
+    samples = rng.normal(0.0, 1.0, size=(draws, 3))
+    covered = sum(s.ci_low <= 0.0 <= s.ci_high for s in map(summarize, samples))
+    assert 0.93 <= covered / draws <= 0.97
+    boot = [_percentile_interval(bootstrap_means(x, 500, rng), 0.95) for x in samples[:400]]
+    assert sum(lo <= 0.0 <= hi for lo, hi in boot) / 400 < 0.85
 
 
 def test_one_value_has_a_point_interval() -> None:
