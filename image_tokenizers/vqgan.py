@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.errors import DataError
+from ocl_bench.errors import ConfigError, DataError
 from ocl_bench.feature_cache import FeatureCache, sample_ids
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.params import param
@@ -282,7 +282,7 @@ class VQGANTokenizer(ImageTokenizer):
     def __init__(self, params: VQGANParams):
         p = params
         if p.random_init and p.checkpoint:
-            raise DataError("tokenizer: checkpoint and random_init=true exclude each other")
+            raise ConfigError("tokenizer: checkpoint and random_init=true exclude each other")
         state: dict[str, Tensor] | None = None
         path: Path | None = None
         if not p.random_init:
@@ -290,10 +290,10 @@ class VQGANTokenizer(ImageTokenizer):
             state = vqgan_state(read_state_dict(path))
             p = self._sizes_from(p, infer_sizes(state, str(path)), str(path))
         if not p.ch_mult:
-            raise DataError("tokenizer.ch_mult needs at least one level")
+            raise ConfigError("tokenizer.ch_mult needs at least one level")
         for c in {p.ch * m for m in p.ch_mult}:
             if c % p.norm_groups:
-                raise DataError(
+                raise ConfigError(
                     f"tokenizer: {c} channels do not divide into norm_groups={p.norm_groups}"
                 )
         super().__init__(p)
