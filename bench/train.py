@@ -14,7 +14,11 @@ What the loop offers the plugins of every model family:
   Adam betas of every group that does not set its own.
 - Progress. Objectives are called as `objective(out, batch, progress)` with
   `contracts.Progress(step, total)`: the 0-based optimiser step being computed and
-  train.steps, so weight schedules and stage switches need no copy of train.steps.
+  train.steps, so weight schedules and stage switches need no copy of train.steps. Any
+  model submodule with `set_progress(progress)` is told the step before each step's
+  forward pass (a tokenizer's temperature schedule).
+- A param group with "constant_lr": True keeps its peak lr; the others follow train's
+  schedule.
 - Gradient accumulation. train.batch_size stays the global batch of one optimiser step
   (so a preset's recipe holds whatever the memory) and train.accumulate splits each
   process's share into that many micro-batches; each micro-batch loss is divided by
@@ -273,7 +277,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     optimizer = torch.optim.AdamW(
         groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas)
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(t, s))
+    # A group marked "constant_lr" keeps its peak lr (SLATE's dVAE skips the warm-up).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        [(lambda s: 1.0) if g.get("constant_lr") else (lambda s: lr_factor(t, s)) for g in groups],
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
     # Hashed once: frozen weights never move, and a frozen UNet takes seconds to hash.
     frozen = checkpoint.frozen_hashes(model)
@@ -354,9 +362,16 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         dynamic_ncols=True,
     )
     micro_batches = iter(loader)
+    # Model parts whose behaviour follows the step (a Gumbel temperature) define
+    # set_progress(Progress); called before every step, so a resumed run agrees.
+    step_followers = [
+        m.set_progress for m in model.modules() if callable(getattr(m, "set_progress", None))
+    ]
     with open(log_path if world.main else os.devnull, "a") as log:
         for step in range(start, t.steps):
             progress_now = Progress(step, t.steps)
+            for follow in step_followers:
+                follow(progress_now)
             optimizer.zero_grad(set_to_none=True)
             step_terms: dict[str, torch.Tensor] = {}
             for part in range(t.accumulate):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +18,11 @@ from ocl_bench.plugin import Plugin
 class TokenCrossEntropyParams:
     weight: float = param(1.0, "multiplier of this loss in the total", ge=0)
     label_smoothing: float = param(0.0, "label smoothing of the targets (MAGE: 0.1)", ge=0, le=1)
+    reduction: Literal["mean", "sum_per_image"] = param(
+        "mean",
+        "mean over the predicted positions of the batch (MAGE), or summed over each image's"
+        " predicted positions and averaged over images (SLATE)",
+    )
 
 
 class TokenCrossEntropy(nn.Module, Plugin):
@@ -43,7 +49,10 @@ class TokenCrossEntropy(nn.Module, Plugin):
             d.logits[chosen].float(),
             d.target_ids[chosen],
             label_smoothing=self.params.label_smoothing,
+            reduction="mean" if self.params.reduction == "mean" else "sum",
         )
+        if self.params.reduction == "sum_per_image":
+            loss = loss / d.logits.shape[0]
         return {"token_cross_entropy": self.params.weight * loss}
 
 

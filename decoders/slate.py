@@ -1,0 +1,355 @@
+"""SLATE's slot-conditioned autoregressive transformer over dVAE tokens.
+
+Singh et al., "Illiterate DALL-E Learns to Compose" (ICLR 2022); official code
+github.com/singhgautam/slate (slate.py, transformer.py, train.py). What this decoder does,
+as the official code does it:
+
+- the image is tokenised by the decoder's own dVAE (image_tokenizers/dvae.py), trained
+  alongside with its pixel MSE (returned in `extras`, added by the `tokenizer_loss`
+  objective); the transformer's inputs and targets are the dVAE's hard tokens, detached,
+  so the cross-entropy never reaches the dVAE. In training the targets are Gumbel-argmax
+  samples of the dVAE's categorical (slate.py: gumbel_softmax(hard=True) on the logits),
+  in evaluation and generation the argmax;
+- inputs: a learned dictionary over vocab + 1 entries (entry 0 is BOS, token v is entry
+  v + 1), plus a learned position embedding over 1 + h * w positions (trunc-normal init,
+  std 1), then dropout; teacher forcing reads [BOS, t_0 .. t_{N-2}] and predicts t_0 ..
+  t_{N-1} in raster order;
+- slots are projected by Linear(slot_dim, d_model, bias=False) (no LayerNorm, unlike SPOT)
+  and attended to by a pre-LN decoder: causal self-attention, cross-attention, ReLU FFN
+  (4 d), no biases in attention, xavier init with gain (3 * layers) ** -0.5 on the residual
+  outputs, kaiming FFN input, and block 0 replacing its input by LN(input) (official quirk);
+  a final LayerNorm and Linear(d_model, vocab, bias=False) give the logits;
+- the loss is the cross-entropy summed over tokens and averaged over images
+  (`token_cross_entropy` with reduction "sum_per_image");
+- generation: greedy decoding of all h * w tokens from BOS (slate.py reconstruct_autoregressive),
+  then the dVAE decoder on their one-hot vectors, clamped to [0, 1]. Here the attention
+  keys and values are cached, so each new token costs one position, not the whole prefix
+  (same logits); `sampling = "sample"` draws tokens from the softmax with a seeded generator.
+
+Object discovery: SLATE reports its slot-attention masks (`tasks.object_discovery.masks =
+["attn"]`); this decoder also offers the last block's cross-attention (summed over heads,
+normalised over slots) as decoder masks on the token grid.
+
+One difference from the official model, by design of the harness: official SLATE feeds
+slot attention with the same dictionary + position embeddings of the dVAE tokens; here
+the encoder plugin feeds it (a CNN in the `slate` preset, as SlotDiffusion's SLATE, whose
+numbers both source documents quote).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ocl_bench.contracts import Batch, Dims, Features, Slots, TokenPrediction
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.params import param
+from ocl_bench.plugin import Plugin
+from ocl_bench.tokenizing import ImageTokenizer, build_tokenizer
+
+TOKENIZER_LOSS = "tokenizer_loss."  # extras keys the tokenizer_loss objective adds
+
+
+def _linear(
+    d_in: int, d_out: int, gain: float = 1.0, kaiming: bool = False, bias: bool = False
+) -> nn.Linear:
+    """SLATE's init: xavier-uniform with `gain` (or kaiming-uniform), zero bias."""
+    layer = nn.Linear(d_in, d_out, bias=bias)
+    if kaiming:
+        nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
+    else:
+        nn.init.xavier_uniform_(layer.weight, gain)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases; keys/values optionally cached for decoding."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, gain: float):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"d_model {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.proj_q = _linear(dim, dim)
+        self.proj_k = _linear(dim, dim)
+        self.proj_v = _linear(dim, dim)
+        self.proj_o = _linear(dim, dim, gain)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.output_dropout = nn.Dropout(dropout)
+
+    def heads_of(self, x: Tensor, proj: nn.Linear) -> Tensor:
+        b, n, _ = x.shape
+        return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+        """x [B,T,D] attends to heads-split keys/values [B,h,S,d]; returns (output [B,T,D],
+        softmax weights [B,h,T,S] before dropout)."""
+        b, t, _ = x.shape
+        q = self.heads_of(x, self.proj_q) * k.shape[-1] ** -0.5
+        logits = q @ k.transpose(-1, -2)
+        if causal:
+            blocked = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).triu(1)
+            logits = logits.masked_fill(blocked, float("-inf"))
+        weights = logits.softmax(-1)
+        out = (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(b, t, -1)
+        return self.output_dropout(self.proj_o(out)), weights
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block of SLATE (transformer.py TransformerDecoderBlock)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, gain: float, first: bool):
+        super().__init__()
+        self.first = first
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, heads, dropout, gain)
+        self.encoder_decoder_attn_layer_norm = nn.LayerNorm(dim)
+        self.encoder_decoder_attn = Attention(dim, heads, dropout, gain)
+        self.ffn_layer_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            _linear(dim, 4 * dim, kaiming=True, bias=True),
+            nn.ReLU(),
+            _linear(4 * dim, dim, gain, bias=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: tuple[Tensor, Tensor],
+        cache: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x [B,T,D]; memory = the slots' (keys, values) of this block. With `cache`
+        ([keys, values] of the positions before x, updated in place) x holds only the new
+        positions. Returns (x, cross-attention weights [B,h,T,K])."""
+        if self.first:  # official quirk: the residual stream restarts from LN(input)
+            x = self.self_attn_layer_norm(x)
+            h = x
+        else:
+            h = self.self_attn_layer_norm(x)
+        k = self.self_attn.heads_of(h, self.self_attn.proj_k)
+        v = self.self_attn.heads_of(h, self.self_attn.proj_v)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        # with a cache only past and present positions are there: nothing to mask
+        x = x + self.self_attn(h, k, v, causal=cache is None)[0]
+        h, weights = self.encoder_decoder_attn(
+            self.encoder_decoder_attn_layer_norm(x), *memory, causal=False
+        )
+        x = x + h
+        return x + self.ffn(self.ffn_layer_norm(x)), weights
+
+    def memory(self, slots: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.encoder_decoder_attn
+        return a.heads_of(slots, a.proj_k), a.heads_of(slots, a.proj_v)
+
+
+@dataclass(frozen=True)
+class SlateParams:
+    d_model: int = param(192, "transformer width (SLATE: 192)", ge=1)
+    num_layers: int = param(8, "decoder blocks (SlotDiffusion's SLATE: 8; 3D-Shapes: 4)", ge=1)
+    num_heads: int = param(4, "attention heads (SLATE: 4)", ge=1)
+    dropout: float = param(0.1, "dropout on positions, attention and FFN (SLATE: 0.1)", ge=0, lt=1)
+    targets: Literal["sampled", "argmax"] = param(
+        "sampled",
+        "training targets: Gumbel-argmax samples of the dVAE (SLATE) or its argmax "
+        "(SlotDiffusion's frozen dVAE); evaluation always uses the argmax",
+    )
+    sampling: Literal["greedy", "sample"] = param(
+        "greedy", "generation: argmax tokens (SLATE) or tokens drawn from the softmax"
+    )
+    temperature: float = param(1.0, "softmax temperature when sampling='sample'", gt=0)
+    vocab_size: int = param(4096, "dVAE codebook size", ge=2)
+    tokenizer_channels: int = param(64, "dVAE hidden channels", ge=1)
+    tau_start: float = param(1.0, "dVAE Gumbel temperature at step 0", gt=0)
+    tau_final: float = param(0.1, "dVAE temperature after tau_steps", gt=0)
+    tau_steps: int = param(30000, "steps of the dVAE temperature cosine", ge=0)
+    hard_tokens: bool = param(False, "straight-through hard tokens in the dVAE's pixel decoder")
+    tokenizer_loss_reduction: Literal["sum_per_image", "mean"] = param(
+        "sum_per_image", "dVAE MSE: summed per image (SLATE) or mean over elements"
+    )
+    tokenizer_weights: str = param("", "dVAE checkpoint ('' reads $OCL_BENCH_DVAE, unset = random)")
+    train_tokenizer: bool = param(
+        True, "train the dVAE alongside (SLATE); false = frozen (SlotDiffusion's pre-trained one)"
+    )
+    tokenizer_lr: float = param(3e-4, "peak lr of the dVAE (SLATE: 3e-4; 0 = train.lr)", ge=0)
+    tokenizer_warmup: bool = param(
+        False, "the dVAE lr follows train's warm-up/decay; SLATE keeps it constant"
+    )
+    transformer_lr: float = param(
+        0.0, "peak lr of the transformer (0 = train.lr; SlotDiffusion's SLATE: 3e-4)", ge=0
+    )
+    decoder_masks: bool = param(
+        True, "offer the last block's cross-attention as decoder masks (SLATE reports 'attn')"
+    )
+
+
+class SlateDecoder(nn.Module, Plugin):
+    """SLATE: autoregressive transformer over its own dVAE's tokens, conditioned on slots."""
+
+    kind = "decoder"
+    name = "slate"
+    Params = SlateParams
+    output = TokenPrediction
+    requires = frozenset({"slots.slots"})
+
+    @classmethod
+    def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
+        needs, gives = super().capabilities(params)
+        gives |= {"generation.images", "decoding.tokenizer_losses"}
+        if params.decoder_masks:
+            gives.add("decoding.masks")
+        return needs, gives
+
+    def __init__(self, params: SlateParams, dims: Dims):
+        super().__init__()
+        if dims.slot_dim is None:
+            raise ValueError("the slate decoder needs the slot dimension")
+        if params.d_model % params.num_heads:
+            raise ValueError(f"d_model {params.d_model} is not divisible by {params.num_heads}")
+        self.params = params
+        self.tokenizer: ImageTokenizer = build_tokenizer(
+            "dvae",
+            {
+                "vocab_size": params.vocab_size,
+                "channels": params.tokenizer_channels,
+                "tau_start": params.tau_start,
+                "tau_final": params.tau_final,
+                "tau_steps": params.tau_steps,
+                "hard": params.hard_tokens,
+                "loss_reduction": params.tokenizer_loss_reduction,
+                "weights": params.tokenizer_weights,
+            },
+            "decoder",
+        )
+        if not params.train_tokenizer:
+            self.tokenizer.requires_grad_(False)
+        self.token_grid = self.tokenizer.grid(tuple(dims.image_size))
+        n = self.token_grid[0] * self.token_grid[1]
+        d, v = params.d_model, params.vocab_size
+        self.dictionary = nn.Embedding(v + 1, d)  # entry 0 = BOS
+        self.pe = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1 + n, d)))
+        self.pe_dropout = nn.Dropout(params.dropout)
+        self.slot_proj = _linear(dims.slot_dim, d)
+        gain = (3 * params.num_layers) ** -0.5
+        self.blocks = nn.ModuleList(
+            Block(d, params.num_heads, params.dropout, gain, first=i == 0)
+            for i in range(params.num_layers)
+        )
+        self.layer_norm = nn.LayerNorm(d)
+        self.out = _linear(d, v)
+
+    def output_dims(self, dims: Dims) -> Dims:
+        dims.vocab_size = self.params.vocab_size
+        return dims
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The dVAE at its own lr, constant unless tokenizer_warmup (SLATE's train.py); the
+        transformer at transformer_lr when set (else with the default group)."""
+        p = self.params
+        groups: list[dict[str, Any]] = []
+        if p.train_tokenizer:
+            group: dict[str, Any] = {"params": list(self.tokenizer.parameters()), "name": "dvae"}
+            if p.tokenizer_lr > 0:
+                group["lr"] = p.tokenizer_lr
+            if not p.tokenizer_warmup:
+                group["constant_lr"] = True
+            groups.append(group)
+        if p.transformer_lr > 0:
+            own = {id(q) for q in self.tokenizer.parameters()}
+            rest = [q for q in self.parameters() if id(q) not in own]
+            groups.append({"params": rest, "lr": p.transformer_lr, "name": "transformer"})
+        return groups
+
+    def embed_inputs(self, ids: Tensor) -> Tensor:
+        """Inputs [B, T, D] for ids [B, T-1] after BOS: dictionary + position, dropout."""
+        bos = ids.new_zeros(ids.shape[0], 1)
+        x = self.dictionary(torch.cat([bos, ids + 1], 1))
+        return self.pe_dropout(x + self.pe[:, : x.shape[1]])
+
+    def logits(self, slots: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher-forced logits [B, N, V] for the raster token ids [B, N] and the last
+        block's cross-attention summed over heads, normalised over slots [B, N, K]."""
+        memory = self.slot_proj(slots)
+        x = self.embed_inputs(ids[:, :-1])
+        weights = None
+        for block in self.blocks:
+            x, weights = block(x, block.memory(memory))
+        assert weights is not None
+        masks = weights.sum(1)
+        return self.out(self.layer_norm(x)), masks / masks.sum(-1, keepdim=True)
+
+    def forward(self, slots: Slots, features: Features, batch: Batch) -> TokenPrediction:
+        images = batch.images
+        extras: dict[str, Tensor] = {}
+        with torch.no_grad():  # the transformer never trains the dVAE (SLATE detaches)
+            sampled = self.training and self.params.targets == "sampled"
+            ids = self.tokenizer.sample(images) if sampled else self.tokenizer.encode(images)
+        ids = ids.flatten(1)
+        if self.training and self.params.train_tokenizer:
+            for name, value in self.tokenizer.losses(images).items():
+                extras[TOKENIZER_LOSS + name] = value
+        logits, masks = self.logits(slots.slots, ids)
+        return TokenPrediction(
+            logits=logits,
+            target_ids=ids,
+            predicted=torch.ones_like(ids, dtype=torch.bool),
+            masks=masks if self.params.decoder_masks else None,
+            mask_grid=self.token_grid,
+            extras=extras,
+        )
+
+    @torch.no_grad()
+    def sample_ids(self, slots: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Token ids [B, h, w] decoded one position at a time from BOS, keys and values
+        cached (the same logits as teacher forcing on the decoded prefix)."""
+        b = slots.shape[0]
+        h, w = self.token_grid
+        memory = self.slot_proj(slots)
+        memories = [block.memory(memory) for block in self.blocks]
+        caches: list[list[Tensor]] = [[] for _ in self.blocks]
+        token = torch.zeros(b, 1, dtype=torch.long, device=slots.device)  # BOS = entry 0
+        out = []
+        for t in range(h * w):
+            x = self.pe_dropout(self.dictionary(token) + self.pe[:, t : t + 1])
+            for block, mem, cache in zip(self.blocks, memories, caches):
+                x = block(x, mem, cache)[0]
+            logits = self.out(self.layer_norm(x))[:, -1].float()
+            if self.params.sampling == "greedy":
+                ids = logits.argmax(-1)
+            else:
+                probs = (logits / self.params.temperature).softmax(-1)
+                where = generator.device if generator is not None else probs.device
+                ids = torch.multinomial(probs.to(where), 1, generator=generator)[:, 0]
+                ids = ids.to(slots.device)
+            out.append(ids)
+            token = (ids + 1)[:, None]
+        return torch.stack(out, 1).view(b, h, w)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        slots: Slots,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1]: every token decoded from the slots, then the dVAE
+        decoder (steps and guidance do not apply to autoregressive decoding)."""
+        return self.tokenizer.decode(self.sample_ids(slots.slots, generator))
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [SlateDecoder]
+
+
+__all__ = ["TOKENIZER_LOSS", "SlateDecoder", "SlateParams"]
