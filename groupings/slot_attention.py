@@ -57,6 +57,12 @@ class SlotAttentionParams:
         " false = torch's default uniform init",
     )
     eps: float = param(1e-8, "added to the attention before renormalising over tokens", gt=0)
+    position: Literal["none", "cartesian"] = param(
+        "none",
+        "'cartesian': add Linear(4 -> token dim) of each token's cell-centre coordinates"
+        " (row, col, 1-row, 1-col) in [0, 1] before the pre-MLP (STEVE / StableLSD's"
+        " CartesianPositionalEmbedding, a 1x1 conv there)",
+    )
 
 
 class SlotAttention(nn.Module, Plugin):
@@ -78,6 +84,8 @@ class SlotAttention(nn.Module, Plugin):
         if params.pre_mlp_out and not params.pre_mlp:
             raise ValueError("pre_mlp_out needs pre_mlp = true")
         d_tokens, d = dims.token_dim, params.slot_dim
+        if params.position == "cartesian":
+            self.pos_proj = nn.Linear(4, d_tokens)
         # d_in: the size of what the input LayerNorm and k/v see
         d_in = params.pre_mlp_out or d_tokens
         self.pre_mlp = (
@@ -128,8 +136,20 @@ class SlotAttention(nn.Module, Plugin):
         slots = slots + self.update_mlp(self.norm_mlp(slots))
         return slots, attn, logits
 
+    def cartesian_code(self, grid: tuple[int, int], device: torch.device) -> Tensor:
+        """float[h*w, 4]: (row, col, 1-row, 1-col) at cell centres, raster order."""
+        h, w = grid
+        rows = (torch.arange(h, device=device) + 0.5) / h
+        cols = (torch.arange(w, device=device) + 0.5) / w
+        r, c = torch.meshgrid(rows, cols, indexing="ij")
+        return torch.stack([r, c, 1 - r, 1 - c], dim=-1).reshape(h * w, 4)
+
     def forward(self, features: Features) -> Slots:
-        tokens = self.norm_inputs(self.pre_mlp(features.tokens))
+        tokens = features.tokens
+        if self.params.position == "cartesian":
+            code = self.cartesian_code(features.grid, tokens.device).to(tokens.dtype)
+            tokens = tokens + self.pos_proj(code)
+        tokens = self.norm_inputs(self.pre_mlp(tokens))
         k = self.to_k(tokens) * self.scale
         v = self.to_v(tokens)
         init = self.initial_slots(tokens.shape[0], tokens.device)
