@@ -102,11 +102,17 @@ class ConditionalGeneration(Plugin):
         cache = fidlib.ReferenceCache(
             Path(p.fid_cache).expanduser() if p.fid_cache else fidlib.default_cache_dir()
         )
+        # How the decoder samples (its defaults filled in: solver, steps, guidance, size).
+        describe = getattr(decoder, "sampling_protocol", None)
+        sampling = describe(p.steps, p.guidance_scale) if callable(describe) else {}
         key = reference = None
         if extractor is not None:
+            data_params = to_dict(data.params) if hasattr(data, "params") else {}
+            if "generated_resolution" in sampling:  # real images are resized to it
+                data_params["compared_at"] = sampling["generated_resolution"]
             key = fidlib.reference_key(
                 getattr(data, "name", type(data).__name__),
-                to_dict(data.params) if hasattr(data, "params") else {},
+                data_params,
                 ctx.split,
                 p.fid_resolution,
                 count,
@@ -124,6 +130,12 @@ class ConditionalGeneration(Plugin):
         for batch, out in ctx.predictions(desc="conditional generation"):
             real = batch.images.float()
             fake = self._generate(decoder, out.slots, generator).float()
+            if fake.shape[:2] == real.shape[:2] and fake.shape[2:] != real.shape[2:]:
+                # A decoder generating at its own resolution (StableLSD: 256 px from
+                # 448 px inputs) is compared at that resolution, as its papers do.
+                real = torch.nn.functional.interpolate(
+                    real, size=fake.shape[2:], mode="bilinear", antialias=True, align_corners=False
+                ).clamp(0, 1)
             if fake.shape != real.shape:
                 raise DataError(
                     f"decoder {type(decoder).__name__} generated {tuple(fake.shape)} images "
@@ -141,12 +153,16 @@ class ConditionalGeneration(Plugin):
                 if reference is None:
                     real_feats.append(self._features(extractor, real))
             if figure_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
-                figure_rows = self._figure_rows(decoder, batch.images, fake, out.slots)
+                figure_rows = self._figure_rows(decoder, real, fake, out.slots)
 
         images = sum(int(t.numel()) for t in psnr)
         records = [
-            MetricRecord(self.name, "psnr", _mean(psnr), None, size, images),
-            MetricRecord(self.name, "ssim", _mean(ssim), None, size, images),
+            MetricRecord(
+                self.name, "psnr", _mean(psnr), None, size, images, protocol=sampling or None
+            ),
+            MetricRecord(
+                self.name, "ssim", _mean(ssim), None, size, images, protocol=sampling or None
+            ),
         ]
         info: dict[str, Any] = {"images": images}
         if extractor is not None and key is not None:
@@ -168,6 +184,7 @@ class ConditionalGeneration(Plugin):
                 "steps": p.steps,
                 "guidance_scale": p.guidance_scale,
                 "seed": p.seed,
+                **sampling,
             }
             res = (p.fid_resolution, p.fid_resolution)
             records.append(_record(self.name, "fid", value, res, images, protocol))
