@@ -1,0 +1,209 @@
+"""Importer plugin "mage": an official MAGE checkpoint (LTH14/mage) as a run directory.
+
+`ocl-bench import mage PATH --out RUN_DIR [overrides]` reads a MAGE ViT-B or ViT-L
+pretraining checkpoint (`torch.load(f)["model"]`; 433 keys for ViT-B: 265 MAGE + 168
+`vqgan.*`, ../shared/reference/spot-and-mage.md section j), infers every size from the
+tensor shapes, and writes a run of `mage_vitb16` (masked pass on) + `slot_attention` +
+`mage` decoder whose weights are the file's:
+
+    vqgan.*                                   -> encoder.tokenizer.*  (the vqgan plugin)
+    token_emb.*, blocks.i.*, norm.*           -> encoder.*
+    decoder_embed.*, decoder_pos_embed_learned, decoder_blocks.i.*, decoder_norm.*,
+    mlm_layer.*                               -> decoder.*
+    cls_token, pos_embed, patch_embed.*, mask_token, decoder_pos_embed, decoder_pred.*
+                                              -> ignored: MAGE keeps them but never uses
+                                                 them (the sin-cos tables, the patch
+                                                 path and the pixel head); import.json
+                                                 lists them
+
+The slot attention and the decoder's `slot_proj` are not in a MAGE file: they keep
+their initialisation (the thesis trains them in stage 2); import.json says so. The run
+config sets the tokenizer and encoder to random_init with the file's sizes, so the run
+directory is complete on its own (its checkpoint holds every weight).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ocl_bench.compose import build_model
+from ocl_bench.config import apply_overrides, load_raw, resolve
+from ocl_bench.data import make_dataset
+from ocl_bench.decoders.mage import DECODER_PREFIXES
+from ocl_bench.encoders.mage import ENCODER_PREFIXES, NUM_CLASS_IDS
+from ocl_bench.errors import DataError
+from ocl_bench.hookspecs import hookimpl
+from ocl_bench.importing import (
+    CheckpointImporter,
+    ImportResult,
+    dim_of,
+    indices_under,
+    load_strict,
+    read_state_dict,
+)
+from ocl_bench.params import param
+
+LAYOUT_NAME = "an official MAGE checkpoint (LTH14/mage: token_emb.*, blocks.*, decoder_*, vqgan.*)"
+TOKENIZER_PREFIX = "vqgan."
+# Kept in every MAGE checkpoint, used by none of its forward passes.
+UNUSED_KEYS = (
+    "cls_token",
+    "pos_embed",
+    "mask_token",
+    "decoder_pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
+)
+HEADS_BY_WIDTH = {768: 12, 1024: 16}
+
+
+@dataclass
+class MageLayout:
+    """What the tensor shapes of a MAGE checkpoint say about the model."""
+
+    dim: int
+    depth: int
+    decoder_dim: int
+    decoder_depth: int
+    codebook_size: int
+    num_tokens: int
+    tokenizer: dict[str, Any]
+    ignored: list[str] = field(default_factory=list)
+
+
+def inspect(state: dict[str, Tensor], path: Path) -> MageLayout:
+    """Sizes from the shapes; DataError for keys no MAGE checkpoint has or a codebook that
+    does not match the embedding's vocabulary."""
+    from ocl_bench.image_tokenizers.vqgan import infer_sizes
+
+    known = ENCODER_PREFIXES + DECODER_PREFIXES + (TOKENIZER_PREFIX,)
+    strange = [k for k in state if not k.startswith(known) and k not in UNUSED_KEYS]
+    if strange or "token_emb.word_embeddings.weight" not in state:
+        shown = ", ".join(strange[:8]) or "no token_emb.word_embeddings.weight"
+        raise DataError(f"{path} is not {LAYOUT_NAME}: unexpected keys ({len(strange)}): {shown}")
+    vqgan = {
+        k[len(TOKENIZER_PREFIX) :]: v for k, v in state.items() if k.startswith(TOKENIZER_PREFIX)
+    }
+    if not vqgan:
+        raise DataError(f"{path} has no vqgan.* keys: not a MAGE checkpoint with its tokenizer")
+    tokenizer = infer_sizes(vqgan, f"{path} (vqgan.*)")
+    vocab, dim = state["token_emb.word_embeddings.weight"].shape
+    codebook = int(tokenizer["n_embed"])
+    if vocab != codebook + NUM_CLASS_IDS + 1:
+        raise DataError(
+            f"vocabulary mismatch in {path}: token_emb embeds {vocab} ids but the vqgan "
+            f"codebook has {codebook} entries (MAGE: codebook + {NUM_CLASS_IDS} classes + 1)"
+        )
+    positions = dim_of(state, "token_emb.position_embeddings.weight", 0) or 0
+    return MageLayout(
+        dim=int(dim),
+        depth=len(indices_under(state, "blocks.")),
+        decoder_dim=dim_of(state, "decoder_embed.weight", 0) or int(dim),
+        decoder_depth=len(indices_under(state, "decoder_blocks.")),
+        codebook_size=codebook,
+        num_tokens=positions - 1,
+        tokenizer={**tokenizer, "ch_mult": list(tokenizer["ch_mult"])},
+        ignored=[k for k in UNUSED_KEYS if k in state],
+    )
+
+
+def _run_config(layout: MageLayout, overrides: list[str], num_heads: int) -> dict[str, Any]:
+    side = int(round(layout.num_tokens**0.5))
+    if side * side != layout.num_tokens or side < 1:
+        raise DataError(f"the checkpoint embeds {layout.num_tokens} positions: not a square grid")
+    downsample = 2 ** (len(layout.tokenizer["ch_mult"]) - 1)
+    heads = num_heads or HEADS_BY_WIDTH.get(layout.dim, 0)
+    if not heads:
+        raise DataError(
+            f"width {layout.dim} is neither MAGE ViT-B (768) nor ViT-L (1024): pass "
+            "importer.num_heads=H"
+        )
+    raw = load_raw(None)
+    raw["encoder"] = {
+        "name": "mage_vitb16",
+        "random_init": True,  # the weights come from the file
+        "embed_dim": layout.dim,
+        "depth": layout.depth,
+        "num_heads": heads,
+        "image_size": side * downsample,
+        "masking": "mage",
+        "tokenizer": {"name": "vqgan", "random_init": True, **layout.tokenizer},
+    }
+    raw["grouping"] = {"name": "slot_attention", "num_slots": 7}
+    raw["decoder"] = {
+        "name": "mage",
+        "embed_dim": layout.decoder_dim,
+        "depth": layout.decoder_depth,
+        "num_heads": 16,
+    }
+    raw["objectives"] = {"token_cross_entropy": {"label_smoothing": 0.1}}
+    raw["tasks"] = {"object_discovery": {}}
+    return apply_overrides(raw, overrides)
+
+
+def map_state(model: Any, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """The model's full state_dict: the file's tensors where MAGE has them, else the
+    model's own (slots, slot_proj), with a note naming those."""
+    ours: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(TOKENIZER_PREFIX):
+            ours["encoder.tokenizer." + key[len(TOKENIZER_PREFIX) :]] = value
+        elif key.startswith(ENCODER_PREFIXES):
+            ours["encoder." + key] = value
+        elif key.startswith(DECODER_PREFIXES):
+            ours["decoder." + key] = value
+    fresh = sorted(k for k in model.state_dict() if k not in ours)
+    fresh_modules = sorted({".".join(k.split(".")[:2]) for k in fresh})
+    for key in fresh:
+        if not key.startswith(("grouping.", "decoder.slot_proj.")):
+            continue  # anything else missing is a damaged file: load_strict reports it
+        ours[key] = model.state_dict()[key]
+    note = f"not in a MAGE file, initialised fresh: {', '.join(fresh_modules)}" if fresh else ""
+    return ours, [note] if note else []
+
+
+@dataclass(frozen=True)
+class MageImporterParams:
+    num_heads: int = param(
+        0, "encoder attention heads; 0 = from the width (768: 12, ViT-B; 1024: 16, ViT-L)", ge=0
+    )
+
+
+class MageImporter(CheckpointImporter):
+    """Official MAGE ViT-B/L checkpoints (LTH14/mage): mage_vitb16 + slot_attention + mage."""
+
+    name = "mage"
+    Params = MageImporterParams
+
+    def convert(self, path: Path, overrides: list[str]) -> ImportResult:
+        state = read_state_dict(path, "MAGE checkpoint")
+        layout = inspect(state, path)
+        raw = _run_config(layout, overrides, self.params.num_heads)
+        cfg = resolve(raw)
+        image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
+        model = build_model(cfg, image_size)
+        weights, notes = map_state(model, state)
+        load_strict(model, weights, f"the MAGE checkpoint {path}")
+        if layout.ignored:
+            notes.append(f"ignored (unused by MAGE's forward passes): {', '.join(layout.ignored)}")
+        size = {768: "ViT-B", 1024: "ViT-L"}.get(layout.dim, f"width {layout.dim}")
+        summary = (
+            f"MAGE {size} checkpoint: {layout.depth}+{layout.decoder_depth} blocks, codebook "
+            f"{layout.codebook_size}, {layout.num_tokens} tokens, {len(layout.ignored)} unused "
+            "keys ignored"
+        )
+        return ImportResult(config=cfg, model=model, summary=summary, layout=layout, notes=notes)
+
+
+@hookimpl
+def ocl_bench_plugins() -> list[type]:
+    return [MageImporter]
+
+
+__all__ = ["MageImporter", "MageImporterParams", "MageLayout", "inspect", "map_state"]
