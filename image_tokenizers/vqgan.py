@@ -262,6 +262,16 @@ def infer_sizes(state: Mapping[str, Tensor], source: str) -> dict[str, object]:
     }
 
 
+def _taming_hint(state: Mapping[str, Tensor]) -> str:
+    """A note for taming-transformers' VQGAN files, which share the key prefixes (LTH14/mage#21)."""
+    if "quant_conv.weight" in state or any(".attn." in k for k in state):
+        return (
+            " (quant_conv/attention keys: this is a taming-transformers VQGAN, not MAGE's "
+            f"MaskGIT-style one; use {OFFICIAL_FILE})"
+        )
+    return ""
+
+
 def vqgan_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The tokenizer's own keys: the `vqgan.*` ones of a MAGE checkpoint, else all."""
     if any(k.startswith(MAGE_PREFIX) for k in state):
@@ -304,7 +314,7 @@ class VQGANTokenizer(ImageTokenizer):
         self.downsample = 2 ** (len(p.ch_mult) - 1)
         self.weights_source = "random init" if path is None else str(path)
         if state is not None:
-            strict_load(self, state, f"{path} for tokenizer 'vqgan'")
+            strict_load(self, state, f"{path} for tokenizer 'vqgan'", _taming_hint(state))
         self.requires_grad_(False)
         self.eval()
         self._weights_hash: str | None = None
