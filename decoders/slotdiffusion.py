@@ -216,6 +216,12 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
                 "the stage-1 run directory (ocl-bench train slotdiffusion-vqvae-coco), a "
                 "checkpoint file, or 'random'"
             )
+        if source.startswith("@"):
+            raise ConfigError(
+                f"decoder.vqvae = '{source}' names the run of preset '{source[1:]}', which only "
+                "`ocl-bench grid` trains; give its run directory (ocl-bench train "
+                f"{source[1:]} --out DIR, then decoder.vqvae=DIR)"
+            )
         path = Path(source).expanduser()
         if path.is_dir():
             found = checkpoint.recover(path / "checkpoint")

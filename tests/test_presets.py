@@ -49,8 +49,9 @@ SMOKE = [
 
 
 def test_the_presets_are_packaged() -> None:
-    assert set(preset_names()) == EXPECTED
-    assert {p.stem for p in PRESETS.glob("*.toml")} == EXPECTED
+    # Other method families add presets of their own (tested beside their plugins).
+    assert EXPECTED <= set(preset_names())
+    assert {p.stem for p in PRESETS.glob("*.toml")} == set(preset_names())
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
