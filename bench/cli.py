@@ -242,6 +242,30 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_slot_library(args: argparse.Namespace) -> int:
+    from ocl_bench.slot_library import build_library
+
+    library = build_library(
+        args.run_dir,
+        args.centroids,
+        batch_size=args.batch,
+        epochs=args.epochs,
+        split=args.split,
+        seed=args.seed,
+        init=args.init,
+        max_images=args.max_images,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    p = library.provenance
+    print(
+        f"{p['centroids']} centroids of {p['slots']} slots ({p['images']} {p['split']} images,"
+        f" mean squared distance {p['mean_squared_distance']:.4g}, {p['used_centroids']} used)"
+        f" -> {library.path}"
+    )
+    return 0
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from ocl_bench.leaderboard import list_leaderboards, load_leaderboard, render
 
@@ -390,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", default=None, help="decoder or attn (default: decoder if stored)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "slot-library", help="k-means centroids of a run's slots (a slot library for generation)"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--centroids", type=int, required=True, help="number of centroids K")
+    p.add_argument("--batch", type=int, default=1024, help="slots per k-means batch")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the slots")
+    p.add_argument("--split", default="train", help="split whose slots are clustered")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="k-means++", help="'k-means++' or 'random'")
+    p.add_argument("--max-images", type=int, default=0, help="first N images only (0 = all)")
+    p.add_argument("--device", help="where slots are extracted (default: the run's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_slot_library)
 
     p = sub.add_parser("leaderboard", help="published vs measured tables")
     p.add_argument("name", nargs="?", help="leaderboard name (see --list)")
