@@ -63,7 +63,15 @@ PLUGINS = {
         "mage_vitb16",
     },
     "grouping": {"slot_attention", "mask_pooling"},
-    "decoder": {"mlp", "spatial_broadcast", "spot_ar", "dinosaur_transformer", "diffusion", "mage"},
+    "decoder": {
+        "mlp",
+        "spatial_broadcast",
+        "spot_ar",
+        "dinosaur_transformer",
+        "diffusion",
+        "mage",
+        "slate",
+    },
     "objectives": {
         "reconstruction",
         "attention_distillation",
