@@ -382,6 +382,14 @@ class VQGANTokenizer(ImageTokenizer):
 
     def embed(self, ids: Tensor) -> Tensor:
         """Codebook vectors [B, embed_dim, h, w] of ids [B, h, w]."""
+        if ids.dim() != 3:
+            raise ValueError(f"vqgan.embed: ids must be [B, h, w], got {tuple(ids.shape)}")
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.vocab_size:
+            # Typically a model's special id ([MASK], a class id) reaching the codebook.
+            raise ValueError(
+                f"vqgan.embed: ids must lie in [0, {self.vocab_size}), got "
+                f"{int(ids.min())}..{int(ids.max())}"
+            )
         return self.quantize.embedding(ids).permute(0, 3, 1, 2).contiguous()
 
     def decode(self, ids: Tensor) -> Tensor:

@@ -95,6 +95,11 @@ def test_encode_is_the_l2_nearest_code_and_embed_decode_follow() -> None:
     out = tok.decode(ids)
     assert out.shape == (3, 3, 16, 16)
     assert torch.allclose(out, tok.decoder(codes).clamp(0, 1))
+    for bad in (ids.clone().fill_(32), ids.clone().fill_(-1)):  # e.g. MAGE's [MASK] id
+        with pytest.raises(ValueError, match=r"ids must lie in \[0, 32\)"):
+            tok.decode(bad)
+    with pytest.raises(ValueError, match=r"must be \[B, h, w\]"):
+        tok.embed(ids.flatten(1))
     with torch.no_grad():
         tok.decoder.conv_out.bias.fill_(50.0)
     assert torch.equal(tok.decode(ids), torch.ones_like(out))  # clamped, not squashed
