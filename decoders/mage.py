@@ -86,8 +86,13 @@ class MlmLayer(nn.Module):
 
 @dataclass(frozen=True)
 class MageDecoderParams:
-    embed_dim: int = param(0, "decoder width; 0 = the encoder's token width (MAGE B and L)", ge=0)
-    depth: int = param(8, "decoder blocks (MAGE: 8)", ge=1)
+    embed_dim: int = param(
+        0,
+        "decoder width; 0 = the checkpoint's with pretrained=true, else the encoder's token "
+        "width (MAGE B and L)",
+        ge=0,
+    )
+    depth: int = param(0, "decoder blocks; 0 = the checkpoint's with pretrained=true, else 8", ge=0)
     num_heads: int = param(16, "attention heads of the decoder blocks (MAGE: 16)", ge=1)
     dropout: float = param(0.1, "dropout and attention dropout in training (MAGE)", ge=0, lt=1)
     slots: Literal["concat", "none"] = param(
@@ -142,11 +147,21 @@ class MageDecoder(nn.Module, Plugin):
         self.grid = dims.grid
         self.num_tokens = dims.grid[0] * dims.grid[1]
         self.vocab = Vocabulary(dims.vocab_size)
-        width = params.embed_dim or dims.token_dim
+        state: dict[str, Tensor] = {}
+        width, depth = params.embed_dim or dims.token_dim, params.depth or 8
+        if params.pretrained:
+            path = resolve_mage_file(params.checkpoint, "base", "decoder")
+            state = read_state_dict(path, "MAGE checkpoint")
+            state = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
+            found = state.get("decoder_embed.weight")
+            width = params.embed_dim or (int(found.shape[0]) if found is not None else width)
+            depth = params.depth or len(
+                {k.split(".")[1] for k in state if k.startswith("decoder_blocks.")}
+            )
         self.decoder_embed = nn.Linear(dims.token_dim, width)
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, 1 + self.num_tokens, width))
         self.decoder_blocks = nn.ModuleList(
-            MageBlock(width, params.num_heads, params.dropout) for _ in range(params.depth)
+            MageBlock(width, params.num_heads, params.dropout) for _ in range(depth)
         )
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.mlm_layer = MlmLayer(width, dims.token_dim, self.vocab.size)
@@ -155,10 +170,8 @@ class MageDecoder(nn.Module, Plugin):
         nn.init.normal_(self.decoder_pos_embed_learned, std=0.02)
         self.weights_source = "random init"
         if params.pretrained:
-            path = resolve_mage_file(params.checkpoint, "base", "decoder")
-            state = read_state_dict(path, "MAGE checkpoint")
-            part = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
-            load_part(self, part, ("slot_proj.",), f"the MAGE checkpoint {path} for decoder 'mage'")
+            where = f"the MAGE checkpoint {path} for decoder 'mage'"
+            load_part(self, state, ("slot_proj.",), where)
             self.weights_source = str(path)
         self._encoder: MageEncoder | None = None
 
