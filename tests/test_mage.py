@@ -389,3 +389,60 @@ def test_cli_import_reports_a_bad_file_in_one_line(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "mage-vitb-1600.pth" in err
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- presets and training
+
+SHRUNK = [
+    "dataset.name=shapes",
+    "dataset.image_size=32",
+    "dataset.train_size=4",
+    "dataset.val_size=2",
+    "encoder.random_init=true",
+    "encoder.image_size=32",
+    "encoder.embed_dim=32",
+    "encoder.depth=2",
+    "encoder.num_heads=2",
+    *TOKENIZER,
+    "grouping.slot_dim=16",
+    "grouping.mlp_hidden=16",
+    "decoder.num_layers=1",
+    "decoder.num_heads=2",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.device=cpu",
+    "train.threads=1",
+]
+
+
+def test_thesis_stage1_shrunk_trains_and_stores_the_frozen_encoder_as_a_hash(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from ocl_bench.config import load_config
+    from ocl_bench.train import train
+
+    cfg = load_config("thesis-stage1", SHRUNK)
+    assert cfg.encoder.name == "mage_vitb16" and cfg.encoder.params.masking == "none"
+    assert cfg.train.betas == (0.9, 0.95) and cfg.train.weight_decay == 0.05
+    assert cfg.train.batch_size == 2 and cfg.grouping.params.num_slots == 7
+    assert train(cfg, tmp_path / "run", progress=False).step == 2
+    weights = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    assert any(k.startswith("decoder.bos_tokens") for k in weights)
+    assert not any(k.startswith("encoder.") and "weight" in k for k in weights)  # frozen: hashed
+
+
+def test_stage2_step_trains_decoder_and_slots_from_the_masked_loss(tmp_path) -> None:
+    model, cfg = make_model(*RANDOM)
+    model.train()
+    objective = cfg.objectives[0].cls(cfg.objectives[0].params)
+    batch = Batch(images=torch.rand(2, 3, 32, 32))
+    loss = objective(model(batch), batch, Progress(0, 1))["token_cross_entropy"]
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(not n.startswith("encoder.") for n in grads)  # frozen encoder
+    assert grads["decoder.slot_proj.weight"].abs().sum() > 0  # slots condition the decoder
+    assert any(
+        n.startswith("grouping.") and g is not None and g.abs().sum() > 0 for n, g in grads.items()
+    )
