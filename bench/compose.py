@@ -78,6 +78,7 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
         dims = module.output_dims(dims)
         modules.append(module)
     model = SlotModel(*modules)
+    model.dims = dims  # the sizes every stage learned: what objectives that own modules read
     for module in modules:
         # A stage that needs another stage's modules beyond its typed inputs (MAGE's decoder
         # ties its head to the encoder's embeddings and re-runs the encoder while sampling)
@@ -88,5 +89,14 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
     return model
 
 
-def build_objectives(cfg: RunConfig) -> nn.ModuleList:
-    return nn.ModuleList([c.cls(c.params) for c in cfg.objectives])
+def build_objectives(cfg: RunConfig, model: SlotModel | None = None) -> nn.ModuleList:
+    """The objectives of `cfg`; each with `connect(model)` is handed the model (and reads
+    `model.dims`) before the optimiser exists, so modules it builds there (an auxiliary
+    decoder, a prediction head) train and are checkpointed with the objectives."""
+    objectives = nn.ModuleList([c.cls(c.params) for c in cfg.objectives])
+    if model is not None:
+        for objective in objectives:
+            connect = getattr(objective, "connect", None)
+            if callable(connect):
+                connect(model)
+    return objectives

@@ -261,7 +261,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     seed_everything(cfg.seed)
     dataset = make_dataset(cfg.dataset, "train")
     model = build_model(cfg, dataset.image_size).to(device)
-    objectives = build_objectives(cfg).to(device)
+    objectives = build_objectives(cfg, model).to(device)
     # Only once the model is built: a bad combination or param leaves no run directory.
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
