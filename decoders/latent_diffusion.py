@@ -322,7 +322,11 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         prediction = self.denoise(noisy, t, cond)
         target = diffusion.training_target(self.scheduler, latents, noise, t)
         return Denoising(
-            prediction=prediction, target=target, timesteps=t, kind=self.kind_predicted
+            prediction=prediction,
+            target=target,
+            timesteps=t,
+            kind=self.kind_predicted,
+            extras={"latents": latents.detach(), "noisy": noisy.detach()},
         )
 
     # generation --------------------------------------------------------------------------
