@@ -2,16 +2,16 @@
 
 `ocl-bench slot-library RUN_DIR --centroids K` runs the run's model over a split (the
 training split by default), collects every slot the decoder is conditioned on
-(`Slots.slots`), and clusters them with scikit-learn's MiniBatchKMeans (Sculley's
-mini-batch k-means, the algorithm of the thesis' section 3.5.1) in batches of 1024 slots,
-as the thesis did (section 5.4). The centroids are saved in the run directory as
-`slot_library/k<K>.safetensors`, with their provenance (run config hash, checkpoint step,
-split, K, seed, slot and image counts, k-means settings, mean squared distance) as the
-file's metadata, so a library can be traced to the weights and data that made it.
+(`Slots.slots`), and clusters them with mini-batch k-means (Sculley's algorithm, the
+thesis' section 3.5.1) in batches of 1024 slots, as the thesis did (section 5.4). The
+centroids are saved in the run directory as `slot_library/k<K>.safetensors`, with their
+provenance (run config hash, checkpoint step, split, K, seed, slot and image counts,
+k-means settings, mean squared distance) as the file's metadata, so a library can be traced to the weights and data that made it.
 
-Slots are extracted on the run's device (`--device`); k-means runs on the CPU:
-scikit-learn has no GPU path, and one pass over 100k slots of dim 256 into 4096 centroids
-takes about 11 s on one core of these machines (tests/benchmarks/test_bench_kmeans.py).
+Slots are extracted and clustered on the run's device (`--device`: a GPU when there is
+one). The centres start from scikit-learn's k-means++ (`kmeans_plusplus`); the batch
+updates are a few lines of torch, because scikit-learn's MiniBatchKMeans has no GPU path
+and its partial_fit (the only way to report progress) labels each batch twice.
 
 The thesis' uses of a library: replace each slot by its nearest centroid and decode
 (generation from centroids, `conditional_generation`'s `slot_library` param), and
@@ -107,15 +107,17 @@ def fit_centroids(
     seed: int = 0,
     init: str = "k-means++",
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Mini-batch k-means of slots float[S, D] into `centroids` clusters.
+    """Mini-batch k-means (Sculley 2010) of slots float[S, D] into `centroids` clusters.
 
-    The centres are initialised on a random sample of max(3 * centroids, batch_size)
-    slots (scikit-learn's init_size), then updated by `epochs` shuffled passes of
-    `batch_size`-slot batches (partial_fit: per-centre learning rates 1 / count, and
-    reassignment of nearly empty centres). Returns (centroids float32[C, D], settings)."""
-    from sklearn import __version__ as sklearn_version
-    from sklearn.cluster import MiniBatchKMeans
+    Centres start from scikit-learn's `kmeans_plusplus` (or random slots) on a random
+    sample of max(3 * centroids, batch_size) slots, as MiniBatchKMeans initialises; then
+    `epochs` shuffled passes of `batch_size`-slot batches move each centre to the running
+    mean of every slot ever assigned to it (per-centre rate 1 / count: the thesis'
+    eta, scikit-learn's update). The batches run in torch on `device` (a GPU when given).
+    Returns (centroids float32[C, D], settings)."""
+    from sklearn.cluster import kmeans_plusplus
 
     if init not in INITS:
         raise ConfigError(f"unknown k-means init '{init}'; use one of {', '.join(INITS)}")
@@ -123,31 +125,49 @@ def fit_centroids(
     if count < centroids:
         raise DataError(f"{count} slots cannot make {centroids} centroids; use fewer centroids")
     rng = np.random.default_rng(seed)
-    kmeans = MiniBatchKMeans(
-        centroids, init=init, batch_size=batch_size, n_init=1, random_state=seed
-    )
-    first = rng.choice(count, size=min(count, max(3 * centroids, batch_size)), replace=False)
-    kmeans.partial_fit(slots[first])
+    sample = slots[
+        rng.choice(count, size=min(count, max(3 * centroids, batch_size)), replace=False)
+    ]
+    if init == "k-means++":
+        start, _ = kmeans_plusplus(sample, centroids, random_state=seed)
+    else:
+        start = sample[rng.choice(len(sample), size=centroids, replace=False)]
+    device = torch.device(device)
+    centres = torch.as_tensor(np.ascontiguousarray(start), dtype=torch.float32, device=device)
+    counts = torch.zeros(centroids, dtype=torch.float32, device=device)
     steps = epochs * -(-count // batch_size)
     with tqdm(total=steps, desc="k-means", disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             order = rng.permutation(count)
-            for start in range(0, count, batch_size):
-                kmeans.partial_fit(slots[order[start : start + batch_size]])
+            for first in range(0, count, batch_size):
+                x = torch.from_numpy(slots[order[first : first + batch_size]]).to(device)
+                ids = nearest_centroids(x, centres)
+                hits = torch.bincount(ids, minlength=centroids).float()
+                sums = torch.zeros_like(centres).index_add_(0, ids, x)
+                counts += hits
+                seen = hits > 0
+                # running mean: c += (sum_x - n_b c) / n_total, i.e. rate 1 / count per slot
+                step = (sums[seen] - hits[seen, None] * centres[seen]) / counts[seen, None]
+                centres[seen] += step
                 bar.update(1)
-    centres = kmeans.cluster_centers_.astype(np.float32)
-    ids = nearest_centroids(torch.from_numpy(slots), torch.from_numpy(centres))
-    spread = float(((slots - centres[ids.numpy()]) ** 2).sum(axis=1).mean())
+    labels, squared = [], 0.0
+    for first in range(0, count, 8192):
+        x = torch.from_numpy(slots[first : first + 8192]).to(device)
+        ids = nearest_centroids(x, centres)
+        labels.append(ids)
+        squared += float((x - centres[ids]).pow(2).sum())
+    ids = torch.cat(labels)
+    spread = squared / count
     settings = {
-        "algorithm": f"scikit-learn {sklearn_version} MiniBatchKMeans (partial_fit)",
+        "algorithm": "mini-batch k-means (torch; init sklearn.cluster.kmeans_plusplus)",
         "batch_size": batch_size,
         "epochs": epochs,
         "init": init,
-        "init_sample": int(len(first)),
+        "init_sample": int(len(sample)),
         "mean_squared_distance": spread,
-        "used_centroids": int(np.unique(ids.numpy()).size),
+        "used_centroids": int(torch.unique(ids).numel()),
     }
-    return centres, settings
+    return centres.cpu().numpy(), settings
 
 
 def build_library(
@@ -184,7 +204,9 @@ def build_library(
     slots, images = collect_slots(
         model, dataset, cfg.eval.batch_size, torch_device, max_images, progress
     )
-    centres, settings = fit_centroids(slots, centroids, batch_size, epochs, seed, init, progress)
+    centres, settings = fit_centroids(
+        slots, centroids, batch_size, epochs, seed, init, progress, torch_device
+    )
     provenance = {
         "run_dir": str(run_dir.resolve()),
         "config_hash": cfg.digest(),

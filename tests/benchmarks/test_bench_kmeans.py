@@ -6,8 +6,8 @@ batches of 1024). Measure with
     OMP_NUM_THREADS=1 python -m pytest tests/benchmarks/test_bench_kmeans.py --benchmark-enable
 
 Under plain pytest (`--benchmark-disable`) the body runs once at a small size and only its
-checks apply. One pass (epochs=1) with random init is timed: k-means++ init on
-3 x 4096 samples costs about 7x one pass on one core and is a one-off.
+checks apply. One pass (epochs=1) with random init is timed (k-means++ init of 4096
+centres is a one-off that costs several passes on one core).
 """
 
 from __future__ import annotations
