@@ -6,7 +6,8 @@ training split by default), collects every slot the decoder is conditioned on
 thesis' section 3.5.1) in batches of 1024 slots, as the thesis did (section 5.4). The
 centroids are saved in the run directory as `slot_library/k<K>.safetensors`, with their
 provenance (run config hash, checkpoint step, split, K, seed, slot and image counts,
-k-means settings, mean squared distance) as the file's metadata, so a library can be traced to the weights and data that made it.
+k-means settings, mean squared distance) as the file's metadata, so a library can be
+traced to the weights and data that made it.
 
 Slots are extracted and clustered on the run's device (`--device`: a GPU when there is
 one). The centres start from scikit-learn's k-means++ (`kmeans_plusplus`); the batch
