@@ -312,16 +312,12 @@ class SlateDecoder(nn.Module, Plugin):
         cached (the same logits as teacher forcing on the decoded prefix)."""
         b = slots.shape[0]
         h, w = self.token_grid
-        memory = self.slot_proj(slots)
-        memories = [block.memory(memory) for block in self.blocks]
+        memories = self.memories(slots)
         caches: list[list[Tensor]] = [[] for _ in self.blocks]
-        token = torch.zeros(b, 1, dtype=torch.long, device=slots.device)  # BOS = entry 0
+        token = torch.zeros(b, dtype=torch.long, device=slots.device)  # BOS = entry 0
         out = []
         for t in range(h * w):
-            x = self.pe_dropout(self.dictionary(token) + self.pe[:, t : t + 1])
-            for block, mem, cache in zip(self.blocks, memories, caches):
-                x = block(x, mem, cache)[0]
-            logits = self.out(self.layer_norm(x))[:, -1].float()
+            logits = self.decode_step(token, t, memories, caches)
             if self.params.sampling == "greedy":
                 ids = logits.argmax(-1)
             else:
@@ -330,8 +326,28 @@ class SlateDecoder(nn.Module, Plugin):
                 ids = torch.multinomial(probs.to(where), 1, generator=generator)[:, 0]
                 ids = ids.to(slots.device)
             out.append(ids)
-            token = (ids + 1)[:, None]
+            token = ids + 1
         return torch.stack(out, 1).view(b, h, w)
+
+    def memories(self, slots: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each block's cross-attention keys and values of slots [B, K, Ds]."""
+        memory = self.slot_proj(slots)
+        return [block.memory(memory) for block in self.blocks]
+
+    def decode_step(
+        self,
+        entry: Tensor,
+        position: int,
+        memories: list[tuple[Tensor, Tensor]],
+        caches: list[list[Tensor]],
+    ) -> Tensor:
+        """Logits [B, V] of the token at `position` + 1 from dictionary entries [B] (BOS = 0,
+        token v = v + 1) at `position`; `caches` hold the earlier positions' keys and values
+        and gain this one's."""
+        x = self.pe_dropout(self.dictionary(entry[:, None]) + self.pe[:, position : position + 1])
+        for block, memory, cache in zip(self.blocks, memories, caches):
+            x = block(x, memory, cache)[0]
+        return self.out(self.layer_norm(x))[:, -1].float()
 
     @torch.no_grad()
     def generate(
