@@ -19,7 +19,14 @@ from tests.test_presets import SMOKE
 # COCO/VOC, a 2-block random ViT at patch 16 on 64px images, a 1-block decoder, 2 steps).
 TINY_VIT = [*SMOKE, "eval.num_images=4", "eval.batch_size=4", "eval.figure_images=1"]
 SPOT = [*TINY_VIT, "encoder.finetune_from=1"]
-DINOSAUR = [*TINY_VIT, "decoder.hidden=32"]
+# StableLSD's row runs too, on random tiny UNet/VAE stand-ins at the dataset's size.
+DINOSAUR = [
+    *TINY_VIT,
+    "decoder.hidden=32",
+    "decoder.tiny=true",
+    "decoder.image_size=0",
+    "train.precision=fp32",
+]
 
 
 def test_spot_row_trains_its_teacher_first_and_fills_the_table(tmp_path) -> None:
@@ -76,13 +83,15 @@ def test_dinosaur_rows_run_per_dataset_column(tmp_path, capsys) -> None:
         "DINOSAUR-MLP [voc as shapes]",
         "DINOSAUR-Trans. [coco as shapes]",
         "DINOSAUR-Trans. [voc as shapes]",
+        "StableLSD [coco as shapes]",
     }
     # an override reaches the rows whose plugins have that param, and says which did not;
     # rows whose plugins do not exist are skipped with the reason
     err = capsys.readouterr().err
     assert "DINOSAUR-MLP: its plugins have no decoder.num_layers=1 decoder.num_heads=2" in err
     assert "SA: its plugins have no encoder.random_init=true" in err
-    assert "skipping StableLSD: unknown decoder 'diffusion'" in err
+    assert "skipping GLASS (ours): unknown decoder 'diffusion'" in err
+    assert by_label["StableLSD [coco as shapes]"].decoder.name == "latent_diffusion"
     assert by_label["SA [coco as shapes]"].encoder.name == "cnn"
     assert by_label["DINOSAUR-Trans. [coco as shapes]"].decoder.params.num_heads == 2
     assert by_label["DINOSAUR-MLP [coco as shapes]"].decoder.params.hidden == 32
@@ -103,7 +112,7 @@ def test_dinosaur_rows_run_per_dataset_column(tmp_path, capsys) -> None:
         for key in ("mbo_i_coco", "mbo_c_coco", "corloc_coco", "mbo_i_voc", "corloc_voc"):
             assert measured[key] is not None and 0 <= measured[key] <= 100, (label, key)
     assert rows["SA"]["measured"]["mbo_i_coco"] == rows["SA"]["measured"]["mbo_i_voc"]
-    assert rows["StableLSD"]["missing"] == "needs plugin: decoder 'diffusion'"
+    assert 0 <= rows["StableLSD"]["measured"]["mbo_i_coco"] <= 100
     assert board["measured_with"] == DINOSAUR
 
 
