@@ -62,6 +62,14 @@ def pool_tokens(tokens: Tensor, attn: Tensor, hard: bool, straight_through: bool
     return torch.einsum("bnk,bnd->bkd", weights, tokens) / counts.unsqueeze(-1)
 
 
+@dataclass
+class PooledSlots(Slots):
+    """Slots pooled from the tokens, plus the slot-attention slots that made the masks
+    (attention_slots float[B,K,Ds]): what an auxiliary decoder on slot attention reads."""
+
+    attention_slots: Tensor | None = None
+
+
 class MaskPooling(SlotAttention):
     """Slot attention whose slots are its masks' hard or soft pooling of the encoder tokens."""
 
@@ -82,7 +90,12 @@ class MaskPooling(SlotAttention):
         p = self.params
         pooled = pool_tokens(features.tokens, grouped.attn, p.hard, p.straight_through)
         # init is left out: it lives in slot attention's space, not the pooled tokens'
-        return Slots(slots=pooled, attn=grouped.attn, logits=grouped.logits)
+        return PooledSlots(
+            slots=pooled,
+            attn=grouped.attn,
+            logits=grouped.logits,
+            attention_slots=grouped.slots,
+        )
 
 
 @hookimpl
@@ -90,4 +103,4 @@ def ocl_bench_plugins() -> list[type]:
     return [MaskPooling]
 
 
-__all__ = ["MaskPooling", "MaskPoolingParams", "pool_tokens"]
+__all__ = ["MaskPooling", "MaskPoolingParams", "PooledSlots", "pool_tokens"]
