@@ -62,6 +62,12 @@ class ConditionalGenerationParams:
     )
     batch_size: int = param(32, "images per Inception forward", ge=1)
     figure_images: int = param(8, "columns of the generation figure (0 = no figure)", ge=0)
+    slot_library: str = param(
+        "",
+        "a slot library (file, or run directory holding one: `ocl-bench slot-library`): also"
+        " generate from each image's slots replaced by their nearest centroids (thesis 5.4),"
+        " scored as centroid_psnr / centroid_ssim / centroid_fid with its own figure",
+    )
 
 
 class ConditionalGeneration(Plugin):
@@ -120,6 +126,13 @@ class ConditionalGeneration(Plugin):
             )
             reference = cache.load(key)
 
+        library = None
+        if p.slot_library:
+            from ocl_bench.slot_library import load_library
+
+            library = load_library(p.slot_library)
+        centroid_scores: dict[str, list[Any]] = {"psnr": [], "ssim": [], "features": []}
+        centroid_rows: dict[str, Tensor] | None = None
         generator = torch.Generator(device=ctx.device).manual_seed(p.seed)
         psnr: list[Tensor] = []
         ssim: list[Tensor] = []
@@ -154,6 +167,30 @@ class ConditionalGeneration(Plugin):
                     real_feats.append(self._features(extractor, real))
             if figure_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
                 figure_rows = self._figure_rows(decoder, real, fake, out.slots)
+            if library is not None:
+                # every slot replaced by its nearest centroid, then generated (thesis 5.4)
+                nearest = library.centroids.to(out.slots.slots)[library.nearest(out.slots.slots)]
+                made = self._generate(decoder, replace(out.slots, slots=nearest), generator)
+                made = made.float()
+                if made.shape[2:] != real.shape[2:]:
+                    made = torch.nn.functional.interpolate(
+                        made, size=real.shape[2:], mode="bilinear", antialias=True
+                    ).clamp(0, 1)
+                centroid_scores["psnr"].append(
+                    peak_signal_noise_ratio(
+                        made, real, data_range=1.0, reduction="none", dim=(1, 2, 3)
+                    ).cpu()
+                )
+                centroid_scores["ssim"].append(_ssim(made, real).cpu())
+                if extractor is not None:
+                    centroid_scores["features"].append(self._features(extractor, made))
+                if centroid_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
+                    n = min(p.figure_images, real.shape[0])
+                    centroid_rows = {
+                        "real": real[:n].cpu(),
+                        "from slots": fake[:n].cpu(),
+                        "from nearest centroids": made[:n].cpu(),
+                    }
 
         images = sum(int(t.numel()) for t in psnr)
         records = [
@@ -192,6 +229,28 @@ class ConditionalGeneration(Plugin):
             info["fid_reference_file"] = str(cache.path(key))
         else:
             info["fid_skipped"] = skipped
+        if library is not None:
+            # Same images, seed and reference as above; only the slots differ.
+            centroid_protocol = {**sampling, "slot_library": library.provenance}
+            for metric in ("psnr", "ssim"):
+                records.append(
+                    _record(
+                        self.name,
+                        f"centroid_{metric}",
+                        _mean(centroid_scores[metric]),
+                        size or (0, 0),
+                        images,
+                        centroid_protocol,
+                    )
+                )
+            if reference is not None and images >= 2 and centroid_scores["features"]:
+                value = fidlib.frechet_distance(
+                    *reference, np.concatenate(centroid_scores["features"])
+                )
+                fid_protocol = {**protocol, "slot_library": library.provenance}
+                res = (p.fid_resolution, p.fid_resolution)
+                records.append(_record(self.name, "centroid_fid", value, res, images, fid_protocol))
+            info["slot_library"] = str(library.path)
         figures = []
         if figure_rows is not None and ctx.out_dir is not None:
             path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
@@ -199,6 +258,9 @@ class ConditionalGeneration(Plugin):
             from ocl_bench.figures import image_rows_figure
 
             figures.append(str(image_rows_figure(figure_rows, path)))
+            if centroid_rows is not None:
+                path = path.with_name("conditional_generation_centroids.png")
+                figures.append(str(image_rows_figure(centroid_rows, path)))
         return TaskResult(records, info, figures)
 
     def _generate(self, decoder: Any, slots: Slots, generator: torch.Generator) -> Tensor:

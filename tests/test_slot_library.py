@@ -123,3 +123,49 @@ def test_loading_a_missing_or_foreign_library_fails_in_one_line(tmp_path: Path) 
         load_library(bad)
     with pytest.raises(DataError, match="dimension 4"):
         nearest_centroids(torch.zeros(2, 4), torch.zeros(3, 5))
+
+
+def test_conditional_generation_scores_generation_from_nearest_centroids(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    from ocl_bench.data import make_dataset
+    from ocl_bench.evaluate import load_run
+    from ocl_bench.runtime import seed_everything
+    from ocl_bench.tasking import EvalContext
+    from ocl_bench.tasks.conditional_generation import (
+        ConditionalGeneration,
+        ConditionalGenerationParams,
+    )
+
+    library = build_library(tiny_run, 3, batch_size=8, epochs=1, progress=False)
+    cfg, model, _ = load_run(tiny_run)
+    seen: list[torch.Tensor] = []
+    generate = model.decoder.generate
+
+    def recording(slots, **kw):
+        seen.append(slots.slots.clone())
+        return generate(slots, **kw)
+
+    model.decoder.generate = recording
+    ctx = EvalContext(
+        model=model,
+        dataset=lambda split: make_dataset(cfg.dataset, split),
+        split="val",
+        num_images=4,
+        batch_size=4,
+        device=torch.device("cpu"),
+        progress=False,
+        out_dir=tmp_path,
+    )
+    params = ConditionalGenerationParams(fid="off", figure_images=2, slot_library=str(tiny_run))
+    seed_everything(0)
+    result = ConditionalGeneration(params).evaluate(ctx)
+    got = {r.metric: r for r in result.records}
+    assert {"psnr", "ssim", "centroid_psnr", "centroid_ssim"} <= set(got)
+    assert got["centroid_psnr"].protocol["slot_library"]["centroids"] == 3
+    # calls: the slots, the recombined figure row, then the nearest centroids of the slots
+    own, centroid = seen[0], seen[2]
+    expected = library.centroids[nearest_centroids(own, library.centroids)]
+    torch.testing.assert_close(centroid, expected)
+    assert any(f.endswith("conditional_generation_centroids.png") for f in result.figures)
+    assert (tmp_path / "figures" / "conditional_generation_centroids.png").is_file()
