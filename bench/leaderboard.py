@@ -58,6 +58,9 @@ class Leaderboard:
     columns: list[Column]
     rows: list[Row]
     overrides: list[str] = field(default_factory=list)  # applied to every measured row
+    # A grid's conclusion on its first column: which neighbours in the ranking the stored
+    # data resolves (bench.conclusion), one sentence each, then the order it supports.
+    conclusion: list[str] = field(default_factory=list)
 
     @property
     def runnable(self) -> int:
@@ -275,9 +278,23 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
         else:
             row.missing = "not measured yet (run its grid)"
         rows.append(row)
-    return Leaderboard(
+    board = Leaderboard(
         grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows
     )
+    if store.store is not None and columns:
+        board.conclusion = _conclusion(store.store, rows, columns[0])
+    return board
+
+
+def _conclusion(store: ResultStore, rows: list[Row], column: Column) -> list[str]:
+    from ocl_bench.conclusion import RankedRow, conclude, conclusion_lines
+
+    ranked = [
+        RankedRow(r.label, r.config_hashes[""], r.measured[column.key])
+        for r in rows
+        if r.measured.get(column.key) is not None and not math.isnan(r.measured[column.key])
+    ]
+    return conclusion_lines(conclude(store, ranked, column), column) if len(ranked) > 1 else []
 
 
 def judged(spread: Spread | None) -> Summary | None:
@@ -407,6 +424,8 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
             text += f"\n\n{SPREAD_NOTE}"
         if any(r.spreads for r in board.rows):
             text += f"\n\n{MARK_NOTE}"
+        if board.conclusion:
+            text += "\n\nConclusion:\n" + "".join(f"- {line}\n" for line in board.conclusion)
         notes = protocol_notes(board)
         if notes:
             text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
@@ -423,6 +442,7 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                 "columns": [c.__dict__ for c in board.columns],
                 "measured_with": board.overrides,
                 "protocols": protocol_notes(board),
+                "conclusion": board.conclusion,
                 "rows": [
                     {
                         "label": r.label,

@@ -154,6 +154,13 @@ def leaderboard_html(
         if notes
         else ""
     )
+    conclusion = (
+        "<section class='conclusion'><h2>Conclusion</h2><ul>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in board.conclusion)
+        + "</ul></section>"
+        if board.conclusion
+        else ""
+    )
     measured_with = (
         f"<p>Measured with: <code>{html.escape(' '.join(board.overrides))}</code></p>"
         if board.overrides
@@ -165,5 +172,5 @@ def leaderboard_html(
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{protocols}{spread_note}{_charts(board)}{figures}</body></html>"
+        f"{conclusion}{protocols}{spread_note}{_charts(board)}{figures}</body></html>"
     )
