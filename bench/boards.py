@@ -579,7 +579,9 @@ def _needs(
     for key, preset in _references(raw).items():
         dep = read_toml(preset)
         dep["dataset"] = dict(raw["dataset"])
-        dep_raw = apply_overrides(dep, list(overrides or []))
+        # As for rows: a stage param the needed run's plugin lacks (but a sibling has) is
+        # not applied, so one set of tiny overrides serves a row and the run it needs.
+        dep_raw = apply_overrides(dep, [o for o in overrides or [] if applies(dep, o)])
         row = f"@{preset} [{raw['dataset'].get('name', '')}]"
         label = row
         if seed is not None:
