@@ -292,6 +292,20 @@ class MageDecoder(nn.Module, Plugin):
             current = torch.where(confidence <= cutoff, torch.full_like(sampled, mask_id), sampled)
         return sampled
 
+    def sampling_protocol(self, steps: int | None, guidance_scale: float | None) -> dict[str, Any]:
+        """How generate() samples with these settings: stored beside generation metrics."""
+        side = (
+            self.grid[0] * self.encoder.tokenizer.downsample,
+            self.grid[1] * self.encoder.tokenizer.downsample,
+        )
+        return {
+            "sampler": "MaskGIT (cosine schedule, Gumbel re-masking)",
+            "steps": self.params.steps if steps is None else steps,
+            "choice_temperature": self.params.temperature,
+            "guidance_scale": None,  # MAGE has no classifier-free guidance
+            "generated_resolution": list(side),
+        }
+
     @torch.no_grad()
     def generate(
         self,

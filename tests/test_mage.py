@@ -446,3 +446,13 @@ def test_stage2_step_trains_decoder_and_slots_from_the_masked_loss(tmp_path) -> 
     assert any(
         n.startswith("grouping.") and g is not None and g.abs().sum() > 0 for n, g in grads.items()
     )
+
+
+def test_decoder_is_a_generative_decoder_with_its_sampling_protocol() -> None:
+    from ocl_bench.contracts import GenerativeDecoder
+
+    model, _ = make_model(*RANDOM, "decoder.steps=20", "decoder.temperature=6.0")
+    assert isinstance(model.decoder, GenerativeDecoder)
+    protocol = model.decoder.sampling_protocol(None, 3.0)
+    assert protocol["steps"] == 20 and protocol["choice_temperature"] == 6.0
+    assert protocol["guidance_scale"] is None and protocol["generated_resolution"] == [32, 32]
