@@ -28,6 +28,7 @@ random stand-ins of the same classes, small enough for a CPU (tests, tiny grids)
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,8 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         self.source = "tiny" if params.tiny else ""
         text_folder: Path | None = None
         if params.tiny:
+            if params.tiny_width % 8:  # 8 GroupNorm groups and 8-channel attention heads
+                raise ValueError(f"tiny_width must be a multiple of 8, got {params.tiny_width}")
             if side % 2:
                 raise ValueError(f"tiny latent_diffusion needs an even image size, got {side}")
             self.unet, self.vae = tiny_models(params.tiny_width, side // 2, side)
@@ -232,7 +235,8 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         )
         self.null_kind = params.null_condition
         if self.null_kind == "auto":
-            self.null_kind = "empty_caption" if text_folder is not None else "learned"
+            has_clip = text_folder is not None and importlib.util.find_spec("transformers")
+            self.null_kind = "empty_caption" if has_clip else "learned"
         if self.null_kind == "empty_caption":
             if text_folder is None:
                 raise ValueError(
