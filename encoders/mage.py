@@ -28,7 +28,9 @@ runs unless `eval_mask_ratio` fixes the ratio.
 Frozen (default) or fine-tuned from block b (`finetune_from`, thesis Table 5.2): blocks
 b.. and the final norm train; the embedding and earlier blocks stay frozen and, like a
 frozen encoder, always run in eval mode (no dropout), so frozen features are
-deterministic; trainable blocks use dropout 0.1 in training as MAGE does.
+deterministic; trainable blocks use dropout 0.1 in training as MAGE does. `targets` are
+the visible-pass tokens, detached (fine-tuned: from the current weights, not a frozen
+copy; the embedding, [MASK] row included, never trains).
 
 Weights: `checkpoint` (a MAGE file, `torch.load(f)["model"]`) or $OCL_BENCH_MAGE; the
 tokenizer loads from the same file's `vqgan.*` keys unless `tokenizer` names its own
