@@ -406,3 +406,67 @@ def test_tiny_stablelsd_row_of_glass_table_4_measures_fid_end_to_end(
     assert protocol["null_condition"] == "learned"
     (cell,) = [c for c in ResultStore(db).cells() if c.status == "complete"]
     assert cell.record("conditional_generation", "psnr", None)["protocol"]["steps"] == 2
+
+
+def _save_tiny_clip(root: Path) -> None:
+    """A 6-token CLIP tokenizer and a 1-layer random CLIP text encoder (width 32)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "b</w>": 3, "a": 4, "b": 5}
+    (root / "vocab").mkdir(parents=True)
+    (root / "vocab" / "vocab.json").write_text(json.dumps(vocab))
+    (root / "vocab" / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(root / "vocab" / "vocab.json"), str(root / "vocab" / "merges.txt")
+    )
+    tokenizer.save_pretrained(root / "tokenizer")
+    config = CLIPTextConfig(
+        vocab_size=6,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(6)
+    CLIPTextModel(config).save_pretrained(root / "text_encoder")
+
+
+def test_null_condition_is_the_pipelines_empty_caption_when_a_text_encoder_exists(
+    no_stable_diffusion: Path, tmp_path: Path
+) -> None:
+    """LSD's implicit unconditional branch: diffusers' StableDiffusionPipeline encodes ""
+    padded to the K prompt tokens; the decoder's explicit null condition is that tensor."""
+    pytest.importorskip("transformers")
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    root = tmp_path / "sd"
+    unet, vae = _save_sd_folder(root)
+    _save_tiny_clip(root)
+    dims = Dims(image_size=(32, 32), slot_dim=DS, num_slots=K)
+    dec = LatentDiffusionDecoder(LatentDiffusionParams(pretrained=str(root)), dims)
+    assert dec.null_kind == "empty_caption" and dec.null_embedding.shape == (K, 32)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(root, subfolder="tokenizer"),
+        unet=unet,
+        scheduler=dec.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    slots = torch.randn(1, K, 32)
+    _, negative = pipe.encode_prompt(None, "cpu", 1, True, prompt_embeds=slots)
+    torch.testing.assert_close(dec.null_embedding, negative[0])
+    # not a parameter: nothing to train, nothing stored in checkpoints
+    assert "null_embedding" not in dict(dec.named_parameters())
+    assert "null_embedding" not in dec.state_dict()
+    learned = LatentDiffusionDecoder(
+        LatentDiffusionParams(pretrained=str(root), null_condition="learned"), dims
+    )
+    assert learned.null_kind == "learned" and isinstance(learned.null_embedding, torch.nn.Parameter)
