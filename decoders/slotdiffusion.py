@@ -30,6 +30,10 @@ official `vq_denoised`, the predicted x0 re-quantised to the codebook at every s
 explicit learned null-slot embedding (`null_dropout` > 0 trains it); the official code has
 no guidance (scale 1.0, the default here).
 
+`cache_latents` stores the frozen VQ-VAE's latents in the feature cache (bench/feature_cache.py),
+keyed by its weights' hash and each image tensor's sha1, so flipped images are their own
+entries and a retrained VQ-VAE never reads stale latents.
+
 Masks for object discovery are the grouping's last-iteration slot attention (softmax over
 slots), as SlotDiffusion evaluates (SDF sa_diffusion.py:49-51): this decoder has none.
 """
@@ -55,14 +59,17 @@ from ocl_bench.decoders.diffusion import (
     training_target,
 )
 from ocl_bench.errors import ConfigError, DataError
+from ocl_bench.feature_cache import FeatureCache, sample_ids
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 from ocl_bench.tokenizing import build_tokenizer
-from ocl_bench.weights import read_state_dict
+from ocl_bench.weights import read_state_dict, state_sha256
 
 TOKENIZER_LOSS = "tokenizer_loss."  # extras keys the tokenizer_loss objective adds
 VQVAE_PREFIX = "decoder.vqvae."  # where a stage-1 run's model file holds the VQ-VAE
+# Bumped whenever what the cached latents are computed from changes.
+LATENT_PREPROCESS = "unit-to-pm1|vqvae-encoder+quant_conv|v1"
 
 # Tiny stand-ins for CPU tests (DESIGN: the reference's CPU-verified diffusers sizes).
 TINY_VQVAE = {
@@ -107,6 +114,11 @@ class SlotDiffusionParams:
     unet_norm_groups: int = param(32, "UNet GroupNorm groups", ge=1)
     dropout: float = param(0.1, "UNet dropout (official 0.1)", ge=0, lt=1)
     gradient_checkpointing: bool = param(False, "UNet gradient checkpointing (saves memory)")
+    cache_latents: bool = param(
+        False,
+        "cache the frozen VQ-VAE's latents on disk ($OCL_BENCH_CACHE), keyed by its weights "
+        "and each image tensor's hash (exact, also under random flips)",
+    )
     train_timesteps: int = param(1000, "diffusion steps T (official 1000)", ge=2)
     beta_start: float = param(0.0015, "first beta (LDM 'linear' = sqrt-linear)", gt=0, lt=1)
     beta_end: float = param(0.0195, "last beta", gt=0, lt=1)
@@ -168,6 +180,8 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
         self.latent_grid = self.vqvae.grid(tuple(dims.image_size))
         self.latent_channels = p.vq_latent_channels
         self.unet: UNet2DConditionModel | None = None
+        self.cache = FeatureCache() if p.cache_latents and p.stage == "diffusion" else None
+        self._vqvae_hash: str | None = None
         if p.stage == "vqvae":
             return
         self._load_vqvae(p.vqvae)
@@ -265,7 +279,29 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
     @torch.no_grad()
     def latents(self, images: Tensor) -> Tensor:
         """What the UNet denoises: the VQ-VAE's pre-quantisation latents / z_scale_factor."""
-        return self.vqvae.latents(images) / self.params.z_scale_factor
+        return self._vqvae_latents(images) / self.params.z_scale_factor
+
+    def _vqvae_latents(self, images: Tensor) -> Tensor:
+        if self.cache is None:
+            return self.vqvae.latents(images)
+        ids = sample_ids(images)
+        if self._vqvae_hash is None:  # frozen: its weights never change during a run
+            self._vqvae_hash = state_sha256(self.vqvae)
+        key = self.cache.key(
+            encoder="slotdiffusion.vqvae",
+            weights=self._vqvae_hash,
+            image_size=list(images.shape[-2:]),
+            preprocess=LATENT_PREPROCESS,
+            torch=torch.__version__,
+            device=images.device.type,
+        )
+        found = self.cache.lookup(key, ids)
+        missing = [i for i, sid in enumerate(ids) if sid not in found]
+        if missing:
+            computed = self.vqvae.latents(images[torch.tensor(missing, device=images.device)])
+            self.cache.put(key, [ids[i] for i in missing], computed)
+            found.update({ids[i]: computed[j] for j, i in enumerate(missing)})
+        return torch.stack([found[sid].to(images.device, images.dtype) for sid in ids])
 
     def denoise(self, noisy: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
         """The UNet's epsilon prediction for noisy latents conditioned on `context` [B,K,C]."""

@@ -212,6 +212,22 @@ def test_generation_is_seeded_in_unit_range_and_guided_by_the_null_slots() -> No
     assert not torch.equal(first, guided)
 
 
+def test_cached_latents_equal_computed_ones_and_skip_the_vqvae(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("OCL_BENCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    dec = tiny_decoder(cache_latents=True).eval()
+    images = torch.rand(3, 3, 32, 32)
+    first = dec.latents(images[:2])  # two computed and stored
+    assert torch.allclose(first, dec.vqvae.latents(images[:2]))
+    calls = []
+    original = dec.vqvae.latents
+    monkeypatch.setattr(dec.vqvae, "latents", lambda x: calls.append(len(x)) or original(x))
+    again = dec.latents(images)  # two from disk, only the new one computed
+    assert calls == [1]
+    assert torch.equal(again[:2], first)
+    assert torch.allclose(again[2:], original(images[2:]), atol=1e-6)
+
+
 def test_quantize_x0_makes_every_x0_estimate_a_codebook_vector() -> None:
     torch.manual_seed(0)
     dec = tiny_decoder().eval()
