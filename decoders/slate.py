@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocl_bench.contracts import Batch, Dims, Features, Slots, TokenPrediction
@@ -86,10 +87,19 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, causal: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, k: Tensor, v: Tensor, causal: bool, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """x [B,T,D] attends to heads-split keys/values [B,h,S,d]; returns (output [B,T,D],
-        softmax weights [B,h,T,S] before dropout)."""
+        softmax weights [B,h,T,S] before dropout when `need_weights`, else None: the fused
+        kernel never materialises them)."""
         b, t, _ = x.shape
+        if not need_weights:
+            p = self.attn_dropout.p if self.training else 0.0
+            q = self.heads_of(x, self.proj_q)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+            out = out.transpose(1, 2).reshape(b, t, -1)
+            return self.output_dropout(self.proj_o(out)), None
         q = self.heads_of(x, self.proj_q) * k.shape[-1] ** -0.5
         logits = q @ k.transpose(-1, -2)
         if causal:
@@ -123,10 +133,11 @@ class Block(nn.Module):
         x: Tensor,
         memory: tuple[Tensor, Tensor],
         cache: list[Tensor] | None = None,
-    ) -> tuple[Tensor, Tensor]:
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """x [B,T,D]; memory = the slots' (keys, values) of this block. With `cache`
         ([keys, values] of the positions before x, updated in place) x holds only the new
-        positions. Returns (x, cross-attention weights [B,h,T,K])."""
+        positions. Returns (x, cross-attention weights [B,h,T,K] if `need_weights`)."""
         if self.first:  # official quirk: the residual stream restarts from LN(input)
             x = self.self_attn_layer_norm(x)
             h = x
@@ -141,7 +152,7 @@ class Block(nn.Module):
         # with a cache only past and present positions are there: nothing to mask
         x = x + self.self_attn(h, k, v, causal=cache is None)[0]
         h, weights = self.encoder_decoder_attn(
-            self.encoder_decoder_attn_layer_norm(x), *memory, causal=False
+            self.encoder_decoder_attn_layer_norm(x), *memory, False, need_weights
         )
         x = x + h
         return x + self.ffn(self.ffn_layer_norm(x)), weights
@@ -280,8 +291,9 @@ class SlateDecoder(nn.Module, Plugin):
         memory = self.slot_proj(slots)
         x = self.embed_inputs(ids[:, :-1])
         weights = None
-        for block in self.blocks:
-            x, weights = block(x, block.memory(memory))
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, weights = block(x, block.memory(memory), need_weights=i == last)
         assert weights is not None
         masks = weights.sum(1)
         return self.out(self.layer_norm(x)), masks / masks.sum(-1, keepdim=True)
