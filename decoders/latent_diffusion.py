@@ -305,6 +305,7 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
             diffusers=diffusers.__version__,
             torch=torch.__version__,
             device=device.type,
+            autocast=_autocast_dtype(device),
         )
 
     def encode_latents(self, images: Tensor) -> Tensor:
@@ -371,6 +372,13 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         )
         images = self.vae.decode(latents / self.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def _autocast_dtype(device: torch.device) -> str | None:
+    """The autocast dtype the VAE runs under (it changes the cached moments), or None."""
+    if torch.is_autocast_enabled(device.type):
+        return str(torch.get_autocast_dtype(device.type))
+    return None
 
 
 def empty_caption(folder: Path, num_slots: int) -> Tensor:

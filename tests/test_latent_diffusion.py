@@ -358,8 +358,9 @@ def test_cartesian_position_code_is_the_cell_centres_in_official_order() -> None
 
 
 def test_tiny_stablelsd_row_of_glass_table_4_measures_fid_end_to_end(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("OCL_BENCH_CACHE", str(tmp_path / "cache"))  # the preset caches latents
     torch.manual_seed(0)  # a random Inception: the real architecture, a measured number
     inception = fidlib.save_torchscript(fidlib.InceptionV3Graph(), tmp_path / fidlib.INCEPTION_FILE)
     tiny = [
@@ -404,6 +405,7 @@ def test_tiny_stablelsd_row_of_glass_table_4_measures_fid_end_to_end(
     assert protocol["solver"] == "DPMSolverMultistepScheduler"
     assert protocol["generated_resolution"] == [32, 32] and protocol["images"] == 4
     assert protocol["null_condition"] == "learned"
+    assert list((tmp_path / "cache").glob("*/*.safetensors"))  # VAE posteriors were cached
     (cell,) = [c for c in ResultStore(db).cells() if c.status == "complete"]
     assert cell.record("conditional_generation", "psnr", None)["protocol"]["steps"] == 2
 

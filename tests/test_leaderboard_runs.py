@@ -25,6 +25,7 @@ DINOSAUR = [
     "decoder.hidden=32",
     "decoder.tiny=true",
     "decoder.image_size=0",
+    "decoder.cache_latents=false",
     "train.precision=fp32",
 ]
 
