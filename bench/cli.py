@@ -159,7 +159,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             grid,
             db,
             runs,
-            args.workers,
+            args.workers or grid.workers,
             args.executor,
             slurm,
             not args.quiet,
@@ -266,6 +266,45 @@ def _cmd_slot_library(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate_dataset(args: argparse.Namespace) -> int:
+    from ocl_bench.config import parse_override
+    from ocl_bench.datasets.generate import Recipe, build
+    from ocl_bench.datasets.pseudo_masks import RefineSettings
+
+    source_params = {}
+    for text in args.overrides:
+        path, value = parse_override(text)
+        source_params[".".join(path)] = value
+    try:
+        refine = RefineSettings(
+            fg_threshold=args.fg_threshold,
+            ignore_threshold=args.ignore_threshold,
+            aggregate=args.aggregate,
+        )
+    except ValueError as err:
+        from ocl_bench.errors import ConfigError
+
+        raise ConfigError(str(err)) from None
+    recipe = Recipe(
+        source=args.source,
+        source_params=source_params,
+        split=args.split,
+        captions=args.captions,
+        count=args.count,
+        image_size=args.image_size,
+        pretrained=args.pretrained or "",
+        tiny=args.tiny,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        refine=refine,
+        blip2=args.blip2 or "",
+    )
+    made = build(Path(args.out), recipe, progress=not args.quiet)
+    print(f"{made} new items -> {args.out} (dataset.name=generated dataset.root={args.out})")
+    return 0
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from ocl_bench.leaderboard import list_leaderboards, load_leaderboard, render
 
@@ -367,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", default=DEFAULT_DB, help="results database (SQLite file)")
     p.add_argument("--runs", default="runs", help="where cell run directories go")
     p.add_argument(
-        "--workers", type=_positive(int), default=1, help="local worker processes (>= 1)"
+        "--workers",
+        type=_positive(int),
+        default=None,
+        help="local worker processes (>= 1; default: the grid file's `workers`, else 1)",
     )
     p.add_argument(
         "--wait",
@@ -429,6 +471,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="where slots are extracted (default: the run's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_slot_library)
+
+    p = sub.add_parser(
+        "generate-dataset",
+        help="images generated from a dataset's prompts + diffusion pseudo masks (resumable)",
+    )
+    p.add_argument("out", help="folder to write (rerun to resume)")
+    p.add_argument("overrides", nargs="*", help="params of the source dataset, KEY=VALUE")
+    p.add_argument("--source", default="shapes", help="dataset plugin giving the prompts")
+    p.add_argument("--split", default="train", help="split of the source dataset")
+    p.add_argument("--captions", default="dataset", choices=["dataset", "class_names", "blip2"])
+    p.add_argument("--count", type=int, default=0, help="images (0 = one per source image)")
+    p.add_argument("--pretrained", help="local Stable Diffusion folder (else $OCL_BENCH_SD)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models (CPU, seconds)")
+    p.add_argument("--blip2", help="local BLIP-2 folder for --captions blip2")
+    p.add_argument("--image-size", type=int, default=0, help="0 = the model's / the source's")
+    p.add_argument("--steps", type=int, default=50, help="DPM-Solver steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
+    p.add_argument("--seed", type=int, default=0, help="item i uses seed + i")
+    p.add_argument("--fg-threshold", type=float, default=0.6)
+    p.add_argument("--ignore-threshold", type=float, default=0.5)
+    p.add_argument("--aggregate", default="mean", choices=["single", "mean"])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate_dataset)
 
     p = sub.add_parser("leaderboard", help="published vs measured tables")
     p.add_argument("name", nargs="?", help="leaderboard name (see --list)")

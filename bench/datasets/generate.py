@@ -195,6 +195,7 @@ def tiny_pipeline(width: int, image_size: int, tokenizer_dir: Path, seed: int = 
         beta_start=0.00085,
         beta_end=0.012,
         prediction_type="v_prediction",
+        steps_offset=1,
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -217,12 +217,14 @@ def class_prompt(
 
 @dataclass(frozen=True)
 class RefineSettings:
-    """How recorded attention becomes a label map (Dataset Diffusion's defaults)."""
+    """How recorded attention becomes a label map (Dataset Diffusion's thresholds)."""
 
     power: int = 4  # exponent of the self-attention affinity
     fg_threshold: float = 0.6  # best class score at or above: that class
     ignore_threshold: float = 0.5  # best score in [ignore, fg): 255 (ignore); below: background
-    aggregate: Literal["single", "mean"] = "single"  # one cross resolution, or all averaged
+    # GLASS averages the cross-attention of every recorded resolution; Dataset Diffusion
+    # reads one ('single', at latent / cross_downsample)
+    aggregate: Literal["single", "mean"] = "mean"
     self_downsample: int = 2  # self-attention at latent / this (512-px SD: 64 / 2 = 32)
     cross_downsample: int = 4  # 'single': cross-attention at latent / this (16 at 512 px)
 
