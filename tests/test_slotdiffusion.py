@@ -136,6 +136,8 @@ def test_an_official_layout_checkpoint_loads_and_gives_the_same_images(tmp_path)
             loaded.decode_latents(loaded.latents(images)),
             source.decode_latents(source.latents(images)),
         )
+    with pytest.raises(DataError, match="VQ-VAE checkpoint not found: .*nothing.pth"):
+        tiny_vqvae(checkpoint=str(tmp_path / "nothing.pth"))
     del official["decoder.up.0.block.1.conv1.weight"]
     torch.save(official, path)
     with pytest.raises(
