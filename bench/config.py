@@ -73,6 +73,22 @@ class TrainSettings:
         ge=0,
         lt=1,
     )
+    compile: bool = param(
+        False,
+        "torch.compile the model's forward; where it cannot compile, training continues"
+        " uncompiled after a one-line warning",
+    )
+    pin_memory: bool = param(
+        True, "page-locked host batches, copied to the GPU asynchronously (cuda only)"
+    )
+    prefetch_factor: int = param(
+        2, "batches each loader worker prepares ahead (with num_workers > 0)", ge=1
+    )
+    tensorboard: bool = param(
+        True,
+        "also write loss, lr, throughput and validation metrics to a TensorBoard event file"
+        " in the run directory (<run>/tensorboard)",
+    )
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

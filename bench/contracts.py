@@ -22,6 +22,14 @@ import torch
 from torch import Tensor
 
 
+def _pin(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.pin_memory()
+    if isinstance(value, dict):
+        return {k: _pin(v) for k, v in value.items()}
+    return value
+
+
 def _move(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
@@ -57,6 +65,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return replace(self, **{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies of the tensors (DataLoader(pin_memory=True) calls this)."""
+        return replace(self, **{f.name: _pin(getattr(self, f.name)) for f in fields(self)})
 
     @property
     def size(self) -> int:

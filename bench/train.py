@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,10 @@ from ocl_bench.data import StepBatchSampler, make_dataset
 from ocl_bench.ema import WeightEMA
 from ocl_bench.errors import ConfigError, DataError, TrainingDiverged, UserError
 from ocl_bench.evaluate import validation_probe
+from ocl_bench.event_log import EventLog
 from ocl_bench.figures import training_figure
 from ocl_bench.runtime import autocast, resolve_device, rng_state, seed_everything, set_rng_state
+from ocl_bench.throughput import ThroughputMeter
 
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_CHANGES = {
@@ -68,6 +71,10 @@ RESUMABLE_CHANGES = {
     ("train", "device"),
     ("train", "eval_every"),
     ("train", "eval_images"),
+    ("train", "compile"),
+    ("train", "pin_memory"),
+    ("train", "prefetch_factor"),
+    ("train", "tensorboard"),
 }
 
 
@@ -328,6 +335,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         batch_sampler=MicroBatchSampler(sampler, t.accumulate),
         collate_fn=dataset.collate,
         num_workers=t.num_workers,
+        pin_memory=t.pin_memory and device.type == "cuda",
+        prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,
         # A private generator: the default one would draw from the global RNG whenever
         # an iterator starts, so a resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
@@ -367,15 +376,20 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     step_followers = [
         m.set_progress for m in model.modules() if callable(getattr(m, "set_progress", None))
     ]
-    with open(log_path if world.main else os.devnull, "a") as log:
+    forward = CompiledOrEager(trained) if t.compile else trained
+    events = EventLog(run_dir, start, t.tensorboard and world.main)
+    meter = ThroughputMeter()
+    with open(log_path if world.main else os.devnull, "a") as log, contextlib.closing(events):
         for step in range(start, t.steps):
+            meter.start()
             progress_now = Progress(step, t.steps)
             for follow in step_followers:
                 follow(progress_now)
             optimizer.zero_grad(set_to_none=True)
             step_terms: dict[str, torch.Tensor] = {}
             for part in range(t.accumulate):
-                batch = next(micro_batches).to(device)
+                with meter.waiting():
+                    batch = next(micro_batches).to(device)
                 last = part == t.accumulate - 1
                 # DDP all-reduces gradients on the last micro-batch only
                 sync = (
@@ -383,7 +397,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
                 )
                 with sync:
                     with autocast(device, t.precision):
-                        out = trained(batch)
+                        out = forward(batch)
                         terms = {}
                         for objective in objectives:
                             terms.update(objective(out, batch, progress_now))
@@ -413,8 +427,17 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             # Logged values are means over all ranks: the global-batch loss.
             losses = {k: distributed.mean(v) for k, v in step_terms.items()}
             loss = distributed.mean(sum(step_terms.values()))
-            log.write(json.dumps({"step": step + 1, "lr": lr, "loss": loss, **losses}) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}")
+            speed = meter.stop(t.batch_size)
+            record = {"step": step + 1, "lr": lr, "loss": loss, **losses, **speed}
+            log.write(json.dumps(record) + "\n")
+            events.scalars(step + 1, {"loss": loss, "lr": lr, **losses}, "train")
+            events.scalars(step + 1, speed, "throughput")
+            bar.set_postfix(
+                loss=f"{loss:.4f}",
+                lr=f"{lr:.1e}",
+                img_s=f"{speed['images_per_s']:.1f}",
+                wait=f"{speed['data_wait']:.0%}",
+            )
             bar.update(1)
             if probe is not None and (step + 1) % t.eval_every == 0:
                 # rank 0 only, on the unwrapped model: no collective runs inside
@@ -422,11 +445,13 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
                     scores = probe()
                 with open(eval_log_path, "a") as eval_log:
                     eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
+                events.scalars(step + 1, scores, "val")
                 shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if "fg_ari" in k)
                 if progress:
                     bar.write(f"step {step + 1}: {shown}")
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 log.flush()
+                events.flush()
                 save(step + 1)
     bar.close()
     if found is None and start == t.steps == 0:
@@ -435,6 +460,44 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         training_figure(run_dir)
     distributed.barrier()
     return TrainResult(t.steps, start, time.perf_counter() - began, losses)
+
+
+class CompiledOrEager:
+    """`torch.compile(module)`, or the module itself where compiling fails.
+
+    Compilation happens at the first call; if it raises, that call is redone eagerly
+    from the same RNG state (the slot noise it drew is drawn again), a one-line warning
+    names the error, and every later call runs eagerly.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.compiled: Any = None
+        self.failed = False
+        try:
+            self.compiled = torch.compile(module)
+        except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
+            self._fall_back(err)
+
+    def _fall_back(self, err: BaseException) -> None:
+        self.failed, self.compiled = True, None
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"train.compile: cannot compile ({type(err).__name__}: {first}); training uncompiled",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            return self.module(*args, **kwargs)
+        state = rng_state()
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the eager retry re-raises real errors
+            self._fall_back(err)
+            set_rng_state(state)
+            return self.module(*args, **kwargs)
 
 
 def _saved_step(ckpt_dir: Path) -> int:
