@@ -169,6 +169,21 @@ def applies(raw: dict[str, Any], text: str) -> bool:
     return not any(parts[1] in _param_names(c) for c in others)
 
 
+def _wrapped(raw: dict[str, Any], text: str) -> str:
+    """`dataset.name=X` for a row whose dataset plugin wraps a real dataset (a class
+    attribute `wraps` names the param that holds it, e.g. `source`) sets that param to X:
+    the row keeps its own dataset, built from X, and the table runs on X."""
+    parts, value = parse_override(text)
+    if parts != ["dataset", "name"]:
+        return text
+    try:
+        cls = registry().get("dataset", raw.get("dataset", {}).get("name", ""))
+    except UnknownPluginError:
+        return text
+    wraps = getattr(cls, "wraps", None)
+    return f"dataset.{wraps}={json.dumps(value)}" if wraps else text
+
+
 def row_raw(
     row: Row,
     base: dict[str, Any],
@@ -183,9 +198,10 @@ def row_raw(
     if dataset and dataset != "mixed":
         raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
     extra = row.dataset_overrides.get(dataset or "", {})
-    flat = [f"{k}={json.dumps(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
+    flat = [f"{k}={_format(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
     raw = apply_overrides(raw, flat)
     for text in overrides or []:
+        text = _wrapped(raw, text)
         if applies(raw, text):
             raw = apply_overrides(raw, [text])
         elif not_applied is not None:

@@ -313,8 +313,6 @@ def generate_item(
 
 def build(root: Path, recipe: Recipe, *, progress: bool = True) -> int:
     """Generate every missing item of `recipe` into `root`; returns how many were made."""
-    from tqdm import tqdm
-
     root = Path(root).expanduser()
     source = source_dataset(recipe)
     count = recipe.count or len(source)
@@ -331,6 +329,17 @@ def build(root: Path, recipe: Recipe, *, progress: bool = True) -> int:
     todo = [i for i in range(count) if not finished(root, i)]
     if not todo:
         return 0
+    # Generation must not move the global RNG: a run that builds its dataset first would
+    # otherwise initialise its model differently from one that finds the dataset built.
+    with torch.random.fork_rng(devices=[]):
+        return _generate(root, recipe, source, todo, count, progress)
+
+
+def _generate(
+    root: Path, recipe: Recipe, source: Any, todo: list[int], count: int, progress: bool
+) -> int:
+    from tqdm import tqdm
+
     prompts = PromptSource(recipe.captions, source, blip2=recipe.blip2)
     pipe, model = load_pipeline(recipe, root)
     pipe.set_progress_bar_config(disable=True)

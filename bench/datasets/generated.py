@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ocl_bench.datasets import DatasetParamError, check_index, check_split
@@ -131,6 +132,9 @@ class GeneratedDataset(DatasetPlugin):
     kind = "dataset"
     name = "generated"
     Params = GeneratedParams
+    # A leaderboard run switched to dataset X (`ocl-bench grid NAME dataset.name=X`) sets
+    # this param instead: the row still trains on images generated from X's prompts.
+    wraps = "source"
     provides = frozenset(
         {
             "batch.images",
@@ -176,10 +180,8 @@ class GeneratedDataset(DatasetPlugin):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        size = self.source.image_size
-        if self.split == "train" and self.recipe.image_size:
-            return (self.recipe.image_size, self.recipe.image_size)
-        return tuple(size)
+        """The source's image size: generated images are resized to it when they differ."""
+        return tuple(self.source.image_size)
 
     @property
     def class_names(self) -> Any:
@@ -198,9 +200,13 @@ class GeneratedDataset(DatasetPlugin):
             image = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
         with Image.open(self.root / "masks" / f"{name}.png") as img:
             labels = np.asarray(img, dtype=np.uint8)
+        image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
         side = self.image_size
-        if image.shape[:2] != tuple(side):
-            raise DataError(f"{self.root}: image {name} is {image.shape[:2]}, expected {side}")
+        if image.shape[:2] != tuple(side):  # SD's native size -> the source's (the model's)
+            image_t = F.interpolate(
+                image_t[None], size=side, mode="bilinear", antialias=True, align_corners=False
+            )[0].clamp(0, 1)
+            labels = np.asarray(Image.fromarray(labels).resize(side[::-1], Image.NEAREST))
         present = [k for k in range(1, len(meta["classes"]) + 1) if (labels == k).any()]
         class_masks = (
             np.stack([labels == k for k in present])
@@ -209,7 +215,7 @@ class GeneratedDataset(DatasetPlugin):
         )
         class_ids = [self.vocabulary.get(meta["classes"][k - 1], -1) for k in present]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": image_t,
             "class_masks": torch.from_numpy(class_masks),
             "class_ids": torch.tensor(class_ids, dtype=torch.long),
             "ignore_mask": torch.from_numpy(labels == IGNORE),
