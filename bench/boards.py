@@ -231,6 +231,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "exclude": list,
     "seeds": (int, list),
     "labels": dict,
+    "workers": int,
 }
 _ROW_TYPES: dict[str, Any] = {
     "label": str,
@@ -380,6 +381,7 @@ GRID_KEYS = (
     "masks",
     "seeds",
     "labels",
+    "workers",
 )
 
 
@@ -401,6 +403,8 @@ class GridCell:
 class Grid:
     name: str
     cells: list[GridCell]
+    # Local processes the file suggests (`workers = N`); --workers replaces it.
+    workers: int = 1
 
 
 def _format(value: Any) -> str:
@@ -484,7 +488,10 @@ def load_grid(
             label = _seed_label(row, seed, seeds, keys)
             needs = _needs(raw, overrides, seed if len(seeds) > 1 else None)
             cells.append(GridCell(label, cell_overrides, resolve(raw), needs, row))
-    return Grid(spec.get("name", path.stem), _with_needs(cells))
+    workers = spec.get("workers", 1)
+    if isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"{path}: workers must be a number >= 1, got {workers!r}")
+    return Grid(spec.get("name", path.stem), _with_needs(cells), workers)
 
 
 def _value_key(value: Any) -> str:

@@ -159,7 +159,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             grid,
             db,
             runs,
-            args.workers,
+            args.workers or grid.workers,
             args.executor,
             slurm,
             not args.quiet,

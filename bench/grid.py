@@ -12,6 +12,7 @@ process elsewhere is skipped, or with `wait` waited for once everything else has
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -282,7 +283,12 @@ def run_grid(
             from concurrent.futures import ProcessPoolExecutor
             from multiprocessing import get_context
 
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=share_cores,
+                initargs=(workers,),
+            ) as pool:
                 futures = {
                     cell.label: pool.submit(
                         run_cell, cell, grid.name, runs_dir, db_path, False, leases
@@ -308,6 +314,19 @@ def run_grid(
         if wait and held:
             run(held, replace(leases, wait=True))
     return statuses
+
+
+def share_cores(workers: int) -> None:
+    """Give one of `workers` local processes its share of the CPU cores as torch threads.
+
+    Each process would otherwise start one thread per core: on 2 cores, 2 processes of 2
+    threads each wait on each other's threads, while 1 thread each keeps both cores busy
+    with no synchronisation (small CPU models gain little from a second intra-op thread).
+    A cell's own train.threads, when set, still wins (train() applies it later)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // workers))
 
 
 def _run_submitit(

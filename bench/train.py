@@ -75,6 +75,7 @@ RESUMABLE_CHANGES = {
     ("train", "pin_memory"),
     ("train", "prefetch_factor"),
     ("train", "tensorboard"),
+    ("dataset", "cache"),  # samples kept in memory are the samples drawn again
 }
 
 

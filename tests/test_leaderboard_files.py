@@ -561,12 +561,12 @@ def test_demo_grid_names_its_rows_and_keeps_its_config_hashes(tmp_path: Path) ->
     from ocl_bench.boards import demo_grid_path, load_grid
 
     named = load_grid(demo_grid_path())
-    assert [c.row for c in named.cells] == [
+    assert list(dict.fromkeys(c.row for c in named.cells)) == [
         "attention prior, Gaussian slots",
         "attention prior, learned slots",
         "MLP decoder masks, Gaussian slots",
     ]
-    assert [c.label for c in named.cells] == [c.row for c in named.cells]
+    assert all(c.label.startswith(c.row) for c in named.cells)  # + ", seed=N" with seeds
     # the same grid without its names: override strings, the same configs
     text = demo_grid_path().read_text()
     plain = tmp_path / "plain.toml"

@@ -1,0 +1,90 @@
+"""Benchmark: one training step of the default run, data included, against the old path.
+
+The old path is the default run as it was before it was made cheap (64 px images, a
+64-channel CNN, a 128-wide MLP decoder) with every sample drawn again at every step. The
+printed ratio (old step time / new step time, CPU time of this process, measured in
+alternation) is what shows a regression; absolute times differ between machines.
+
+    OMP_NUM_THREADS=1 python -m pytest tests/benchmarks/test_bench_default_step.py \
+        --benchmark-enable -s
+
+Under plain pytest (benchmarks disabled) the body runs once as a test.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ocl_bench.compose import build_model, build_objectives
+from ocl_bench.config import load_config
+from ocl_bench.contracts import Progress
+from ocl_bench.data import StepBatchSampler, make_dataset
+
+# The default run before this benchmark existed, as overrides of today's default.
+OLD_DEFAULT = [
+    "dataset.image_size=64",
+    "dataset.cache=0",
+    "encoder.channels=64",
+    "decoder.hidden=128",
+]
+
+
+def _trainer(overrides: list[str], warm: bool) -> Callable[[], float]:
+    """One optimiser step of the default loop's work: draw and collate the step's batch,
+    forward, loss, backward, AdamW step. `warm`: the dataset's cache already holds the
+    samples (a run past its first epoch; a no-op without a cache)."""
+    cfg = load_config(None, overrides)
+    dataset = make_dataset(cfg.dataset, "train")
+    sampler = StepBatchSampler(len(dataset), cfg.train.batch_size, cfg.seed, 0, 10**6)
+    torch.manual_seed(0)
+    model = build_model(cfg, dataset.image_size)
+    objectives = build_objectives(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    steps = iter(range(10**6))
+    if warm:
+        for step in range(8):
+            for i in sampler.indices(step):
+                dataset[i]
+
+    def step() -> float:
+        indices = sampler.indices(next(steps) % 8)
+        batch = dataset.collate([dataset[i] for i in indices])
+        out = model(batch)
+        loss = sum(sum(o(out, batch, Progress(0, 1)).values()) for o in objectives)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _cpu_seconds(step: Callable[[], float], repeats: int) -> float:
+    start = time.process_time()
+    for _ in range(repeats):
+        step()
+    return (time.process_time() - start) / repeats
+
+
+def test_default_step_against_old_path(benchmark) -> None:
+    new, old = _trainer([], warm=True), _trainer(OLD_DEFAULT, warm=False)
+    first = new()
+    old()
+    # Alternate the two so that a machine shared with other jobs slows both alike.
+    new_times, old_times = [], []
+    for _ in range(3):
+        new_times.append(_cpu_seconds(new, 2))
+        old_times.append(_cpu_seconds(old, 2))
+    ratio = min(old_times) / min(new_times)
+    loss = benchmark(new)
+    benchmark.extra_info["old_over_new_cpu_time"] = round(ratio, 2)
+    print(
+        f"\ndefault step: {min(new_times) * 1e3:.0f} ms CPU, old path {min(old_times) * 1e3:.0f}"
+        f" ms CPU: {ratio:.2f}x faster"
+    )
+    assert loss == loss and loss < first * 2  # finite and not exploding
+    # The default step must stay well below the old one (measured about 4x).
+    assert ratio > 1.5
