@@ -472,3 +472,43 @@ def test_null_condition_is_the_pipelines_empty_caption_when_a_text_encoder_exist
         LatentDiffusionParams(pretrained=str(root), null_condition="learned"), dims
     )
     assert learned.null_kind == "learned" and isinstance(learned.null_embedding, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_generate_equals_diffusers_stable_diffusion_pipeline(scale: float) -> None:
+    """LSD samples with StableDiffusionPipeline(text_encoder=None, prompt_embeds=slots) and
+    DPM-Solver multistep (train_lsd.py validation); generate() gives the same images for the
+    same generator, with the explicit null condition as negative_prompt_embeds."""
+    from diffusers import StableDiffusionPipeline
+
+    dec = _decoder().eval()
+    with torch.no_grad():
+        dec.null_embedding.normal_()
+    slots, _, _ = _inputs()
+    ours = dec.generate(
+        slots, steps=3, guidance_scale=scale, generator=torch.Generator().manual_seed(4)
+    )
+    pipe = StableDiffusionPipeline(
+        vae=dec.vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=dec.unet,
+        scheduler=diffusion.make_solver(dec.scheduler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        cond = dec.condition(slots.slots)
+        theirs = pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=dec.null_embedding.expand_as(cond),
+            height=32,
+            width=32,
+            num_inference_steps=3,
+            guidance_scale=scale,
+            generator=torch.Generator().manual_seed(4),
+            output_type="pt",
+        ).images
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
