@@ -192,14 +192,23 @@ def row_raw(
     not_applied: list[str] | None = None,
 ) -> dict[str, Any]:
     """A row's run config before validation: its preset (or the embedded default), switched
-    to the column's dataset, then the board's `base`, the row's overrides, the row's
-    overrides for that dataset, and last the command-line `overrides` that apply to it."""
+    to the column's dataset, then the board's `base`, the row's overrides (a row that
+    switches to a dataset wrapping another, such as `generated`, gets the column's dataset
+    as its source), the row's overrides for that dataset, and last the command-line
+    `overrides` that apply to it."""
     raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
     if dataset and dataset != "mixed":
         raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
     extra = row.dataset_overrides.get(dataset or "", {})
-    flat = [f"{k}={_format(v)}" for k, v in {**base, **row.overrides, **extra}.items()]
-    raw = apply_overrides(raw, flat)
+    raw = apply_overrides(raw, [f"{k}={_format(v)}" for k, v in {**base, **row.overrides}.items()])
+    if dataset and dataset != "mixed":
+        # a row that switched to a dataset built from another (`generated`) builds it from
+        # the column's dataset
+        column = f"dataset.name={json.dumps(dataset)}"
+        wrapped = _wrapped(raw, column)
+        if wrapped != column:
+            raw = apply_overrides(raw, [wrapped])
+    raw = apply_overrides(raw, [f"{k}={_format(v)}" for k, v in extra.items()])
     for text in overrides or []:
         text = _wrapped(raw, text)
         if applies(raw, text):

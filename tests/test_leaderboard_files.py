@@ -107,9 +107,21 @@ def check_overrides(overrides: Any, where: str) -> list[str]:
     for key, value in overrides.items():
         parts = key.split(".")
         if not all(parts) or parts[0] not in TOP_LEVEL:
+def wraps_column(overrides: dict[str, Any]) -> bool:
+    """Whether a row switches to a dataset built from the column's (`generated`: images
+    generated from its prompts), whose own params it may then set."""
+    from ocl_bench.registry import registry
+
+    try:
+        cls = registry().get("dataset", str(overrides.get("dataset.name", "")))
+    except Exception:  # no such dataset plugin: the row really overrides the column's dataset
+        return False
+    return bool(getattr(cls, "wraps", None))
+
+
             problems.append(f"{where}: '{key}' does not start with one of {', '.join(TOP_LEVEL)}")
             continue
-        if parts[0] == "dataset":
+        if parts[0] == "dataset" and not wraps_column(overrides):
             problems.append(f"{where}: '{key}': the dataset comes from each column, not overrides")
         if not isinstance(value, (str, int, float, bool, dict, list)):
             problems.append(f"{where}: '{key}' has a value of type {type(value).__name__}")
