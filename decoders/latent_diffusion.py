@@ -142,10 +142,21 @@ def _hf_snapshot(repo_id: str) -> Path | None:
     return path if (path / "unet").is_dir() else None
 
 
-def tiny_models(width: int, latent_side: int, image_side: int) -> tuple[nn.Module, nn.Module]:
+def tiny_models(
+    width: int, latent_side: int, image_side: int, seed: int = 0
+) -> tuple[nn.Module, nn.Module]:
     """(UNet2DConditionModel, AutoencoderKL), random, at the sizes the reference verified on
     CPU: a 2-level UNet (width, 2 * width) with cross-attention width `width`, and a VAE
-    with scale factor 2 and 4 latent channels."""
+    with scale factor 2 and 4 latent channels.
+
+    Drawn from their own `seed`, not the global RNG: frozen stand-ins are then the same in
+    every run and process (their checkpoint hashes match whatever ran before the build)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _tiny_models(width, latent_side, image_side)
+
+
+def _tiny_models(width: int, latent_side: int, image_side: int) -> tuple[nn.Module, nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet = UNet2DConditionModel(
