@@ -360,7 +360,12 @@ def read_columns(spec: dict[str, Any]) -> list[Column]:
 
 
 # (task, metric) pairs where a lower value is the better one; every other metric is higher.
-LOWER_IS_BETTER = {("conditional_generation", "fid")}
+LOWER_IS_BETTER = {
+    ("conditional_generation", "fid"),
+    ("conditional_generation", "centroid_fid"),
+    ("token_reconstruction", "reconstruction_loss"),
+    ("token_reconstruction", "masked_token_ce"),
+}
 
 
 def grid_columns(spec: dict[str, Any]) -> list[Column]:
@@ -417,12 +422,16 @@ class Grid:
 
 
 def _format(value: Any) -> str:
+    """A value as the TOML text an override parses back to it (dicts as inline tables:
+    JSON's `{"a": 1}` is no TOML, so a table value would come back as a string)."""
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_format(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_format(v) for v in value) + "]"
     return repr(value)
 
 
