@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +59,9 @@ class GeneratedParams:
     train_size: int = param(0, "generated images (0 = one per source train image)", ge=0)
     val_size: int = param(0, "passed to the source as val_size (0 = its default)", ge=0)
     test_size: int = param(0, "passed to the source as test_size (0 = its default)", ge=0)
+    generate_size: int = param(
+        0, "side of the generated images (0 = the UNet's native size; tiny: image_size)", ge=0
+    )
     captions: Literal["dataset", "class_names", "blip2"] = param(
         "dataset", "prompt source: the dataset's captions, GT class names (GLASS†), BLIP-2"
     )
@@ -92,7 +96,7 @@ def recipe_of(p: GeneratedParams) -> Recipe:
         source_params=source_params(p),
         captions=p.captions,
         count=p.train_size,
-        image_size=p.image_size,
+        image_size=p.generate_size or (p.image_size if p.tiny else 0),
         pretrained=p.pretrained,
         model_id=p.model_id,
         tiny=p.tiny,
@@ -113,16 +117,25 @@ def recipe_of(p: GeneratedParams) -> Recipe:
 
 
 def source_params(p: GeneratedParams) -> dict[str, Any]:
-    """The source's params with the forwarded sizes filled in where the source has them."""
+    """The source's params: `source_params` without the keys the source lacks (a row's
+    COCO evaluation settings stay unused when a tiny run switches the source to shapes, as
+    the grid leaves out overrides a row's plugins lack; reported on stderr), then the
+    forwarded sizes where the source has them."""
     from ocl_bench.registry import registry
 
     cls = registry().get("dataset", p.source)
     names = {f.name for f in dataclasses.fields(cls.Params)}
-    out = dict(p.source_params)
+    unused = sorted(set(p.source_params) - names)
+    if unused:
+        print(
+            f"dataset 'generated': source '{p.source}' has no {', '.join(unused)}; not applied",
+            file=sys.stderr,
+        )
+    out = {k: v for k, v in p.source_params.items() if k in names}
     for key in FORWARDED:
         value = getattr(p, key)
         if value and key in names:
-            out.setdefault(key, value)
+            out[key] = value
     return out
 
 
