@@ -208,3 +208,28 @@ def test_reconstruction_loss_on_a_tiny_stage2_model(tmp_path: Path) -> None:
     # an untrained model over a 32-code vocabulary scores about ln 32 on masked tokens
     assert abs(got["masked_token_ce"] - torch.log(torch.tensor(32.0)).item()) < 1.5
     assert got["reconstruction_loss"] == pytest.approx(got["masked_token_ce"])
+
+
+def test_masked_slots_from_a_stage2_run_builds_its_library_and_starts_from_it(
+    tmp_path: Path,
+) -> None:
+    from ocl_bench.train import train
+
+    raw = load_raw(None, [*TINY_STAGE2, "dataset.train_size=4", "dataset.val_size=2"])
+    raw["objectives"] = {"token_cross_entropy": {}}
+    raw["tasks"] = {}
+    raw["train"].update(steps=1, batch_size=2, warmup_steps=0, threads=1)
+    run = tmp_path / "s2"
+    train(resolve(raw), run, progress=False)
+    objective = MaskedSlots(MaskedSlotsParams(library=str(run), centroids=4))
+    assert (run / "slot_library" / "k4.safetensors").is_file()
+    assert objective.centroids.shape == (4, 16) and objective.provenance["slots"] == 4 * 3
+    _, fresh = stage2({"token_cross_entropy": {}}, seed=1)
+    from ocl_bench.evaluate import load_run
+
+    _, trained, _ = load_run(run)
+    before = fresh.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())
+    objective.connect(fresh)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
