@@ -255,7 +255,7 @@ def test_preset_values_and_sources() -> None:
             assert "#" in line, f"no source comment on '{line}'"
 
 
-def test_training_through_the_cli_follows_the_temperature_and_evaluates(
+def test_cli_training_follows_the_temperature_evaluates_and_generates(
     tmp_path, monkeypatch
 ) -> None:
     seen: list[int] = []
@@ -267,7 +267,8 @@ def test_training_through_the_cli_follows_the_temperature_and_evaluates(
 
     monkeypatch.setattr(DVAE, "set_progress", spy)
     out = tmp_path / "run"
-    assert main(["train", "slate", "--out", str(out), *TINY_SLATE]) == 0
+    generation = ['tasks.conditional_generation.fid="off"', "tasks.conditional_generation.seed=3"]
+    assert main(["train", "slate", "--out", str(out), *TINY_SLATE, *generation]) == 0
     assert seen == [0, 1, 2]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
@@ -279,6 +280,9 @@ def test_training_through_the_cli_follows_the_temperature_and_evaluates(
     metrics = json.loads((out / "metrics.json").read_text())["summary"]
     assert 0.0 <= metrics["object_discovery.attn.fg_ari"] <= 1.0
     assert "object_discovery.attn.mbo_i" in metrics
+    # images sampled from the slots (greedy tokens, dVAE decoder) against the real ones
+    assert 0.0 < metrics["conditional_generation.psnr"] < 100.0
+    assert -1.0 <= metrics["conditional_generation.ssim"] <= 1.0
 
 
 def test_tiny_slate_row_of_thesis_table_5_1_lands_in_the_leaderboard(tmp_path) -> None:
