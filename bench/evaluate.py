@@ -76,7 +76,11 @@ def evaluate(
 
     def dataset(split: str) -> Any:
         if split not in cache:
-            cache[split] = make_dataset(cfg.dataset, split)
+            data = make_dataset(cfg.dataset, split)
+            # A dataset whose training split is synthetic hands tasks its real images (a
+            # property probe fits on real training images, not on generated ones).
+            real = getattr(data, "for_evaluation", None)
+            cache[split] = real() if callable(real) else data
         return cache[split]
 
     ctx = EvalContext(

@@ -11,7 +11,9 @@ the same diffusion model's attention. This plugin is that training set for any m
   "batch.generated", which guidance objectives on pseudo masks require (so they cannot
   silently run on real images);
 - splits "val" and "test": the real images of the source dataset, unchanged, so a model
-  trained on generated images is scored on real ones (GLASS evaluates on COCO / VOC).
+  trained on generated images is scored on real ones (GLASS evaluates on COCO / VOC);
+  evaluation tasks that read the train split (the property probe) get the source's real
+  train images too (`for_evaluation`).
 
 `image_size`, `train_size`, `val_size` and `test_size` are passed on to the source dataset
 when it has such params (so the tiny overrides of shapes apply); `train_size` also caps the
@@ -195,6 +197,11 @@ class GeneratedDataset(DatasetPlugin):
     def image_size(self) -> tuple[int, int]:
         """The source's image size: generated images are resized to it when they differ."""
         return tuple(self.source.image_size)
+
+    def for_evaluation(self) -> Any:
+        """What evaluation tasks read: the source's real images for every split (GLASS fits
+        its property probe on real training images, appendix A.2)."""
+        return self.source if self.split == "train" else self
 
     @property
     def class_names(self) -> Any:
