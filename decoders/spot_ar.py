@@ -165,14 +165,56 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
 
+    def folds(self, context_len: int) -> bool:
+        """Whether folding (see `folded`) costs fewer multiplications: heads x keys < D."""
+        return self.heads * context_len < self.proj_q.in_features
+
+    def folded(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Non-causal attention to a few keys (slots) without projecting every query.
+
+        With S keys, each head's logits are x Wq_h^T k_h^T = x (Wq_h^T k_h^T): one
+        [D, S] matrix per head and image instead of Wq applied to all T queries; the
+        output projection folds into the values the same way (sum_h P_h (v_h Wo_h^T)).
+        The products are the same as `forward`'s up to float rounding, at about
+        heads * S / D of the cost of the two T x D x D projections.
+
+        Returns (output [B,T,D], the softmax weights [B,heads,T,S] before dropout).
+        """
+        b, t, d = x.shape
+        s, h = context.shape[1], self.heads
+        k = self.proj_k(context).view(b, s, h, -1)
+        v = self.proj_v(context).view(b, s, h, -1)
+        scale = k.shape[-1] ** -0.5
+        wq = self.proj_q.weight.view(h, -1, d)
+        keys = torch.einsum("hed,bshe->bdhs", wq, k * scale).reshape(b, d, h * s)
+        logits = torch.bmm(x, keys).view(b, t, h, s)
+        if self.proj_q.bias is not None:
+            bq = self.proj_q.bias.view(h, -1)
+            logits = logits + torch.einsum("he,bshe->bhs", bq, k * scale).unsqueeze(1)
+        weights = logits.softmax(dim=-1)
+        wo = self.proj_o.weight.view(d, h, -1)
+        values = torch.einsum("bshe,dhe->bhsd", v, wo).reshape(b, h * s, d)
+        out = torch.bmm(self.attn_dropout(weights).reshape(b, t, h * s), values)
+        if self.proj_o.bias is not None:
+            out = out + self.proj_o.bias
+        return self.output_dropout(out), weights.transpose(1, 2)
+
     def forward(
-        self, x: Tensor, context: Tensor, causal: bool = False, explicit: bool = False
+        self,
+        x: Tensor,
+        context: Tensor,
+        causal: bool = False,
+        explicit: bool = False,
+        fold: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x [B,T,D] attends to context [B,S,D], causally (T == S) or not.
 
         Returns (output [B,T,D], the softmax weights [B,heads,T,S] before dropout when
-        `explicit`, else None: the fused kernel never materialises them).
+        `explicit` or folded, else None: the fused kernel never materialises them).
+        `fold` takes the `folded` path where it is cheaper (non-causal only).
         """
+        if fold and not causal and self.folds(context.shape[1]):
+            return self.folded(x, context)
         b, t, _ = x.shape
         q = self.split(x, self.proj_q)
         k, v = self.split(context, self.proj_k), self.split(context, self.proj_v)
@@ -225,6 +267,7 @@ class DecoderBlock(nn.Module):
         slots: Tensor,
         explicit_self: bool = False,
         explicit_cross: bool = False,
+        fold_cross: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         if self.norm_residual:
             # Official quirk of block 0: the input itself is replaced by its LayerNorm,
@@ -235,7 +278,7 @@ class DecoderBlock(nn.Module):
             h = self.self_attn_layer_norm(x)
         x = x + self.self_attn(h, h, True, explicit_self)[0]
         h, weights = self.encoder_decoder_attn(
-            self.encoder_decoder_attn_layer_norm(x), slots, False, explicit_cross
+            self.encoder_decoder_attn_layer_norm(x), slots, False, explicit_cross, fold_cross
         )
         x = x + h
         x = x + self.ffn(self.ffn_layer_norm(x))
@@ -310,6 +353,12 @@ class SpotARParams:
         "sdpa",
         "fused scaled_dot_product_attention (the last block's cross-attention is always "
         "explicit, for A_dec), or explicit attention matrices in every block",
+    )
+    cross_attention: Literal["folded", "projected"] = param(
+        "folded",
+        "cross-attention to the slots: 'folded' (the query and output projections folded"
+        " into the K slots, heads * K / D of their cost, equal up to float rounding; used"
+        " when heads * K < D) or 'projected' (every query token projected, the official way)",
     )
     attention_bias: bool = param(
         False,
@@ -410,10 +459,11 @@ class SpotARDecoder(nn.Module, Plugin):
         """(output [B,N,D] after the final LN if any, last block's cross-attention
         [B,heads,N,K])."""
         explicit = self.params.attention == "explicit"
+        fold = self.params.cross_attention == "folded"
         weights = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, slots, explicit, explicit or i == last)
+            x, weights = block(x, slots, explicit, explicit or i == last, fold)
         assert weights is not None
         return self.layer_norm(x), weights
 

@@ -1,9 +1,10 @@
 """Benchmark: SPOT's decoder, forward + backward at ViT-B sizes, fused SDPA vs explicit.
 
 B=8 images, N=196 tokens (14x14), D=768, K=7 slots of 256, 4 blocks, 6 heads: SPOT's
-COCO setting. "sdpa" uses F.scaled_dot_product_attention everywhere except the last
-block's cross-attention (whose weights are A_dec); "explicit" materialises the
-attention matrices in every block (the official code's way).
+COCO setting. "sdpa" uses F.scaled_dot_product_attention for the self-attention and
+folds the cross-attention's query and output projections into the 7 slots
+(cross_attention = "folded"); "explicit" materialises the attention matrices in every
+block and projects every query (the official code's way).
 
 Run with
     OMP_NUM_THREADS=1 python -m pytest tests/benchmarks/test_bench_spot.py \
@@ -27,7 +28,14 @@ _means: dict[str, float] = {}
 def _decoder(attention: str) -> SpotARDecoder:
     torch.manual_seed(0)
     dims = Dims(image_size=(224, 224), grid=GRID, token_dim=D, target_dim=D, slot_dim=DS)
-    params = SpotARParams(num_layers=4, num_heads=6, train_order="standard", attention=attention)
+    cross = "projected" if attention == "explicit" else "folded"
+    params = SpotARParams(
+        num_layers=4,
+        num_heads=6,
+        train_order="standard",
+        attention=attention,
+        cross_attention=cross,
+    )
     return SpotARDecoder(params, dims).train()
 
 
