@@ -301,13 +301,19 @@ class SlateDecoder(nn.Module, Plugin):
     def forward(self, slots: Slots, features: Features, batch: Batch) -> TokenPrediction:
         images = batch.images
         extras: dict[str, Tensor] = {}
-        with torch.no_grad():  # the transformer never trains the dVAE (SLATE detaches)
-            sampled = self.training and self.params.targets == "sampled"
-            ids = self.tokenizer.sample(images) if sampled else self.tokenizer.encode(images)
+        sampled = self.training and self.params.targets == "sampled"
+        losses: dict[str, Tensor] = {}
+        if self.training and self.params.train_tokenizer and sampled:
+            losses, ids = self.tokenizer.losses_and_sample(images)  # one encoder pass
+        else:
+            if self.training and self.params.train_tokenizer:
+                losses = self.tokenizer.losses(images)
+            with torch.no_grad():
+                ids = self.tokenizer.sample(images) if sampled else self.tokenizer.encode(images)
+        # the ids are detached: the transformer never trains the dVAE (as SLATE)
         ids = ids.flatten(1)
-        if self.training and self.params.train_tokenizer:
-            for name, value in self.tokenizer.losses(images).items():
-                extras[TOKENIZER_LOSS + name] = value
+        for name, value in losses.items():
+            extras[TOKENIZER_LOSS + name] = value
         logits, masks = self.logits(slots.slots, ids)
         return TokenPrediction(
             logits=logits,

@@ -189,12 +189,20 @@ class DVAE(ImageTokenizer):
 
     def losses(self, images: Tensor) -> dict[str, Tensor]:
         """Pixel MSE of the relaxed tokens at the current temperature."""
-        z = gumbel_softmax(self.log_probs(images), self.tau, self.params.hard, 1)
+        return self.losses_and_sample(images)[0]
+
+    def losses_and_sample(self, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """`losses` and `sample` from one encoder pass, as SLATE's training step draws both
+        (with independent Gumbel noise) from the same logits; the ids are detached."""
+        log_probs = self.log_probs(images)
+        with torch.no_grad():
+            ids = gumbel_softmax(log_probs, 1.0, False, 1).argmax(1)
+        z = gumbel_softmax(log_probs, self.tau, self.params.hard, 1)
         recon = self.decoder(z)
         err = (images.float() - recon.float()).pow(2)
         if self.params.loss_reduction == "mean":
-            return {"dvae_mse": err.mean()}
-        return {"dvae_mse": err.sum() / images.shape[0]}
+            return {"dvae_mse": err.mean()}, ids
+        return {"dvae_mse": err.sum() / images.shape[0]}, ids
 
 
 @hookimpl
