@@ -294,6 +294,7 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
             preprocess=LATENT_PREPROCESS,
             torch=torch.__version__,
             device=images.device.type,
+            autocast=_autocast_dtype(images.device),  # fp16/bf16 latents differ from fp32
         )
         found = self.cache.lookup(key, ids)
         missing = [i for i, sid in enumerate(ids) if sid not in found]
@@ -376,6 +377,12 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
             solver_options={"solver_order": p.solver_order, "algorithm_type": "dpmsolver++"},
         )
         return self.vqvae.decode_latents(latents * p.z_scale_factor)
+
+
+def _autocast_dtype(device: torch.device) -> str | None:
+    if torch.is_autocast_enabled(device.type):
+        return str(torch.get_autocast_dtype(device.type))
+    return None
 
 
 def build_unet(
