@@ -125,3 +125,28 @@ def test_caption_sources():
     assert own.caption == shapes[0]["caption"] and set(own.classes) == set(truth.classes)
     with pytest.raises(DataError, match="OCL_BENCH_BLIP2"):
         PromptSource("blip2", shapes)
+
+
+def test_stable_diffusion_folder_loads_offline_and_is_recorded(tmp_path, monkeypatch):
+    """A diffusers folder (the layout of stabilityai/stable-diffusion-2-1, written here by
+    save_pretrained from the tiny stand-ins) through $OCL_BENCH_SD, no network."""
+    folder = tmp_path / "sd"
+    generate.tiny_pipeline(32, 32, tmp_path / "tok").save_pretrained(folder)
+    monkeypatch.setenv("OCL_BENCH_SD", str(folder))
+    recipe = Recipe(source_params=SOURCE, count=1, image_size=32, steps=2, guidance_scale=2.0)
+    assert build(tmp_path / "out", recipe, progress=False) == 1
+    meta = json.loads((tmp_path / "out" / "meta" / "000000.json").read_text())
+    assert meta["model"] == str(folder) and meta["image_size"] == 32
+
+
+def test_generate_dataset_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from ocl_bench.cli import main
+
+    monkeypatch.delenv("OCL_BENCH_SD", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["generate-dataset", str(tmp_path / "g"), "--count", "1", "image_size=32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--pretrained PATH" in err and "--tiny" in err
+    args = ["generate-dataset", str(tmp_path / "h"), "--tiny", "--fg-threshold", "0.4"]
+    assert main(args) == 2
+    assert "thresholds must satisfy" in capsys.readouterr().err
