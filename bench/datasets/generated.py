@@ -47,6 +47,7 @@ from ocl_bench.hookspecs import hookimpl
 from ocl_bench.params import param
 
 FORWARDED = ("image_size", "train_size", "val_size", "test_size")
+_REPORTED: set[tuple[str, tuple[str, ...]]] = set()  # say it once per process
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ def source_params(p: GeneratedParams) -> dict[str, Any]:
     cls = registry().get("dataset", p.source)
     names = {f.name for f in dataclasses.fields(cls.Params)}
     unused = sorted(set(p.source_params) - names)
-    if unused:
+    if unused and (p.source, tuple(unused)) not in _REPORTED:
+        _REPORTED.add((p.source, tuple(unused)))
         print(
             f"dataset 'generated': source '{p.source}' has no {', '.join(unused)}; not applied",
             file=sys.stderr,
