@@ -129,6 +129,7 @@ def test_conditional_generation_scores_generation_from_nearest_centroids(
     tiny_run: Path, tmp_path: Path
 ) -> None:
     from ocl_bench.data import make_dataset
+    from ocl_bench.errors import DataError
     from ocl_bench.evaluate import load_run
     from ocl_bench.runtime import seed_everything
     from ocl_bench.tasking import EvalContext
@@ -157,7 +158,11 @@ def test_conditional_generation_scores_generation_from_nearest_centroids(
         progress=False,
         out_dir=tmp_path,
     )
-    params = ConditionalGenerationParams(fid="off", figure_images=2, slot_library=str(tiny_run))
+    build_library(tiny_run, 2, batch_size=8, epochs=1, progress=False)
+    # with several libraries in the run, a run directory is ambiguous: name the file
+    with pytest.raises(DataError, match="no single slot library"):
+        load_library(tiny_run)
+    params = ConditionalGenerationParams(fid="off", figure_images=2, slot_library=str(library.path))
     seed_everything(0)
     result = ConditionalGeneration(params).evaluate(ctx)
     got = {r.metric: r for r in result.records}
