@@ -76,6 +76,11 @@ def conclusion_lines(
         f"Order on {column.label} the data supports ('>' resolved, '~' not resolved): "
         + " ".join(chain)
     )
+    if any(len(comparison.seeds) == 1 for _, _, comparison in pairs):
+        lines.append(
+            "One seed: these intervals cover the evaluated images, not training with another "
+            "seed; `ocl-bench grid --seeds N` adds seeds and the comparisons pair over them."
+        )
     return lines
 
 

@@ -26,10 +26,10 @@ seeds = 2
 """
 
 
-def _store_grid(tmp_path: Path, shift: dict[int, float]) -> tuple[Path, Path]:
+def _store_grid(tmp_path: Path, shift: dict[int, float], grid: str = GRID) -> tuple[Path, Path]:
     """The grid's cells stored with per-image FG-ARI: row mean = base + shift[hidden]."""
     path = tmp_path / "g.toml"
-    path.write_text(GRID)
+    path.write_text(grid)
     db = tmp_path / "r.sqlite"
     store = ResultStore(db)
     rng = np.random.default_rng(0)
@@ -74,6 +74,17 @@ def test_the_conclusion_follows_the_data(tmp_path: Path) -> None:
     board = load_leaderboard(path, db)
     assert board.conclusion[-1].endswith("narrow > medium > wide")
     assert all(line.endswith(": resolved") for line in board.conclusion[:2])
+
+
+def test_one_seed_says_what_its_intervals_leave_out(tmp_path: Path) -> None:
+    path, db = _store_grid(tmp_path, {8: 0.0, 16: 0.002, 32: 0.08})
+    two_seeds = load_leaderboard(path, db).conclusion
+    single = tmp_path / "single"
+    single.mkdir()
+    path, db = _store_grid(single, {8: 0.0, 16: 0.002, 32: 0.08}, GRID.replace("seeds = 2", ""))
+    one_seed = load_leaderboard(path, db).conclusion
+    assert "1 seed)" in one_seed[0] and one_seed[-1].startswith("One seed:")
+    assert not any(line.startswith("One seed:") for line in two_seeds)
 
 
 def test_no_database_no_conclusion(tmp_path: Path) -> None:
