@@ -84,6 +84,9 @@ class TrainSettings:
     prefetch_factor: int = param(
         2, "batches each loader worker prepares ahead (with num_workers > 0)", ge=1
     )
+    fused_optimizer: bool = param(
+        True, "AdamW as one fused kernel over all parameters (CPU, CUDA), else per-tensor foreach"
+    )
     tensorboard: bool = param(
         True,
         "also write loss, lr, throughput and validation metrics to a TensorBoard event file"

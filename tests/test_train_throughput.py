@@ -131,3 +131,42 @@ def test_meter_counts_only_marked_waits() -> None:
     figures = meter.stop(images=4)
     assert 0.25 < figures["data_wait"] < 0.75
     assert figures["images_per_s"] == pytest.approx(4 / figures["step_s"])
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+def test_clip_gradients_equals_torch_clip_grad_norm(norm: str) -> None:
+    from ocl_bench.train import clip_gradients
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.zeros(s)) for s in ((30, 7), (5,), (2, 3, 4))]
+    ours.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: skipped
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours[:3], theirs[:3]):
+        a.grad = torch.randn(a.shape, generator=g) * 3
+        b.grad = a.grad.clone()
+    norm_type = float("inf") if norm == "inf" else 2.0
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.3, norm_type=norm_type)
+    total = clip_gradients(ours, 0.3, norm)
+    assert torch.equal(total, expected) and float(total) > 0.3  # clipping happened
+    for a, b in zip(ours[:3], theirs[:3]):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_fused_optimizer_is_used_and_steps_like_foreach() -> None:
+    from ocl_bench.train import make_optimizer
+
+    settings = load_config(None, TINY).train
+    weights = [torch.nn.Parameter(torch.randn(40, 9)), torch.nn.Parameter(torch.randn(9))]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = make_optimizer(settings, [{"params": weights}], torch.device("cpu"))
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW(copies, lr=settings.lr, weight_decay=settings.weight_decay)
+    for _ in range(3):
+        for a, b in zip(weights, copies):
+            a.grad = torch.sin(a.detach() * 3)
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for a, b in zip(weights, copies):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))

@@ -38,6 +38,7 @@ from torch import nn
 from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
 from ocl_bench.contracts import Batch, Progress
+from ocl_bench.train import clip_gradients, make_optimizer
 
 BATCH, SIZE = 8, 224
 STAGE1 = ["encoder.random_init=true", f"train.batch_size={BATCH}"]
@@ -69,8 +70,7 @@ def training_step(preset: str, overrides: list[str], images: torch.Tensor) -> Ca
     objectives = build_objectives(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    norm = float("inf") if t.grad_clip_norm == "inf" else 2.0
+    optimizer = make_optimizer(t, [{"params": params}], torch.device("cpu"))
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -78,7 +78,7 @@ def training_step(preset: str, overrides: list[str], images: torch.Tensor) -> Ca
         out = model(batch)
         loss = sum(v for o in objectives for v in o(out, batch, Progress(0, 1)).values())
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip, norm)
+        clip_gradients(params, t.grad_clip, t.grad_clip_norm)
         optimizer.step()
         return float(loss.detach())
 
