@@ -223,6 +223,8 @@ def load_pipeline(recipe: Recipe, work_dir: Path) -> tuple[Any, str]:
         folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
     )
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    if torch.cuda.is_available():  # Dataset Diffusion generates in fp16 on a GPU
+        pipe.to("cuda", torch.float16)
     return pipe, str(folder)
 
 
@@ -340,7 +342,8 @@ def _generate(
 ) -> int:
     from tqdm import tqdm
 
-    prompts = PromptSource(recipe.captions, source, blip2=recipe.blip2)
+    device = "cuda" if torch.cuda.is_available() and not recipe.tiny else "cpu"
+    prompts = PromptSource(recipe.captions, source, blip2=recipe.blip2, device=device)
     pipe, model = load_pipeline(recipe, root)
     pipe.set_progress_bar_config(disable=True)
     size = recipe.image_size or int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
@@ -364,6 +367,7 @@ def _generate(
             "token_spans": [list(s) for s in spans],
             "seed": seed,
             "model": model,
+            "dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "steps": recipe.steps,
             "guidance_scale": recipe.guidance_scale,
             "thresholds": {
