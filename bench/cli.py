@@ -302,6 +302,12 @@ def _cmd_generate_dataset(args: argparse.Namespace) -> int:
     )
     made = build(Path(args.out), recipe, progress=not args.quiet)
     print(f"{made} new items -> {args.out} (dataset.name=generated dataset.root={args.out})")
+    if args.preview:
+        from ocl_bench.datasets.generate import preview
+
+        figure = preview(Path(args.out), args.preview)
+        if figure is not None:
+            print(f"preview: {figure}")
     return 0
 
 
@@ -492,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fg-threshold", type=float, default=0.6)
     p.add_argument("--ignore-threshold", type=float, default=0.5)
     p.add_argument("--aggregate", default="mean", choices=["single", "mean"])
+    p.add_argument(
+        "--preview", type=int, default=8, help="images in OUT/preview.png, with masks (0: none)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate_dataset)
 

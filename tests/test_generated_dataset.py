@@ -25,7 +25,8 @@ RECIPE = Recipe(source_params=SOURCE, count=3, tiny=True, steps=2, guidance_scal
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.*"))}
+    files = sorted(p for p in root.rglob("*.*") if p.name != "preview.png")
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,9 @@ def test_items_have_image_mask_and_metadata(built):
     assert image.shape == (32, 32, 3) and labels.shape == (32, 32)
     allowed = {0, 255, *range(1, len(meta["classes"]) + 1)}
     assert set(np.unique(labels).tolist()) <= allowed
+    figure = generate.preview(built, 8)  # the 3 finished items
+    assert figure == built / "preview.png" and Image.open(figure).size[0] > 100
+    assert generate.preview(built.parent / "empty", 2) is None
 
 
 def test_a_killed_build_resumes_without_touching_finished_items(built, tmp_path, monkeypatch):

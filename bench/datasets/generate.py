@@ -392,6 +392,26 @@ def write_item(root: Path, index: int, rgb: np.ndarray, labels: np.ndarray, meta
     _atomic(root / "meta" / f"{name}.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
 
 
+def preview(root: Path, count: int = 8) -> Path | None:
+    """root/preview.png: the first `count` finished items, image over pseudo mask (classes in
+    colour, background black, ignore white), to eyeball the masks before training."""
+    from ocl_bench.figures import _palette, image_rows_figure
+
+    done = [i for i in range(count) if finished(root, i)]
+    if not done:
+        return None
+    images, masks = [], []
+    for i in done:
+        name = item_name(i)
+        rgb = np.asarray(Image.open(root / "images" / f"{name}.png").convert("RGB"), np.float32)
+        labels = np.asarray(Image.open(root / "masks" / f"{name}.png"), dtype=np.int64)
+        colours = np.concatenate([np.zeros((1, 3)), _palette(255)[1:], np.ones((1, 3))])
+        images.append(torch.from_numpy(rgb / 255.0).permute(2, 0, 1))
+        masks.append(torch.from_numpy(colours[labels].astype(np.float32)).permute(2, 0, 1))
+    rows = {"generated": torch.stack(images), "pseudo mask": torch.stack(masks)}
+    return image_rows_figure(rows, root / "preview.png")
+
+
 def _with_size(recipe: Recipe, size: int) -> Recipe:
     from dataclasses import replace
 
@@ -406,6 +426,7 @@ __all__ = [
     "finished",
     "generate_item",
     "load_pipeline",
+    "preview",
     "source_dataset",
     "tiny_pipeline",
     "tiny_tokenizer",
