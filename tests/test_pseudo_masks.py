@@ -161,10 +161,10 @@ def test_thresholds_split_foreground_ignore_and_background():
 
 def test_missing_resolution_names_what_was_recorded():
     self_attn, cross, _ = _planted()
-    with pytest.raises(ValueError, match="recorded: 8x8"):
-        class_scores(
-            {("self", 8, 8): self_attn, ("cross", 8, 8): cross},
-            [(1, 2)],
-            (64, 64),
-            RefineSettings(self_downsample=8),
-        )
+    maps = {("self", 8, 8): self_attn, ("cross", 8, 8): cross}
+    # a 768-px SD 2.1 latent (96) has no 32x32 maps: the error says what there is
+    with pytest.raises(ValueError, match=r"no self-attention recorded at 48x48 \(recorded: 8x8\)"):
+        class_scores(maps, [(1, 2)], (96, 96), RefineSettings())
+    single = RefineSettings(aggregate="single", self_downsample=8, cross_downsample=4)
+    with pytest.raises(ValueError, match=r"no cross-attention recorded at 16x16"):
+        class_scores(maps, [(1, 2)], (64, 64), single)
