@@ -59,7 +59,11 @@ class SlotModel(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         features = self.encoder(batch)
-        slots = self.grouping(features)
+        # a grouping that sizes itself per image (dynamic slot counts) reads the batch too
+        if getattr(self.grouping, "reads_batch", False):
+            slots = self.grouping(features, batch)
+        else:
+            slots = self.grouping(features)
         decoding = self.decoder(slots, features, batch)
         return ModelOutput(features=features, slots=slots, decoding=decoding)
 

@@ -19,12 +19,12 @@ each a named param:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.contracts import Batch, Dims, Features, Slots
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.layers import mlp
 from ocl_bench.params import param
@@ -63,6 +63,12 @@ class SlotAttentionParams:
         " (row, col, 1-row, 1-col) in [0, 1] before the pre-MLP (STEVE / StableLSD's"
         " CartesianPositionalEmbedding, a 1x1 conv there)",
     )
+    dynamic_slots: bool = param(
+        False,
+        "StableLSD-Dynamic (GLASS Fig. 4a): only the first M slots attend, M = the image's"
+        " objects (batch.instance_masks, at least 1); the others' logits are -inf (GLASS's"
+        " num_objs / use_mask)",
+    )
 
 
 class SlotAttention(nn.Module, Plugin):
@@ -73,6 +79,18 @@ class SlotAttention(nn.Module, Plugin):
     Params = SlotAttentionParams
     requires = frozenset({"features.tokens"})
     provides = frozenset({"slots.slots", "slots.attn", "slots.logits", "slots.init"})
+
+    @classmethod
+    def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
+        needs, gives = super().capabilities(params)
+        if params.dynamic_slots:
+            needs.add("batch.instance_masks")
+        return needs, gives
+
+    @property
+    def reads_batch(self) -> bool:
+        """Whether the composed model hands forward() the batch (dynamic slot counts)."""
+        return self.params.dynamic_slots
 
     def __init__(self, params: SlotAttentionParams, dims: Dims):
         super().__init__()
@@ -123,10 +141,15 @@ class SlotAttention(nn.Module, Plugin):
             return self.mu + self.log_sigma.exp() * noise
         return self.queries.unsqueeze(0).expand(batch_size, -1, -1)
 
-    def step(self, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One iteration: returns (new slots, attention softmaxed over slots, logits)."""
+    def step(
+        self, slots: Tensor, k: Tensor, v: Tensor, active: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One iteration: returns (new slots, attention softmaxed over slots, logits).
+        `active` bool[B,K]: slots that may attend (the others get -inf logits)."""
         q = self.to_q(self.norm_slots(slots))
         logits = torch.einsum("bnd,bkd->bnk", k, q)
+        if active is not None:
+            logits = logits.masked_fill(~active[:, None, :], float("-inf"))
         attn = logits.softmax(dim=-1)
         weights = attn + self.params.eps
         weights = weights / weights.sum(dim=1, keepdim=True)
@@ -144,8 +167,17 @@ class SlotAttention(nn.Module, Plugin):
         r, c = torch.meshgrid(rows, cols, indexing="ij")
         return torch.stack([r, c, 1 - r, 1 - c], dim=-1).reshape(h * w, 4)
 
-    def forward(self, features: Features) -> Slots:
+    def active_slots(self, batch: Batch | None, device: torch.device) -> Tensor | None:
+        """bool[B,K]: the first min(K, max(1, objects)) slots of each image (dynamic_slots)."""
+        if not self.params.dynamic_slots or batch is None or batch.instance_masks is None:
+            return None
+        objects = batch.instance_masks.flatten(2).any(-1).sum(1).clamp(1, self.params.num_slots)
+        ranks = torch.arange(self.params.num_slots, device=device)
+        return ranks[None, :] < objects.to(device)[:, None]
+
+    def forward(self, features: Features, batch: Batch | None = None) -> Slots:
         tokens = features.tokens
+        active = self.active_slots(batch, tokens.device)
         if self.params.position == "cartesian":
             code = self.cartesian_code(features.grid, tokens.device).to(tokens.dtype)
             tokens = tokens + self.pos_proj(code)
@@ -161,7 +193,7 @@ class SlotAttention(nn.Module, Plugin):
                 # BO-QSA: the last iteration sees detached slots, but the init keeps a
                 # straight-through gradient so learned queries still train.
                 slots = slots.detach() + init - init.detach()
-            slots, attn, logits = self.step(slots, k, v)
+            slots, attn, logits = self.step(slots, k, v, active)
         assert attn is not None
         return Slots(slots=slots, attn=attn, logits=logits, init=init)
 
