@@ -37,8 +37,11 @@ class SlotAttentionParams:
     slot_dim: int = param(64, "slot dimension", ge=1)
     iterations: int = param(3, "attention iterations", ge=1)
     mlp_hidden: int = param(128, "hidden size of the slot update MLP", ge=1)
-    init: Literal["shared_gaussian", "learned_queries"] = param(
-        "shared_gaussian", "shared Gaussian (sampled, also in eval) or learned per-slot queries"
+    init: Literal["shared_gaussian", "learned_queries", "boxes"] = param(
+        "shared_gaussian",
+        "shared Gaussian (sampled, also in eval), learned per-slot queries, or 'boxes': an MLP"
+        " of the first K ground-truth boxes (x1, y1, x2, y2 / image size, zeros past the last"
+        " object; StableLSD-BBox Init, GLASS's bbox_mlp: Linear 4->2d, ReLU, Linear 2d->d)",
     )
     truncation: Literal["none", "bi-level"] = param(
         "none", "'bi-level': gradient flows through the last iteration only (BO-QSA)"
@@ -85,12 +88,15 @@ class SlotAttention(nn.Module, Plugin):
         needs, gives = super().capabilities(params)
         if params.dynamic_slots:
             needs.add("batch.instance_masks")
+        if params.init == "boxes":
+            needs.add("batch.boxes")
         return needs, gives
 
     @property
     def reads_batch(self) -> bool:
-        """Whether the composed model hands forward() the batch (dynamic slot counts)."""
-        return self.params.dynamic_slots
+        """Whether the composed model hands forward() the batch (dynamic slot counts, slots
+        initialised from boxes)."""
+        return self.params.dynamic_slots or self.params.init == "boxes"
 
     def __init__(self, params: SlotAttentionParams, dims: Dims):
         super().__init__()
@@ -126,6 +132,8 @@ class SlotAttention(nn.Module, Plugin):
         if params.init == "shared_gaussian":
             self.mu = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
             self.log_sigma = nn.Parameter(nn.init.xavier_uniform_(torch.empty(1, 1, d)))
+        elif params.init == "boxes":
+            self.box_mlp = nn.Sequential(nn.Linear(4, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
         else:
             self.queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(params.num_slots, d)))
         self.scale = d**-0.5
@@ -134,11 +142,25 @@ class SlotAttention(nn.Module, Plugin):
         dims.slot_dim, dims.num_slots = self.params.slot_dim, self.params.num_slots
         return dims
 
+    def box_slots(self, batch: Batch | None, device: torch.device) -> Tensor:
+        """[B,K,d]: the box MLP of each image's first K boxes, normalised by the image size
+        (padding boxes are zeros, as are the boxes of missing objects)."""
+        if batch is None or batch.boxes is None:
+            raise ValueError("slot attention init='boxes' needs the batch's boxes")
+        h, w = batch.images.shape[-2:]
+        k = self.params.num_slots
+        boxes = batch.boxes[:, :k].to(device).float() / torch.tensor([w, h, w, h], device=device)
+        if boxes.shape[1] < k:
+            boxes = torch.nn.functional.pad(boxes, (0, 0, 0, k - boxes.shape[1]))
+        return self.box_mlp(boxes.to(self.box_mlp[0].weight.dtype))
+
     def initial_slots(self, batch_size: int, device: torch.device) -> Tensor:
         k, d = self.params.num_slots, self.params.slot_dim
         if self.params.init == "shared_gaussian":
             noise = torch.randn(batch_size, k, d, device=device)
             return self.mu + self.log_sigma.exp() * noise
+        if self.params.init == "boxes":
+            raise ValueError("slot attention init='boxes' needs the batch's boxes")
         return self.queries.unsqueeze(0).expand(batch_size, -1, -1)
 
     def step(
@@ -184,7 +206,10 @@ class SlotAttention(nn.Module, Plugin):
         tokens = self.norm_inputs(self.pre_mlp(tokens))
         k = self.to_k(tokens) * self.scale
         v = self.to_v(tokens)
-        init = self.initial_slots(tokens.shape[0], tokens.device)
+        if self.params.init == "boxes":
+            init = self.box_slots(batch, tokens.device)
+        else:
+            init = self.initial_slots(tokens.shape[0], tokens.device)
         slots = init
         attn = logits = None
         for i in range(self.params.iterations):

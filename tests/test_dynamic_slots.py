@@ -58,3 +58,26 @@ def test_composed_model_hands_the_batch_and_the_dataset_must_have_objects():
         check_compatible(  # an image folder has no objects to count
             load_config(None, ["dataset.name=image_folder", "grouping.dynamic_slots=true"])
         )
+
+
+def test_slots_initialised_from_boxes():
+    """StableLSD-BBox Init: slot k starts from an MLP of box k (GLASS's bbox_mlp)."""
+    torch.manual_seed(0)
+    params = SlotAttentionParams(num_slots=3, slot_dim=16, mlp_hidden=16, init="boxes")
+    grouping = SlotAttention(params, Dims(image_size=(8, 8), grid=(4, 4), token_dim=8))
+    features = Features(tokens=torch.randn(2, 16, 8), grid=(4, 4))
+    batch = Batch(
+        images=torch.zeros(2, 3, 8, 8),
+        boxes=torch.tensor([[[0.0, 0.0, 4.0, 8.0]], [[0.0, 0.0, 8.0, 4.0]]]),  # one box each
+    )
+    slots = grouping(features, batch)
+    expected = grouping.box_mlp(torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 1.0, 0.5]]))
+    torch.testing.assert_close(slots.init[:, 0], expected)
+    zero = grouping.box_mlp(torch.zeros(4))  # slots past the last object: zero boxes
+    torch.testing.assert_close(slots.init[:, 1:], zero.expand(2, 2, 16))
+    slots.slots.sum().backward()
+    assert grouping.box_mlp[0].weight.grad.abs().sum() > 0
+    needs, _ = SlotAttention.capabilities(params)
+    assert "batch.boxes" in needs and grouping.reads_batch
+    with pytest.raises(ValueError, match="needs the batch's boxes"):
+        grouping(features)
