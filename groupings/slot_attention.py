@@ -40,7 +40,7 @@ class SlotAttentionParams:
     init: Literal["shared_gaussian", "learned_queries", "boxes"] = param(
         "shared_gaussian",
         "shared Gaussian (sampled, also in eval), learned per-slot queries, or 'boxes': an MLP"
-        " of the first K ground-truth boxes (x1, y1, x2, y2 / image size, zeros past the last"
+        " of the first K ground-truth boxes (x1, y1, x2, y2 / image size, -1 past the last"
         " object; StableLSD-BBox Init, GLASS's bbox_mlp: Linear 4->2d, ReLU, Linear 2d->d)",
     )
     truncation: Literal["none", "bi-level"] = param(
@@ -143,15 +143,19 @@ class SlotAttention(nn.Module, Plugin):
         return dims
 
     def box_slots(self, batch: Batch | None, device: torch.device) -> Tensor:
-        """[B,K,d]: the box MLP of each image's first K boxes, normalised by the image size
-        (padding boxes are zeros, as are the boxes of missing objects)."""
+        """[B,K,d]: the box MLP of each image's first K boxes. Slots past the last object
+        get the box (-1, -1, -1, -1), GLASS's padding. GLASS feeds pixel coordinates of its
+        256-px images; here they are divided by the image size, so the MLP sees the same
+        numbers at any resolution."""
         if batch is None or batch.boxes is None:
             raise ValueError("slot attention init='boxes' needs the batch's boxes")
         h, w = batch.images.shape[-2:]
         k = self.params.num_slots
         boxes = batch.boxes[:, :k].to(device).float() / torch.tensor([w, h, w, h], device=device)
+        real = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # not padding
+        boxes = torch.where(real[..., None], boxes, torch.full_like(boxes, -1.0))
         if boxes.shape[1] < k:
-            boxes = torch.nn.functional.pad(boxes, (0, 0, 0, k - boxes.shape[1]))
+            boxes = torch.nn.functional.pad(boxes, (0, 0, 0, k - boxes.shape[1]), value=-1.0)
         return self.box_mlp(boxes.to(self.box_mlp[0].weight.dtype))
 
     def initial_slots(self, batch_size: int, device: torch.device) -> Tensor:

@@ -7,9 +7,9 @@ released. Per image:
 
 1. segments at the slot-attention resolution (nearest-neighbour): the pseudo masks of a
    `generated` dataset (`source='pseudo_masks'`, GLASS and GLASS†), ground-truth semantic
-   masks (`gt_masks`, StableLSD-Mask), instance masks (`gt_instances`) or boxes filled in
-   (`gt_boxes`, StableLSD-Box); the background (no segment, not ignored) is a segment only
-   with `match_background`;
+   masks (`gt_masks`, StableLSD-Mask), instance masks (`gt_instances`) or boxes filled in,
+   later boxes over earlier ones (`gt_boxes`, StableLSD-Box); the background (no segment,
+   not ignored) is a segment only with `match_background`;
 2. Hungarian matching (bench/matching.py) maximising the IoU between each slot's argmax
    mask and each segment, ignore pixels left out of every count;
 3. binary cross-entropy between the matched slots' attention probabilities (softmax over
@@ -57,12 +57,17 @@ class GuidanceParams:
 
 
 def box_masks(boxes: Tensor, grid: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
-    """bool[B,M,h,w]: grid cells whose centre lies in each (x1, y1, x2, y2) pixel box."""
+    """bool[B,M,h,w]: the grid cells whose centre lies in each (x1, y1, x2, y2) pixel box,
+    painted in order so that a later box covers an earlier one (GLASS's bbox_to_mask: one
+    label map, box i written as i + 1 over the ones before), so segments never overlap."""
     h, w = grid
     ys = (torch.arange(h, device=boxes.device) + 0.5) * image_size[0] / h
     xs = (torch.arange(w, device=boxes.device) + 0.5) * image_size[1] / w
     x1, y1, x2, y2 = (boxes[..., i, None, None] for i in range(4))
-    return (xs >= x1) & (xs < x2) & (ys[:, None] >= y1) & (ys[:, None] < y2)
+    inside = (xs >= x1) & (xs < x2) & (ys[:, None] >= y1) & (ys[:, None] < y2)
+    # covered[m]: some box after m contains the cell (reverse cumulative OR, exclusive)
+    later = inside.flip(1).cumsum(1).flip(1) - inside.long()
+    return inside & (later == 0)
 
 
 def _nearest(masks: Tensor, grid: tuple[int, int]) -> Tensor:

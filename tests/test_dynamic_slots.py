@@ -66,15 +66,19 @@ def test_slots_initialised_from_boxes():
     params = SlotAttentionParams(num_slots=3, slot_dim=16, mlp_hidden=16, init="boxes")
     grouping = SlotAttention(params, Dims(image_size=(8, 8), grid=(4, 4), token_dim=8))
     features = Features(tokens=torch.randn(2, 16, 8), grid=(4, 4))
-    batch = Batch(
-        images=torch.zeros(2, 3, 8, 8),
-        boxes=torch.tensor([[[0.0, 0.0, 4.0, 8.0]], [[0.0, 0.0, 8.0, 4.0]]]),  # one box each
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 4.0, 8.0], [0.0, 0.0, 0.0, 0.0]],  # one object, a collate padding row
+            [[0.0, 0.0, 8.0, 4.0], [0.0, 4.0, 8.0, 8.0]],  # two objects
+        ]
     )
-    slots = grouping(features, batch)
-    expected = grouping.box_mlp(torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 1.0, 0.5]]))
-    torch.testing.assert_close(slots.init[:, 0], expected)
-    zero = grouping.box_mlp(torch.zeros(4))  # slots past the last object: zero boxes
-    torch.testing.assert_close(slots.init[:, 1:], zero.expand(2, 2, 16))
+    slots = grouping(features, Batch(images=torch.zeros(2, 3, 8, 8), boxes=boxes))
+    mlp = grouping.box_mlp
+    pad = mlp(torch.full((4,), -1.0))  # slots past the last object: GLASS pads with -1
+    torch.testing.assert_close(slots.init[0, 0], mlp(torch.tensor([0.0, 0.0, 0.5, 1.0])))
+    torch.testing.assert_close(slots.init[0, 1:], pad.expand(2, 16))
+    torch.testing.assert_close(slots.init[1, 1], mlp(torch.tensor([0.0, 0.5, 1.0, 1.0])))
+    torch.testing.assert_close(slots.init[1, 2], pad)
     slots.slots.sum().backward()
     assert grouping.box_mlp[0].weight.grad.abs().sum() > 0
     needs, _ = SlotAttention.capabilities(params)

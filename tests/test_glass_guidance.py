@@ -82,6 +82,11 @@ def test_boxes_become_masks_at_the_slot_grid():
     masks = box_masks(boxes, (4, 4), (16, 16))
     assert masks.shape == (1, 1, 4, 4)
     assert masks[0, 0, :, :2].all() and not masks[0, 0, :, 2:].any()
+    # a later box covers an earlier one where they overlap (GLASS paints one label map)
+    both = torch.tensor([[[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 8.0, 8.0]]])
+    first, second = box_masks(both, (4, 4), (16, 16))[0]
+    assert second[:2, :2].all() and second.sum() == 4
+    assert not (first & second).any() and (first | second).all()
 
 
 def test_gradient_reaches_slot_attention_and_capabilities_follow_the_source():
