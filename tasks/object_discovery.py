@@ -48,7 +48,7 @@ class ObjectDiscoveryParams:
     masks: list[str] = param(["decoder", "attn"], "masks scored: 'decoder' and/or 'attn'")
     mask_size: int = param(0, "side the masks are scored at (0 = ground-truth resolution)", ge=0)
     ignore_overlaps: bool = param(True, "drop pixels covered by several instances (OCLF)")
-    class_masks: bool = param(True, "also score mBO_c on the class masks")
+    class_masks: bool = param(True, "also score mBO_c and mIoU_c on the class masks")
 
 
 class ObjectDiscovery(Plugin):
@@ -99,6 +99,9 @@ class ObjectDiscovery(Plugin):
                 scores = all_metrics(pred, gt, inst_ignore, num_slots=out.slots.slots.shape[1])
                 if p.class_masks and class_gt is not None:
                     scores["mbo_c"] = mbo(pred, class_gt, ignore)
+                    # GLASS's mIoU (Tables 2, 6, 7): slots assigned one-to-one to the semantic
+                    # classes (Hungarian on IoU) - its released eval_metrics.py 'iou'
+                    scores["miou_c"] = miou(pred, class_gt, ignore)
                 scores["mbo_i"] = scores.pop("mbo")
                 for metric, values in scores.items():
                     sums.setdefault((source, metric), []).append(values.double().cpu())
