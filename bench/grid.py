@@ -280,7 +280,7 @@ def run_grid(
                     cell, grid.name, runs_dir, db_path, progress, leases
                 )
         else:
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
             from multiprocessing import get_context
 
             with ProcessPoolExecutor(
@@ -295,6 +295,11 @@ def run_grid(
                     )
                     for cell in cells
                 }
+                if progress:  # workers draw no progress bars: say when each cell ends
+                    print(f"{len(cells)} cells on {workers} workers", file=sys.stderr)
+                    for fut in as_completed(futures.values()):
+                        label = next(k for k, v in futures.items() if v is fut)
+                        print(f"  {fut.result()}: {label}", file=sys.stderr)
                 for label, fut in futures.items():
                     statuses[label] = fut.result()
 
