@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocl_bench.contracts import Batch, Denoising, Dims, Features, Slots
+from ocl_bench.datasets.generate import tiny_unet_and_vae
 from ocl_bench.decoders import diffusion
 from ocl_bench.errors import DataError
 from ocl_bench.feature_cache import FeatureCache, sample_ids
@@ -153,31 +154,7 @@ def tiny_models(
     every run and process (their checkpoint hashes match whatever ran before the build)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _tiny_models(width, latent_side, image_side)
-
-
-def _tiny_models(width: int, latent_side: int, image_side: int) -> tuple[nn.Module, nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    unet = UNet2DConditionModel(
-        sample_size=latent_side,
-        block_out_channels=(width, 2 * width),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=image_side,
-    )
-    return unet, vae
+        return tiny_unet_and_vae(width, latent_side, image_side)
 
 
 class LatentDiffusionDecoder(nn.Module, Plugin):

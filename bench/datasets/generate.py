@@ -143,15 +143,38 @@ def tiny_tokenizer(folder: Path) -> Any:
     )
 
 
+def tiny_unet_and_vae(width: int, latent_side: int, image_side: int) -> tuple[Any, Any]:
+    """(UNet2DConditionModel, AutoencoderKL), random, drawn from the global RNG, at the sizes
+    the reference verified on CPU: a 2-level UNet (width, 2 * width) with cross-attention
+    width `width`, and a VAE with scale factor 2 and 4 latent channels. The tiny generation
+    pipeline and the tiny `latent_diffusion` decoder both use these stand-ins."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=latent_side,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=image_side,
+    )
+    return unet, vae
+
+
 def tiny_pipeline(width: int, image_size: int, tokenizer_dir: Path, seed: int = 0) -> Any:
     """A random StableDiffusionPipeline small enough for a CPU: 2-level UNet, VAE with
     scale factor 2, 2-layer CLIP text encoder, DPM-Solver multistep with SD 2.1's schedule."""
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if image_size % 4:
@@ -171,24 +194,7 @@ def tiny_pipeline(width: int, image_size: int, tokenizer_dir: Path, seed: int = 
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2,
-        block_out_channels=(width, 2 * width),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[16, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=image_size,
-    )
+    unet, vae = tiny_unet_and_vae(width, image_size // 2, image_size)
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
