@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import nn
 
 from ocl_bench.config import RunConfig
@@ -83,14 +85,19 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
         modules.append(module)
     model = SlotModel(*modules)
     model.dims = dims  # the sizes every stage learned: what objectives that own modules read
-    for module in modules:
-        # A stage that needs another stage's modules beyond its typed inputs (MAGE's decoder
-        # ties its head to the encoder's embeddings and re-runs the encoder while sampling)
-        # receives the model once, to keep a reference that is not a submodule.
-        connect = getattr(module, "connect", None)
+    # A stage that needs another stage's modules beyond its typed inputs (MAGE's decoder
+    # ties its head to the encoder's embeddings and re-runs the encoder while sampling)
+    # receives the model once, to keep a reference that is not a submodule.
+    _connect(modules, model)
+    return model
+
+
+def _connect(parts: Iterable[nn.Module], model: SlotModel) -> None:
+    """Hand `model` to every part that defines `connect(model)`."""
+    for part in parts:
+        connect = getattr(part, "connect", None)
         if callable(connect):
             connect(model)
-    return model
 
 
 def build_objectives(cfg: RunConfig, model: SlotModel | None = None) -> nn.ModuleList:
@@ -99,8 +106,5 @@ def build_objectives(cfg: RunConfig, model: SlotModel | None = None) -> nn.Modul
     decoder, a prediction head) train and are checkpointed with the objectives."""
     objectives = nn.ModuleList([c.cls(c.params) for c in cfg.objectives])
     if model is not None:
-        for objective in objectives:
-            connect = getattr(objective, "connect", None)
-            if callable(connect):
-                connect(model)
+        _connect(objectives, model)
     return objectives

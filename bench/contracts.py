@@ -15,6 +15,7 @@ What a decoder provides to objectives and tasks is the set of its family's field
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,19 +23,12 @@ import torch
 from torch import Tensor
 
 
-def _pin(value: Any) -> Any:
+def _map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`fn` applied to a tensor, or to every tensor of a (nested) dict; other values kept."""
     if isinstance(value, Tensor):
-        return value.pin_memory()
+        return fn(value)
     if isinstance(value, dict):
-        return {k: _pin(v) for k, v in value.items()}
-    return value
-
-
-def _move(value: Any, device: torch.device | str) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {k: _move(v, device) for k, v in value.items()}
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
     return value
 
 
@@ -64,11 +58,15 @@ class Batch:
     index: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return replace(self, **{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:
         """Page-locked copies of the tensors (DataLoader(pin_memory=True) calls this)."""
-        return replace(self, **{f.name: _pin(getattr(self, f.name)) for f in fields(self)})
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        mapped = {f.name: _map_tensors(getattr(self, f.name), fn) for f in fields(self)}
+        return replace(self, **mapped)
 
     @property
     def size(self) -> int:
