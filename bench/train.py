@@ -34,6 +34,7 @@ What the loop offers the plugins of every model family:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -493,15 +494,20 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
 class CompiledOrEager:
     """`torch.compile(module)`, or the module itself where compiling fails.
 
-    Compilation happens at the first call; if it raises, that call is redone eagerly
-    from the same RNG state (the slot noise it drew is drawn again), a one-line warning
-    names the error, and every later call runs eagerly.
+    Compilation happens at the first call of each input signature (the shapes, dtypes and
+    devices of the tensors, and the plain values, of the call's arguments: what makes
+    torch.compile trace again); if it raises, that call is redone eagerly from the same RNG
+    state (the slot noise it drew is drawn again), a one-line warning names the error, and
+    every later call runs eagerly. Once a signature has run compiled, its calls no longer
+    snapshot the RNG state (a copy of every generator per step): an error there is the
+    model's own and propagates, as it would uncompiled.
     """
 
     def __init__(self, module: nn.Module):
         self.module = module
         self.compiled: Any = None
         self.failed = False
+        self.compiled_signatures: set[tuple[Any, ...]] = set()
         try:
             self.compiled = torch.compile(module)
         except Exception as err:  # noqa: BLE001 - any failure means: run eagerly
@@ -519,13 +525,39 @@ class CompiledOrEager:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
             return self.module(*args, **kwargs)
+        signature = call_signature((args, kwargs))
+        if signature in self.compiled_signatures:
+            return self.compiled(*args, **kwargs)
         state = rng_state()
         try:
-            return self.compiled(*args, **kwargs)
+            out = self.compiled(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the eager retry re-raises real errors
             self._fall_back(err)
             set_rng_state(state)
             return self.module(*args, **kwargs)
+        self.compiled_signatures.add(signature)
+        return out
+
+
+def call_signature(value: Any) -> tuple[Any, ...]:
+    """What torch.compile specialises a call on, as a hashable key: each tensor's shape,
+    dtype, device and requires_grad; the structure of dataclasses, dicts, lists and
+    tuples; numbers, booleans and None by value. Strings count by type only: a batch's
+    captions differ every step and feed no traced tensor code."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return (type(value), *(call_signature(getattr(value, f.name)) for f in fields))
+    if isinstance(value, dict):
+        return (dict, *((k, call_signature(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value), *(call_signature(v) for v in value))
+    if isinstance(value, str):
+        return (str,)
+    if value is None or isinstance(value, (bool, int, float)):
+        return (type(value), value)
+    return (type(value), id(value))
 
 
 def _saved_step(ckpt_dir: Path) -> int:
