@@ -45,6 +45,7 @@ class Batch:
     properties: name -> tensor[B,M] (long for categorical, float for continuous).
     captions: one string per image.
     index: long[B], the sample index inside its split.
+    class_ids: long[B,C], the category of each class mask, -1 for padding.
     """
 
     images: Tensor
@@ -56,6 +57,7 @@ class Batch:
     properties: dict[str, Tensor] | None = None
     captions: list[str] | None = None
     index: Tensor | None = None
+    class_ids: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=True))

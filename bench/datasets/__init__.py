@@ -77,9 +77,8 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
 
     Per-object fields are padded along M to the largest count in the batch: instance masks
     and boxes with zeros/False, labels with -1, categorical (integer) properties with -1 and
-    continuous (float) properties with 0.0. Class masks are padded along C with False; they
-    keep the samples' order (ascending category id), so `class_ids` is not part of the Batch
-    (use `collate_class_ids` when it is needed). A field is set only when every sample has it.
+    continuous (float) properties with 0.0. Class masks are padded along C with False, their
+    `class_ids` with -1 (`collate_class_ids`). A field is set only when every sample has it.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -111,6 +110,8 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         batch.captions = [str(s["caption"]) for s in samples]
     if _all_have(samples, "index"):
         batch.index = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
+    if _all_have(samples, "class_ids"):
+        batch.class_ids = collate_class_ids(samples)
     return batch
 
 

@@ -21,6 +21,7 @@ SEGMENTATION_PROVIDES = frozenset(
         "batch.images",
         "batch.instance_masks",
         "batch.class_masks",
+        "batch.class_ids",
         "batch.ignore_mask",
         "batch.boxes",
         "batch.labels",

@@ -156,6 +156,7 @@ class GeneratedDataset(DatasetPlugin):
         {
             "batch.images",
             "batch.class_masks",
+            "batch.class_ids",
             "batch.ignore_mask",
             "batch.captions",
             "batch.index",
@@ -208,6 +209,11 @@ class GeneratedDataset(DatasetPlugin):
     @property
     def class_names(self) -> Any:
         return self.source.class_names
+
+    @property
+    def num_classes(self) -> int:
+        """The source's: generated class ids index the source's vocabulary."""
+        return self.source.num_classes
 
     def property_specs(self) -> dict[str, tuple[str, int]]:
         return self.source.property_specs()
