@@ -40,8 +40,16 @@ class SlotAttentionParams:
     init: Literal["shared_gaussian", "learned_queries", "boxes"] = param(
         "shared_gaussian",
         "shared Gaussian (sampled, also in eval), learned per-slot queries, or 'boxes': an MLP"
-        " of the first K ground-truth boxes (x1, y1, x2, y2 / image size, -1 past the last"
-        " object; StableLSD-BBox Init, GLASS's bbox_mlp: Linear 4->2d, ReLU, Linear 2d->d)",
+        " of the first K ground-truth boxes (x1, y1, x2, y2 in pixels of a box_frame-px image,"
+        " -1 past the last object; StableLSD-BBox Init, GLASS's bbox_mlp: Linear 4->2d, ReLU,"
+        " Linear 2d->d)",
+    )
+    box_frame: int = param(
+        256,
+        "init='boxes': boxes reach the MLP in pixels of a box_frame-px square image, whatever"
+        " the dataset's resolution (GLASS: 256, its image size, so its bbox_mlp weights load"
+        " as they are); 0 = fractions of the image",
+        ge=0,
     )
     truncation: Literal["none", "bi-level"] = param(
         "none", "'bi-level': gradient flows through the last iteration only (BO-QSA)"
@@ -145,13 +153,18 @@ class SlotAttention(nn.Module, Plugin):
     def box_slots(self, batch: Batch | None, device: torch.device) -> Tensor:
         """[B,K,d]: the box MLP of each image's first K boxes. Slots past the last object
         get the box (-1, -1, -1, -1), GLASS's padding. GLASS feeds pixel coordinates of its
-        256-px images; here they are divided by the image size, so the MLP sees the same
-        numbers at any resolution."""
+        256-px images: boxes are rescaled to that frame (`box_frame`), so the same numbers
+        reach the MLP at any dataset resolution."""
         if batch is None or batch.boxes is None:
             raise ValueError("slot attention init='boxes' needs the batch's boxes")
-        h, w = batch.images.shape[-2:]
+        # boxes are in pixels of the masks, which may be larger than the images (COCO: 320)
+        frame = batch.instance_masks if batch.instance_masks is not None else batch.images
+        h, w = frame.shape[-2:]
         k = self.params.num_slots
-        boxes = batch.boxes[:, :k].to(device).float() / torch.tensor([w, h, w, h], device=device)
+        scale = torch.tensor([w, h, w, h], device=device, dtype=torch.float32)
+        if self.params.box_frame:
+            scale = scale / self.params.box_frame
+        boxes = batch.boxes[:, :k].to(device).float() / scale
         real = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])  # not padding
         boxes = torch.where(real[..., None], boxes, torch.full_like(boxes, -1.0))
         if boxes.shape[1] < k:

@@ -38,6 +38,7 @@ __all__ = [
     "masks_to_pred",
     "mbo",
     "miou",
+    "with_background",
 ]
 
 MASK_SOURCES = ("decoder", "attn")
@@ -99,9 +100,7 @@ class ObjectDiscovery(Plugin):
                 scores = all_metrics(pred, gt, inst_ignore, num_slots=out.slots.slots.shape[1])
                 if p.class_masks and class_gt is not None:
                     scores["mbo_c"] = mbo(pred, class_gt, ignore)
-                    # GLASS's mIoU (Tables 2, 6, 7): slots assigned one-to-one to the semantic
-                    # classes (Hungarian on IoU) - its released eval_metrics.py 'iou'
-                    scores["miou_c"] = miou(pred, class_gt, ignore)
+                    scores["miou_c"] = miou(pred, with_background(class_gt), ignore)
                 scores["mbo_i"] = scores.pop("mbo")
                 for metric, values in scores.items():
                     sums.setdefault((source, metric), []).append(values.double().cpu())
@@ -122,6 +121,17 @@ class ObjectDiscovery(Plugin):
                 )
             )
         return TaskResult(records, {"images": images})
+
+
+def with_background(class_masks: torch.Tensor) -> torch.Tensor:
+    """bool[B,1+C,H,W]: the pixels in no class mask as one more segment, first.
+
+    GLASS's mIoU (Tables 2, 6, 7; `miou_c`) is its released eval_metrics.py 'iou':
+    OCLF's Hungarian mask IoU on the one-hot semantic map with ignore_background=False, so
+    the background is a segment that one slot must cover like any class.
+    """
+    background = ~class_masks.bool().any(dim=1, keepdim=True)
+    return torch.cat([background, class_masks.bool()], dim=1)
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

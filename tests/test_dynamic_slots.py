@@ -63,7 +63,9 @@ def test_composed_model_hands_the_batch_and_the_dataset_must_have_objects():
 def test_slots_initialised_from_boxes():
     """StableLSD-BBox Init: slot k starts from an MLP of box k (GLASS's bbox_mlp)."""
     torch.manual_seed(0)
-    params = SlotAttentionParams(num_slots=3, slot_dim=16, mlp_hidden=16, init="boxes")
+    params = SlotAttentionParams(  # box_frame=0: boxes as fractions of the image
+        num_slots=3, slot_dim=16, mlp_hidden=16, init="boxes", box_frame=0
+    )
     grouping = SlotAttention(params, Dims(image_size=(8, 8), grid=(4, 4), token_dim=8))
     features = Features(tokens=torch.randn(2, 16, 8), grid=(4, 4))
     boxes = torch.tensor(

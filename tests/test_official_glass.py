@@ -1,0 +1,333 @@
+"""ocl-bench's GLASS pieces against GLASS's released code (github.com/visinf/glass), when present.
+
+Opt-in: point OCL_BENCH_GLASS_REPO at a checkout of the official repository (it needs
+`einops`). Two of its modules are imported, nothing is copied:
+
+- `src/models/slot_attn.py` (MultiHeadSTEVESA: LSD's slot attention plus GLASS's `num_objs` /
+  `use_mask` dynamic slots and the `bbox_mlp` slot initialisation). `distinctipy`, a
+  colour-palette package its `src/models/utils.py` imports for visualisation only, is replaced
+  by an empty stub. The same weights run through ocl-bench's `slot_attention`
+  (position='cartesian', pre_mlp=true, eps=1e-6; `dynamic_slots`; init='boxes'): slots and
+  last-iteration attention agree within 1e-5.
+- `src/eval/oclf_metrics/oclf_eval_masks.py` (OCLF's UnsupervisedMaskIoUMetric), configured as
+  `src/eval/oclf_metrics/eval_metrics.py` configures the metric it reports as 'iou' (GLASS's
+  mIoU, Tables 2, 6, 7): its constructor arguments are read from that script with `ast` at test
+  time (the script parses the command line and loads models when imported). On random soft
+  masks and semantic maps (empty images, fully ignored images, more classes than slots) it
+  equals `object_discovery`'s `miou_c` image by image.
+
+Where ocl-bench differs from the official code on purpose, a test says so: an image without
+objects keeps one attending slot (the official code masks every slot and returns NaN).
+
+    git --git-dir=/work/.mirror/visinf+glass/repo archive HEAD | tar -x -C /tmp/glass
+    OCL_BENCH_GLASS_REPO=/tmp/glass python -m pytest tests/test_official_glass.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ocl_bench.contracts import Batch, Dims, Features
+from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.tasks.object_discovery import masks_to_pred, miou, with_background
+
+REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
+pytestmark = pytest.mark.skipif(
+    not REPO or not (Path(REPO) / "src" / "models" / "slot_attn.py").is_file(),
+    reason="set OCL_BENCH_GLASS_REPO to a checkout of github.com/visinf/glass",
+)
+B, K, D, SIDE, ITERS = 4, 5, 32, 4, 3
+IMAGE = 64  # our images (and masks); GLASS's boxes are pixels of its 256-px images
+close = dict(rtol=1e-5, atol=1e-5)
+
+
+def _without_src_package() -> dict[str, types.ModuleType]:
+    """Take `src` and its submodules out of sys.modules (the LSD test imports another `src`)."""
+    return {n: sys.modules.pop(n) for n in list(sys.modules) if n == "src" or n.startswith("src.")}
+
+
+@pytest.fixture(scope="module")
+def official_sa_class() -> type:
+    pytest.importorskip("einops")
+    saved = _without_src_package()
+    stubbed = "distinctipy" not in sys.modules
+    if stubbed:  # only used by utils.random_colors (visualisation), never called here
+        sys.modules["distinctipy"] = types.ModuleType("distinctipy")
+    sys.path.insert(0, REPO)
+    try:
+        from src.models.slot_attn import MultiHeadSTEVESA
+    finally:
+        sys.path.remove(REPO)
+        if stubbed:
+            del sys.modules["distinctipy"]
+        _without_src_package()
+        sys.modules.update(saved)
+    return MultiHeadSTEVESA
+
+
+def _official(cls: type, init_mlp: bool, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = cls(
+        num_iterations=ITERS,
+        num_slots=K,
+        num_heads=1,  # GLASS's configs/coco/slot_attn/config.json
+        input_size=D,
+        out_size=24,
+        slot_size=D,
+        mlp_hidden_size=D,
+        input_resolution=SIDE,
+        epsilon=1e-6,
+        init_mlp=init_mlp,
+    ).eval()
+    with torch.no_grad():  # off the init, so nothing agrees by accident
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+RENAME = {
+    "pos.projection.": "pos_proj.",
+    "in_layer_norm.": "pre_mlp.0.",
+    "in_mlp.0.": "pre_mlp.1.0.",
+    "in_mlp.2.": "pre_mlp.1.2.",
+    "project_q.": "to_q.",
+    "project_k.": "to_k.",
+    "project_v.": "to_v.",
+    "mlp.0.": "update_mlp.0.",
+    "mlp.2.": "update_mlp.2.",
+    "bbox_mlp.": "box_mlp.",
+    "slot_mu": "mu",
+    "slot_log_sigma": "log_sigma",
+}
+
+
+def _official_to_ours(state: dict[str, torch.Tensor], boxes: bool) -> dict[str, torch.Tensor]:
+    """The official MultiHeadSTEVESA state_dict in ocl-bench's slot_attention names."""
+    ours = {}
+    for key, value in state.items():
+        if key == "pos.pe" or key.startswith("out_"):
+            continue  # a buffer ours rebuilds; the output projection is the decoder's
+        if boxes and key.startswith("slot_"):
+            continue  # with init_mlp the official Gaussian parameters exist but are unused
+        new = key
+        for old, mine in RENAME.items():
+            if key.startswith(old):
+                new = mine + key[len(old) :]
+                break
+        if key == "pos.projection.weight":
+            value = value.reshape(value.shape[0], 4)  # 1x1 conv -> Linear
+        ours[new] = value
+    return ours
+
+
+def _ours(official: torch.nn.Module, **params) -> SlotAttention:
+    sa = SlotAttention(
+        SlotAttentionParams(
+            num_slots=K,
+            slot_dim=D,
+            iterations=ITERS,
+            mlp_hidden=D,
+            pre_mlp=True,
+            position="cartesian",
+            eps=1e-6,
+            **params,
+        ),
+        Dims(image_size=(IMAGE, IMAGE), grid=(SIDE, SIDE), token_dim=D),
+    )
+    boxes = params.get("init") == "boxes"
+    sa.load_state_dict(_official_to_ours(official.state_dict(), boxes), strict=True)
+    return sa.eval()
+
+
+def _tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B,N,D] in raster order, the same as the official [B,1,D,h,w] input)."""
+    tokens = torch.randn(B, SIDE * SIDE, D, generator=torch.Generator().manual_seed(seed))
+    return tokens, tokens.transpose(1, 2).reshape(B, 1, D, SIDE, SIDE)
+
+
+def _compare(official_out: tuple, ours_out) -> None:
+    off_slots, off_attn = official_out  # [B,1,K,D], [B,1,heads,N,K]
+    torch.testing.assert_close(ours_out.slots, off_slots[:, 0], **close)
+    torch.testing.assert_close(ours_out.attn, off_attn[:, 0, 0], **close)
+
+
+def _objects(counts: list[int]) -> torch.Tensor:
+    """bool[B,M,IMAGE,IMAGE]: image b has counts[b] non-empty instance masks."""
+    masks = torch.zeros(len(counts), max(counts), IMAGE, IMAGE, dtype=torch.bool)
+    for b, m in enumerate(counts):
+        for i in range(m):
+            masks[b, i, i, :] = True
+    return masks
+
+
+def test_plain_slot_attention_matches_the_official(official_sa_class) -> None:
+    official = _official(official_sa_class, init_mlp=False, seed=1)
+    ours = _ours(official)
+    tokens, grid = _tokens(2)
+    with torch.no_grad():
+        torch.manual_seed(3)  # the same Gaussian slot-init noise for both
+        expected = official.forward_slots(grid)
+        torch.manual_seed(3)
+        got = ours(Features(tokens=tokens, grid=(SIDE, SIDE)))
+    _compare(expected, got)
+
+
+def test_dynamic_slots_match_the_official_num_objs_mask(official_sa_class) -> None:
+    official = _official(official_sa_class, init_mlp=False, seed=4)
+    ours = _ours(official, dynamic_slots=True)
+    tokens, grid = _tokens(5)
+    counts = [1, 2, K, K + 2]  # more objects than slots: every slot attends in both
+    batch = Batch(images=torch.zeros(B, 3, IMAGE, IMAGE), instance_masks=_objects(counts))
+    with torch.no_grad():
+        torch.manual_seed(6)
+        expected = official.forward_slots(grid, num_objs=torch.tensor(counts), use_mask=True)
+        torch.manual_seed(6)
+        got = ours(Features(tokens=tokens, grid=(SIDE, SIDE)), batch)
+    _compare(expected, got)
+    attending = (got.attn.sum(1) > 0).sum(1).tolist()
+    assert attending == [1, 2, K, K]
+
+    # an image without objects: the official code masks every slot (softmax of -inf: NaN);
+    # ocl-bench keeps one slot attending, on purpose
+    batch.instance_masks[0] = False
+    with torch.no_grad():
+        nan = official.forward_slots(grid, num_objs=torch.tensor([0, *counts[1:]]), use_mask=True)
+        kept = ours(Features(tokens=tokens, grid=(SIDE, SIDE)), batch)
+    assert nan[1][0].isnan().all() and not nan[1][1:].isnan().any()
+    assert kept.attn.isfinite().all() and (kept.attn[0].sum(0) > 0).sum() == 1
+
+
+def test_box_initialised_slots_match_the_official_bbox_mlp(official_sa_class) -> None:
+    official = _official(official_sa_class, init_mlp=True, seed=7)
+    ours = _ours(official, init="boxes")
+    tokens, grid = _tokens(8)
+    g = torch.Generator().manual_seed(9)
+    counts = [1, 3, K, K + 2]  # fewer boxes than slots (padding) and more (cut at K)
+    boxes = torch.zeros(B, max(counts), 4)  # ocl-bench: pixels of our 64-px masks, zero-padded
+    for b, m in enumerate(counts):
+        x1y1 = torch.randint(0, IMAGE // 2, (m, 2), generator=g).float()
+        size = torch.randint(1, IMAGE // 2, (m, 2), generator=g).float()
+        boxes[b, :m] = torch.cat([x1y1, x1y1 + size], 1)
+    # GLASS's loader: pixels of its 256-px images, padded with -1 to at least 7 rows
+    official_boxes = torch.full((B, max(7, max(counts)), 4), -1.0)
+    for b, m in enumerate(counts):
+        official_boxes[b, :m] = boxes[b, :m] * (256 / IMAGE)
+    batch = Batch(
+        images=torch.zeros(B, 3, IMAGE, IMAGE), instance_masks=_objects(counts), boxes=boxes
+    )
+    with torch.no_grad():
+        expected = official.forward_slots(grid, bbox=official_boxes)
+        got = ours(Features(tokens=tokens, grid=(SIDE, SIDE)), batch)
+        init = official.bbox_mlp(official_boxes[:, :K])
+    torch.testing.assert_close(got.init, init, **close)
+    _compare(expected, got)
+
+
+# GLASS's mIoU ------------------------------------------------------------------------------
+
+
+def _reported_iou_metric_kwargs() -> dict:
+    """The constructor arguments of the metric eval_metrics.py reports as 'iou', read from the
+    script: the name the 'iou' entry computes, then that name's UnsupervisedMaskIoUMetric(...)
+    call, evaluated with the script's defaults (eval_oclf_metrics_coco.sh passes no
+    --ignore_background)."""
+    path = Path(REPO) / "src" / "eval" / "oclf_metrics" / "eval_metrics.py"
+    tree = ast.parse(path.read_text())
+    name = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value == "iou":
+                    name = ast.unparse(value).split(".")[0]  # `x.compute().item()` -> x
+    assert name, f"no 'iou' entry in {path}"
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and [ast.unparse(t) for t in node.targets] == [name]
+            and isinstance(node.value, ast.Call)
+        ):
+            assert ast.unparse(node.value.func) == "UnsupervisedMaskIoUMetric"
+            defaults = {"args": argparse.Namespace(ignore_background=False)}
+            return {
+                kw.arg: eval(compile(ast.Expression(kw.value), str(path), "eval"), defaults)
+                for kw in node.value.keywords
+            }
+    raise AssertionError(f"{name} is not built in {path}")
+
+
+@pytest.fixture(scope="module")
+def official_iou_metric() -> type:
+    path = Path(REPO) / "src" / "eval" / "oclf_metrics" / "oclf_eval_masks.py"
+    spec = importlib.util.spec_from_file_location("glass_oclf_eval_masks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kwargs = _reported_iou_metric_kwargs()
+    assert kwargs.get("ignore_background") is False  # the background is a segment
+    return lambda: module.UnsupervisedMaskIoUMetric(**kwargs)
+
+
+def _semantic_maps(n: int, classes: int, side: int, g: torch.Generator) -> torch.Tensor:
+    """long[n,side,side] label maps, 0 = background: random rectangles of random classes."""
+    maps = torch.zeros(n, side, side, dtype=torch.long)
+    for i in range(n):
+        for _ in range(int(torch.randint(0, 5, (1,), generator=g))):
+            y, x = torch.randint(0, side - 4, (2,), generator=g).tolist()
+            h, w = torch.randint(3, side // 2, (2,), generator=g).tolist()
+            maps[i, y : y + h, x : x + w] = int(torch.randint(1, classes + 1, (1,), generator=g))
+    return maps
+
+
+def _class_masks(maps: torch.Tensor) -> torch.Tensor:
+    """ocl-bench's batch.class_masks: one mask per class present (background dropped), padded."""
+    per_image = [m[None] == m.unique()[m.unique() > 0][:, None, None] for m in maps]
+    c = max(1, max(x.shape[0] for x in per_image))
+    out = torch.zeros(maps.shape[0], c, *maps.shape[1:], dtype=torch.bool)
+    for i, x in enumerate(per_image):
+        out[i, : x.shape[0]] = x
+    return out
+
+
+@pytest.mark.parametrize("slots", [3, 7])  # fewer slots than segments, and more
+@pytest.mark.parametrize("with_ignore", [False, True])
+def test_miou_c_equals_glass_reported_iou(official_iou_metric, slots, with_ignore) -> None:
+    g = torch.Generator().manual_seed(slots + 10 * with_ignore)
+    n, side = 12, 32
+    maps = _semantic_maps(n, classes=6, side=side, g=g)
+    maps[0] = 0  # an image of background only: one segment, still scored
+    soft = torch.rand(n, slots, 8, 8, generator=g) ** 3  # slot masks at the attention grid
+    ignore = torch.rand(n, side, side, generator=g) < 0.15 if with_ignore else None
+    if ignore is not None:
+        ignore[1] = True  # nothing left to score: skipped by both
+    # eval_metrics.py: attn upsampled bilinearly to the mask size, one-hot semantic map
+    attn = F.interpolate(soft, size=(side, side), mode="bilinear")
+    expected = []
+    for i in range(n):
+        metric = official_iou_metric()
+        metric.update(
+            attn[i : i + 1],
+            F.one_hot(maps[i : i + 1], 7).permute(0, 3, 1, 2),
+            None if ignore is None else ignore[i : i + 1, None],
+        )
+        expected.append(metric.compute().item() if metric.total else float("nan"))
+    expected = torch.tensor(expected, dtype=torch.float64)
+
+    pred = masks_to_pred(soft, (side, side))
+    got = miou(pred, with_background(_class_masks(maps)), ignore)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert got[1].isnan() == with_ignore and not got[0].isnan()
+    everyone = official_iou_metric()  # the script's running mean over the whole set
+    all_ignored = None if ignore is None else ignore[:, None]
+    everyone.update(attn, F.one_hot(maps, 7).permute(0, 3, 1, 2), all_ignored)
+    assert got.nanmean().item() == pytest.approx(everyone.compute().item(), abs=1e-12)
+    # without the background segment the score is another number: GLASS counts it
+    assert not torch.allclose(miou(pred, _class_masks(maps), ignore), got, equal_nan=True)
