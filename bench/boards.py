@@ -170,18 +170,27 @@ def applies(raw: dict[str, Any], text: str) -> bool:
 
 
 def _wrapped(raw: dict[str, Any], text: str) -> str:
-    """`dataset.name=X` for a row whose dataset plugin wraps a real dataset (a class
-    attribute `wraps` names the param that holds it, e.g. `source`) sets that param to X:
-    the row keeps its own dataset, built from X, and the table runs on X."""
+    """A `dataset.KEY=V` setting as the row's dataset takes it. A dataset plugin built from
+    another one (`generated`) declares a classmethod `wrapped_setting(KEY)` naming where a
+    setting of the dataset it wraps goes in its own params: `dataset.name=X` then keeps the
+    row's dataset, built from X, and a param of X's kind it lacks reaches X. Its own params,
+    and a key no dataset plugin has (a typo, which must still fail), are left as they are."""
     parts, value = parse_override(text)
-    if parts != ["dataset", "name"]:
+    if len(parts) != 2 or parts[0] != "dataset":
         return text
+    reg = registry()
     try:
-        cls = registry().get("dataset", raw.get("dataset", {}).get("name", ""))
+        cls = reg.get("dataset", raw.get("dataset", {}).get("name", ""))
     except UnknownPluginError:
         return text
-    wraps = getattr(cls, "wraps", None)
-    return f"dataset.{wraps}={json.dumps(value)}" if wraps else text
+    route = getattr(cls, "wrapped_setting", None)
+    key = parts[1]
+    if route is None or (key != "name" and key in _param_names(cls)):
+        return text
+    datasets = (reg.get("dataset", n) for n in reg.names("dataset"))
+    if key != "name" and not any(key in _param_names(c) for c in datasets):
+        return text
+    return f"dataset.{route(key)}={_format(value)}"
 
 
 def row_raw(
@@ -194,20 +203,18 @@ def row_raw(
     """A row's run config before validation: its preset (or the embedded default), switched
     to the column's dataset, then the board's `base`, the row's overrides (a row that
     switches to a dataset wrapping another, such as `generated`, gets the column's dataset
-    as its source), the row's overrides for that dataset, and last the command-line
-    `overrides` that apply to it."""
+    as its source: see `_wrapped`), the row's overrides for that dataset, and last the
+    command-line `overrides` that apply to it (dataset settings as the row's dataset
+    takes them)."""
     raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
     if dataset and dataset != "mixed":
         raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
     extra = row.dataset_overrides.get(dataset or "", {})
     raw = apply_overrides(raw, [f"{k}={_format(v)}" for k, v in {**base, **row.overrides}.items()])
     if dataset and dataset != "mixed":
-        # a row that switched to a dataset built from another (`generated`) builds it from
-        # the column's dataset
-        column = f"dataset.name={json.dumps(dataset)}"
-        wrapped = _wrapped(raw, column)
-        if wrapped != column:
-            raw = apply_overrides(raw, [wrapped])
+        # the column's dataset once more, as the row's dataset takes it: a no-op for a row
+        # on it, the source of a row that switched to a dataset built from another
+        raw = apply_overrides(raw, [_wrapped(raw, f"dataset.name={json.dumps(dataset)}")])
     raw = apply_overrides(raw, [f"{k}={_format(v)}" for k, v in extra.items()])
     for text in overrides or []:
         text = _wrapped(raw, text)

@@ -125,7 +125,7 @@ def wraps_column(overrides: dict[str, Any]) -> bool:
         cls = registry().get("dataset", str(overrides.get("dataset.name", "")))
     except Exception:  # no such dataset plugin: the row really overrides the column's dataset
         return False
-    return bool(getattr(cls, "wraps", None))
+    return callable(getattr(cls, "wrapped_setting", None))
 
 
 def check_overrides(overrides: Any, where: str) -> list[str]:

@@ -149,9 +149,6 @@ class GeneratedDataset(DatasetPlugin):
     kind = "dataset"
     name = "generated"
     Params = GeneratedParams
-    # A leaderboard run switched to dataset X (`ocl-bench grid NAME dataset.name=X`) sets
-    # this param instead: the row still trains on images generated from X's prompts.
-    wraps = "source"
     provides = frozenset(
         {
             "batch.images",
@@ -163,6 +160,15 @@ class GeneratedDataset(DatasetPlugin):
             "batch.generated",
         }
     )
+
+    @classmethod
+    def wrapped_setting(cls, key: str) -> str:
+        """Where a setting `dataset.KEY` meant for the dataset this one is built from goes
+        (ocl_bench.boards asks, for a leaderboard column's dataset and for command-line
+        overrides): its name is `source`, so a row switched to dataset X (`ocl-bench grid
+        NAME dataset.name=X`) still trains on images generated from X's prompts; its other
+        params are `source_params`. Keys this plugin has itself stay its own."""
+        return "source" if key == "name" else f"source_params.{key}"
 
     @classmethod
     def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
