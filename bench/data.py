@@ -15,6 +15,14 @@ def make_dataset(choice: PluginChoice, split: str) -> Any:
     return choice.cls(choice.params, split)
 
 
+def evaluation_dataset(choice: PluginChoice, split: str) -> Any:
+    """What evaluation tasks read of `split`. A dataset plugin whose split is synthetic names
+    its real counterpart with a classmethod `for_evaluation(params, split)` (the generated
+    dataset: the source's real train images, which a property probe fits on)."""
+    view = getattr(choice.cls, "for_evaluation", None)
+    return view(choice.params, split) if callable(view) else make_dataset(choice, split)
+
+
 class StepBatchSampler(Sampler[list[int]]):
     """Batches of indices that depend only on (seed, step), so a resumed run sees the
     same data as an uninterrupted one. Each epoch is a fresh permutation.

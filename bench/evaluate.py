@@ -15,7 +15,7 @@ import torch
 from ocl_bench import checkpoint
 from ocl_bench.compose import SlotModel, build_model
 from ocl_bench.config import RunConfig, load_config
-from ocl_bench.data import make_dataset
+from ocl_bench.data import evaluation_dataset, make_dataset
 from ocl_bench.ema import apply_averaged
 from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 from ocl_bench.figures import mask_figure
@@ -76,11 +76,9 @@ def evaluate(
 
     def dataset(split: str) -> Any:
         if split not in cache:
-            data = make_dataset(cfg.dataset, split)
-            # A dataset whose training split is synthetic hands tasks its real images (a
-            # property probe fits on real training images, not on generated ones).
-            real = getattr(data, "for_evaluation", None)
-            cache[split] = real() if callable(real) else data
+            # a synthetic training split hands tasks its real images (a property probe fits
+            # on real training images, not on generated ones)
+            cache[split] = evaluation_dataset(cfg.dataset, split)
         return cache[split]
 
     ctx = EvalContext(

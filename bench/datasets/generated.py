@@ -207,10 +207,12 @@ class GeneratedDataset(DatasetPlugin):
         """The source's image size: generated images are resized to it when they differ."""
         return tuple(self.source.image_size)
 
-    def for_evaluation(self) -> Any:
-        """What evaluation tasks read: the source's real images for every split (GLASS fits
-        its property probe on real training images, appendix A.2)."""
-        return self.source if self.split == "train" else self
+    @classmethod
+    def for_evaluation(cls, params: GeneratedParams, split: str) -> Any:
+        """What evaluation tasks read of `split`: the source's real images for every split
+        (GLASS fits its property probe on real training images, appendix A.2), without
+        opening, or building, the generated folder."""
+        return source_dataset(recipe_of(params), split) if split == "train" else cls(params, split)
 
     @property
     def class_names(self) -> Any:
