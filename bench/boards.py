@@ -90,6 +90,13 @@ class Row:
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
     # column key -> the measured value over the row's seeds (`measured` holds its mean)
     spreads: dict[str, Spread] = field(default_factory=dict)
+    # A board with `axes`: this row's axis values, and the label of the board row it expands
+    # (what a figure draws one line per); without axes {} and the row's own label.
+    axis: dict[str, Any] = field(default_factory=dict)
+    system: str = ""
+
+    def __post_init__(self) -> None:
+        self.system = self.system or self.label
 
     @property
     def buildable(self) -> bool:
@@ -248,6 +255,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "seeds": (int, list),
     "labels": dict,
     "workers": int,
+    "figure": dict,
 }
 _ROW_TYPES: dict[str, Any] = {
     "label": str,
@@ -306,7 +314,8 @@ def check_spec(spec: dict[str, Any], path: Path) -> dict[str, Any]:
                 )
         for ds, table in row.get("dataset_overrides", {}).items():
             check(table, {}, f"rows[{i}].dataset_overrides.{ds}")
-    grid_file = "axes" in spec or "rows" not in spec
+    # A file with rows is a published board (which may carry axes too); else a grid file.
+    grid_file = "rows" not in spec
     for i, column in enumerate(spec.get("columns", [])):
         if grid_file and not isinstance(column, str):
             raise ConfigError(f"{path}: columns[{i}] is {column!r:.40}, expected a metric name")
@@ -314,7 +323,81 @@ def check_spec(spec: dict[str, Any], path: Path) -> dict[str, Any]:
             check(column, _COLUMN_TYPES, f"columns[{i}]", ("key", "task"))
     for i, rule in enumerate(spec.get("exclude", [])):
         check(rule, {}, f"exclude[{i}]")
+    if "figure" in spec:
+        check_figure(spec, path)
     return spec
+
+
+# A board's `[figure]`: the keys each kind takes (every kind takes `kind` and `title`).
+FIGURE_KEYS: dict[str, tuple[str, ...]] = {
+    "bars": (),
+    "scatter": ("x", "y", "markers", "threshold_curve"),
+}
+
+
+def check_figure(spec: dict[str, Any], path: Path) -> None:
+    """A board's `[figure]` table, checked against FIGURE_KEYS and the board's columns:
+    one ConfigError line naming the file and the entry."""
+    figure = spec["figure"]
+    kind = figure.get("kind")
+    if kind not in FIGURE_KEYS:
+        raise ConfigError(
+            f"{path}: figure.kind is {kind!r:.40}, expected one of {', '.join(FIGURE_KEYS)}"
+        )
+    if "rows" not in spec:
+        raise ConfigError(f"{path}: [figure] needs a board with [[rows]] and [[columns]]")
+    allowed = ("kind", "title", *FIGURE_KEYS[kind])
+    for key, value in figure.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"{path}: figure.{key} is no key of a '{kind}' figure;"
+                f" allowed: {', '.join(allowed)}"
+            )
+        wanted = dict if key == "markers" else str
+        if not isinstance(value, wanted):
+            raise ConfigError(
+                f"{path}: figure.{key} is {value!r:.40}, expected {_type_words(wanted)}"
+            )
+    columns = [c for c in spec.get("columns", []) if isinstance(c, dict)]
+    metrics = {c.get("metric", c.get("key")) for c in columns}
+    datasets = {c.get("dataset", spec.get("dataset")) for c in columns}
+    if kind == "scatter":
+        for key in ("x", "y"):
+            if key not in figure:
+                raise ConfigError(f"{path}: a 'scatter' figure needs figure.{key} (a metric)")
+            if figure[key] not in metrics:
+                raise ConfigError(
+                    f"{path}: figure.{key} = '{figure[key]}' is no column's metric;"
+                    f" metrics: {', '.join(sorted(map(str, metrics)))}"
+                )
+        for ds, marker in figure.get("markers", {}).items():
+            if ds not in datasets or not isinstance(marker, str) or not marker:
+                raise ConfigError(
+                    f"{path}: figure.markers.{ds} = {marker!r:.20}: expected a marker string for"
+                    f" a column dataset ({', '.join(sorted(map(str, datasets)))})"
+                )
+        curve = figure.get("threshold_curve")
+        if curve is not None and not threshold_columns(columns, curve):
+            raise ConfigError(
+                f"{path}: figure.threshold_curve = '{curve}' names no '{curve}_iouNN' column"
+            )
+    if kind == "bars" and len(spec.get("axes", {})) > 1:
+        raise ConfigError(
+            f"{path}: a 'bars' figure draws lines over one axis; the board has"
+            f" {len(spec['axes'])}: {', '.join(spec['axes'])}"
+        )
+
+
+def threshold_columns(columns: list[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Column metric -> IoU threshold for the columns of `<metric>_iouNN` (NN = 100 x the
+    threshold, two digits: the property probe's names)."""
+    found = {}
+    for column in columns:
+        name = str(column.get("metric", column.get("key")))
+        suffix = name.removeprefix(f"{metric}_iou")
+        if name != suffix and len(suffix) == 2 and suffix.isdigit():
+            found[name] = int(suffix) / 100
+    return found
 
 
 def read_rows(spec: dict[str, Any]) -> list[Row]:
@@ -463,7 +546,7 @@ def load_grid(
     spec = check_spec(read_toml(path), path)
     if seeds is not None:
         spec["seeds"] = seeds
-    if "rows" in spec and "axes" not in spec:
+    if "rows" in spec:
         return _board_grid(path, spec, list(overrides or []))
     unknown = [k for k in spec if k not in GRID_KEYS]
     if unknown:
@@ -565,12 +648,51 @@ def _seed_label(row: str, seed: int, seeds: list[int], axes: list[str]) -> str:
     return f"{row}, seed={seed}" if axes else f"seed={seed}"
 
 
+def board_rows(spec: dict[str, Any], path: Path) -> list[Row]:
+    """A published board's rows; with `axes`, each buildable row once per combination of
+    axis values, labelled '<row>, <values>' (named by `[labels]` as in a grid file). The
+    axis values are applied after the row's own overrides for each column dataset (so an
+    axis beats a row's `dataset_overrides`), before the command line's. Expanded rows
+    compare with no published number: the paper printed its row at one setting."""
+    rows = read_rows(spec)
+    axes: dict[str, list[Any]] = spec.get("axes", {})
+    if not axes:
+        return rows
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
+    names = _axis_value_names(spec.get("labels", {}), axes, path)
+    datasets = column_datasets(spec)
+    expanded = []
+    for row in rows:
+        if not row.buildable:
+            expanded.append(row)
+            continue
+        for combo in itertools.product(*axes.values()):
+            chosen = dict(zip(axes, combo))
+            per_dataset = {ds: {**row.dataset_overrides.get(ds, {}), **chosen} for ds in datasets}
+            expanded.append(
+                Row(
+                    f"{row.label}, {_row_label(chosen, names)}",
+                    dict(row.overrides),
+                    {},
+                    row.notes,
+                    preset=row.preset,
+                    dataset_overrides=per_dataset,
+                    axis=chosen,
+                    system=row.label,
+                )
+            )
+    return expanded
+
+
 def _board_grid(path: Path, spec: dict[str, Any], overrides: list[str]) -> Grid:
-    """A published leaderboard's buildable rows, one cell per row and column dataset."""
+    """A published leaderboard's buildable rows (each once per combination of its `axes`),
+    one cell per row and column dataset."""
     base = dict(spec.get("base", {}))
     cells: list[GridCell] = []
     skipped = []
-    for row in read_rows(spec):
+    for row in board_rows(spec, path):
         if not row.buildable:
             continue
         not_applied: list[str] = []

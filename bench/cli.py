@@ -327,6 +327,23 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figure(args: argparse.Namespace) -> int:
+    from ocl_bench.board_figures import write_board_figure
+    from ocl_bench.leaderboard import load_leaderboard
+
+    if not Path(args.db).is_file():
+        raise UserError(f"results database not found: {args.db}")
+    board = load_leaderboard(args.name, Path(args.db), overrides=args.overrides)
+    drawn = write_board_figure(board, Path(args.out))
+    if args.json:
+        print(json.dumps(drawn.as_dict(), indent=2))
+        return 0
+    print(f"{board.name}: {len(drawn.points)} measured values drawn -> {drawn.path}")
+    for line in drawn.missing:
+        print(f"  not drawn: {line}")
+    return 0
+
+
 def _print_metrics(metrics: dict, header: str) -> None:
     print(header)
     rows = [
@@ -516,6 +533,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="only the columns of this dataset")
     p.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
     p.set_defaults(func=_cmd_leaderboard)
+
+    p = sub.add_parser(
+        "figure", help="draw a board's [figure] (e.g. glass-fig-4a) from the measured results"
+    )
+    p.add_argument("name", help="a leaderboard with a [figure] table")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="the overrides its cells were run with (`ocl-bench grid NAME overrides...`)",
+    )
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--json", action="store_true", help="print the drawn values as JSON")
+    p.set_defaults(func=_cmd_figure)
     return parser
 
 

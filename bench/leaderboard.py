@@ -19,13 +19,13 @@ from ocl_bench.boards import (
     Row,
     Spread,
     board_path,
+    board_rows,
     check_spec,
     grid_columns,
     leaderboard_dir,
     list_leaderboards,
     load_grid,
     read_columns,
-    read_rows,
     row_config,
 )
 from ocl_bench.config import RunConfig, read_toml
@@ -61,6 +61,9 @@ class Leaderboard:
     # A grid's conclusion on its first column: which neighbours in the ranking the stored
     # data resolves (bench.conclusion), one sentence each, then the order it supports.
     conclusion: list[str] = field(default_factory=list)
+    # The board's `[figure]` (ocl_bench.board_figures draws it) and `axes`, as written.
+    figure: dict[str, Any] = field(default_factory=dict)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def runnable(self) -> int:
@@ -83,12 +86,12 @@ def load_leaderboard(
     """
     path = board_path(name_or_path)
     spec = check_spec(read_toml(path), path)
-    if "axes" in spec:  # a grid file: its cells are the rows
+    if "rows" not in spec:  # a grid file: its cells are the rows
         return _from_grid(path, db, overrides)
     columns = read_columns(spec)
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
-    rows = read_rows(spec)
+    rows = board_rows(spec, path)
     store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
     base = dict(spec.get("base", {}))
     for row in rows:
@@ -100,6 +103,8 @@ def load_leaderboard(
         columns,
         rows,
         list(overrides or []),
+        figure=dict(spec.get("figure", {})),
+        axes=dict(spec.get("axes", {})),
     )
 
 

@@ -115,6 +115,23 @@ def _charts(board: Leaderboard) -> str:
     return "<section class='charts'>" + "".join(figures) + "</section>"
 
 
+def _board_figure(board: Leaderboard) -> str:
+    """The board's `[figure]` drawn from its measured values, with what it leaves out."""
+    if not board.figure:
+        return ""
+    from ocl_bench.board_figures import draw
+
+    fig, drawn = draw(board)
+    fig.tight_layout()
+    missing = "".join(f"<li>{html.escape(line)}</li>" for line in drawn.missing)
+    notes = f"<p>Not drawn (no measured value):</p><ul>{missing}</ul>" if missing else ""
+    return (
+        f"<section class='board-figure'><figure>{_png(_png_bytes(fig), f'figure: {board.name}')}"
+        f"<figcaption>{html.escape(board.figure.get('title', board.title))}</figcaption>"
+        f"</figure>{notes}</section>"
+    )
+
+
 def leaderboard_html(
     board: Leaderboard,
     headers: list[str],
@@ -172,5 +189,6 @@ def leaderboard_html(
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
         f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-        f"{conclusion}{protocols}{spread_note}{_charts(board)}{figures}</body></html>"
+        f"{_board_figure(board)}{conclusion}{protocols}{spread_note}{_charts(board)}{figures}"
+        "</body></html>"
     )

@@ -42,6 +42,8 @@ GLASS = "001_075a852d6c5942eb.txt"
 # Schema
 
 TOP_KEYS = {"name", "title", "source", "dataset", "base", "columns", "rows"}
+# A board may expand its rows over axes (named by labels) and carry a [figure] to draw.
+TOP_OPTIONAL = {"axes", "labels", "figure"}
 COLUMN_REQUIRED = {"key", "task", "dataset", "label", "scale"}
 COLUMN_OPTIONAL = {"masks", "metric"}
 ROW_REQUIRED = {"label", "overrides", "published"}
@@ -104,6 +106,8 @@ FILES = sorted(p for p in LEADERBOARDS.glob("*.toml") if b"\n[axes]" not in p.re
 EXPECTED = {
     *(f"thesis-table-5-{i}" for i in range(1, 6)),
     *(f"glass-table-{i}" for i in (2, 3, 4, 6, 7)),
+    "glass-fig-4a",  # figures that print no numbers: their boards publish none
+    "glass-fig-4b",
 }
 
 
@@ -162,20 +166,24 @@ def check_overrides(overrides: Any, where: str) -> list[str]:
 def schema_problems(data: dict[str, Any], stem: str) -> list[str]:
     """Every way one parsed leaderboard file departs from the schema."""
     p: list[str] = []
-    missing, extra = TOP_KEYS - data.keys(), data.keys() - TOP_KEYS
+    missing, extra = TOP_KEYS - data.keys(), data.keys() - TOP_KEYS - TOP_OPTIONAL
     if missing or extra:
         return [f"top-level keys: missing {sorted(missing)}, unexpected {sorted(extra)}"]
+    # A board transcribes a table (its published numbers) or a figure (which prints none).
+    source = data["source"]
+    figure_board = isinstance(source, dict) and "figure" in source
+    if figure_board and "figure" not in data:
+        p.append("a board of a figure (source.figure) needs a [figure] table to draw it")
     if data["name"] != stem:
         p.append(f"name {data['name']!r} differs from the file name {stem!r}")
     if not isinstance(data["title"], str) or not data["title"].strip():
         p.append("title must be a non-empty string")
-    source = data["source"]
     if not (
         isinstance(source, dict)
-        and set(source) == {"document", "table"}
+        and set(source) in ({"document", "table"}, {"document", "figure"})
         and all(isinstance(v, str) and v for v in source.values())
     ):
-        p.append(f"source must be {{document, table}} strings, got {source!r}")
+        p.append(f"source must be {{document, table or figure}} strings, got {source!r}")
     p += check_overrides(data["base"], "base")
 
     columns, rows = data["columns"], data["rows"]
@@ -252,6 +260,10 @@ def schema_problems(data: dict[str, Any], stem: str) -> list[str]:
         if not isinstance(row.get("notes", ""), str):
             p.append(f"{where}: notes must be a string")
         published = row["published"]
+        if figure_board:
+            if published != {}:
+                p.append(f"{where}: a figure prints no numbers: published must be {{}}")
+            continue
         if not isinstance(published, dict) or not published:
             p.append(f"{where}: published must be a non-empty table")
             continue
@@ -294,6 +306,23 @@ def test_schema_check_catches_mistakes():
     assert broken(lambda d: d["columns"][0].pop("scale"))  # missing key
     assert broken(lambda d: d["rows"][2]["overrides"].update({"decoder.name": "nope"}))
     assert broken(lambda d: d.update(dataset="coco"))  # columns span two datasets
+    assert broken(lambda d: d["rows"][0].update(published={}))  # a table's row publishes
+    assert broken(lambda d: d.update(source={"document": GLASS, "figure": "Fig. 4a"}))
+
+
+def test_figure_schema_check_catches_mistakes():
+    """A figure's board publishes nothing and draws itself; a table's stays as strict."""
+    good = load("glass-fig-4b")
+    assert schema_problems(good, "glass-fig-4b") == []
+
+    def broken(edit) -> list[str]:
+        data = load("glass-fig-4b")
+        edit(data)
+        return schema_problems(data, "glass-fig-4b")
+
+    assert broken(lambda d: d["rows"][0]["published"].update(category_acc_coco=50.0))
+    assert broken(lambda d: d.pop("figure"))  # a figure board must say how it is drawn
+    assert broken(lambda d: d.update(colour="red"))  # unknown top-level key
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,8 +531,9 @@ def test_region_map_covers_every_seed_table_file():
     """A file transcribing one of the two seed documents must be checked number by number."""
     for path in FILES:
         with open(path, "rb") as fh:
-            document = tomllib.load(fh).get("source", {}).get("document")
-        if document in (THESIS, GLASS):
+            source = tomllib.load(fh).get("source", {})
+        document = source.get("document")
+        if document in (THESIS, GLASS) and "table" in source:  # a figure prints no numbers
             assert path.stem in REGIONS, f"{path.stem} transcribes {document} but is not checked"
 
 
