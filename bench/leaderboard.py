@@ -151,6 +151,7 @@ def _measure(
         row.missing = "no ocl-bench recipe (published only)"
         return
     cells = {}
+    failed = []  # what a row with nothing measured shows: why its grid could not run it
     for ds in sorted({c.dataset or "" for c in columns}):
         try:
             cfg = row_config(row, base, ds or None, overrides)
@@ -162,6 +163,7 @@ def _measure(
             return
         row.config_hashes[ds] = cfg.digest()
         cells[ds] = [(s, c) for s, c in store.seeded(cfg) if c.status == "complete"]
+        failed += [c for _, c in store.seeded(cfg) if c.status == "failed"]
     shown = None  # the figure comes from the last column's measured cell (its first seed)
     for col in columns:
         complete = cells.get(col.dataset or "", [])
@@ -173,7 +175,10 @@ def _measure(
     if shown is not None:
         row.figures = _latest_figure(shown)
     if all(v is None for v in row.measured.values()):
-        row.missing = "not measured yet (run its grid)"
+        if failed:
+            row.missing = f"failed: {(failed[0].error_line or '')[:120]}"
+        else:
+            row.missing = "not measured yet (run its grid)"
 
 
 def _take(
