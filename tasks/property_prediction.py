@@ -218,6 +218,8 @@ class PropertyPrediction(Plugin):
         records: list[MetricRecord] = []
         info: dict[str, Any] = {"train_images": len(train), "val_images": len(val)}
         generator = torch.Generator().manual_seed(0)
+        # a threshold met twice (0.5 in iou_thresholds and as iou_threshold) is one probe
+        fitted: dict[tuple[float, str], tuple[float, int | None]] = {}
         for suffix, t in thresholds:
             rates = _detection(test, t)
             value = float(np.mean(rates)) if rates else float("nan")
@@ -229,13 +231,17 @@ class PropertyPrediction(Plugin):
             for n in names:
                 kind, size = specs[n]
                 metric = f"{n}_acc{suffix}" if kind == "categorical" else f"{n}_r2{suffix}"
-                fit, scored = _pairs(train, t, n), _pairs(test, t, n)
-                if fit is None or len(fit[0]) < 2 or scored is None:
-                    value = float("nan")
-                else:
-                    value, step = _fit_and_score(
-                        fit, scored, _pairs(val, t, n), kind, size, p, generator
-                    )
+                if (t, n) not in fitted:
+                    fit, scored = _pairs(train, t, n), _pairs(test, t, n)
+                    if fit is None or len(fit[0]) < 2 or scored is None:
+                        fitted[t, n] = (float("nan"), None)
+                    else:
+                        val_pairs = _pairs(val, t, n)
+                        fitted[t, n] = _fit_and_score(
+                            fit, scored, val_pairs, kind, size, p, generator
+                        )
+                value, step = fitted[t, n]
+                if step is not None:
                     info.setdefault("selected_step", {})[metric] = step
                 records.append(MetricRecord(self.name, metric, value, p.masks, None, len(test)))
         return TaskResult(records, info)

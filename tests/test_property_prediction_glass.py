@@ -218,7 +218,8 @@ def test_each_iou_threshold_has_its_own_detection_rate_and_probe():
     got, info = scores(context(model, data), train_images=48, steps=300, iou_thresholds=thresholds)
     rates = [got[f"detection_rate_iou{round(100 * t)}"] for t in thresholds]
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1]
-    assert got["detection_rate_iou50"] == got["detection_rate"]  # iou_threshold 0.5
+    assert got["detection_rate_iou50"] == got["detection_rate"]  # iou_threshold 0.5: the
+    assert got["category_acc_iou50"] == got["category_acc"]  # same pairs, the same probe
     # the rates count exactly the objects whose planted IoU exceeds each threshold
     for t, rate in zip(thresholds, rates):
         per_image = []
