@@ -9,6 +9,8 @@ Opt-in: point OCL_BENCH_GLASS_REPO at a checkout of the official repository (it 
   by an empty stub. The same weights run through ocl-bench's `slot_attention`
   (position='cartesian', pre_mlp=true, eps=1e-6; `dynamic_slots`; init='boxes'): slots and
   last-iteration attention agree within 1e-5.
+  The module's own `save_pretrained` folder imports with `ocl-bench import stablelsd`
+  (importers/stablelsd.py) into a run that gives the same attention and conditioning.
 - `src/eval/oclf_metrics/oclf_eval_masks.py` (OCLF's UnsupervisedMaskIoUMetric), configured as
   `src/eval/oclf_metrics/eval_metrics.py` configures the metric it reports as 'iou' (GLASS's
   mIoU, Tables 2, 6, 7): its constructor arguments are read from that script with `ast` at test
@@ -75,14 +77,14 @@ def official_sa_class() -> type:
     return MultiHeadSTEVESA
 
 
-def _official(cls: type, init_mlp: bool, seed: int) -> torch.nn.Module:
+def _official(cls: type, init_mlp: bool, seed: int, out_size: int = 24) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = cls(
         num_iterations=ITERS,
         num_slots=K,
         num_heads=1,  # GLASS's configs/coco/slot_attn/config.json
         input_size=D,
-        out_size=24,
+        out_size=out_size,
         slot_size=D,
         mlp_hidden_size=D,
         input_resolution=SIDE,
@@ -231,6 +233,34 @@ def test_box_initialised_slots_match_the_official_bbox_mlp(official_sa_class) ->
         init = official.bbox_mlp(official_boxes[:, :K])
     torch.testing.assert_close(got.init, init, **close)
     _compare(expected, got)
+
+
+def test_saved_checkpoint_imports_as_a_run_with_the_official_outputs(
+    official_sa_class, tmp_path
+) -> None:
+    """`ocl-bench import stablelsd` on the module's own save_pretrained folder."""
+    from ocl_bench.evaluate import load_run
+    from ocl_bench.importers.stablelsd import StableLSDImporter
+    from tests.test_import_stablelsd import TINY
+
+    official = _official(official_sa_class, init_mlp=True, seed=11, out_size=32)
+    official.save_pretrained(tmp_path / "ckpt" / "multiheadstevesa")
+    weights = tmp_path / "ckpt" / "multiheadstevesa" / "diffusion_pytorch_model.safetensors"
+    StableLSDImporter(StableLSDImporter.Params()).import_run(weights, tmp_path / "run", TINY)
+    _, model, _ = load_run(tmp_path / "run")
+    tokens, grid = _tokens(12)
+    boxes = torch.tensor([[[2.0, 4.0, 20.0, 30.0]]] * B)  # pixels of 32-px shapes images
+    official_boxes = torch.full((B, 7, 4), -1.0)
+    official_boxes[:, 0] = boxes[:, 0] * (256 / 32)
+    with torch.no_grad():
+        projected, attn = official(grid, bbox=official_boxes)
+        slots = model.grouping.eval()(
+            Features(tokens=tokens, grid=(SIDE, SIDE)),
+            Batch(images=torch.zeros(B, 3, 32, 32), boxes=boxes),
+        )
+        cond = model.decoder.condition(slots.slots)
+    torch.testing.assert_close(slots.attn, attn[:, 0, 0], **close)
+    torch.testing.assert_close(cond, projected[:, 0], **close)
 
 
 # GLASS's mIoU ------------------------------------------------------------------------------
