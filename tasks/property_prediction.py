@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.errors import ConfigError
+from ocl_bench.errors import ConfigError, DataError
 from ocl_bench.hookspecs import hookimpl
 from ocl_bench.matching import hungarian_match, label_overlap
 from ocl_bench.params import param
@@ -157,7 +157,12 @@ class PropertyPrediction(Plugin):
         seen = 0  # predictions() walks the split in order: position = sample index
         for batch, out in ctx.predictions(split, count, desc=f"properties ({split})"):
             gt = batch.class_masks if classes else batch.instance_masks
-            assert gt is not None
+            if gt is None:  # a dataset may leave a whole split unannotated (VOC with SBD)
+                raise DataError(
+                    f"property_prediction: the {split!r} split of this dataset has no "
+                    f"{'class' if classes else 'instance'} masks (match_on="
+                    f"{self.params.match_on!r}); give it a split whose images have them"
+                )
             pred = masks_to_pred(out.masks(self.params.masks).float(), tuple(gt.shape[-2:]))
             overlap = label_overlap(pred, gt, num_labels=out.slots.slots.shape[1])
             # float32 IoUs, as the probe has always matched on: its pairs stay exactly as they

@@ -278,3 +278,36 @@ def test_generated_dataset_probe_reads_the_real_train_images_without_the_generat
     cfg.tasks = [c for c in cfg.tasks if c.name == "property_prediction"]
     metrics = evaluate(cfg, Planted(the_labels), tmp_path, step=0, progress=False)
     assert metrics["summary"]["property_prediction.attn.category_acc"] > 0.9
+
+
+def test_voc_sbd_train_images_give_class_masks_for_the_classes_probe(tmp_path):
+    from tests.test_coco_voc import VOC_IDS, _palette_png, make_voc, voc
+
+    root = make_voc(tmp_path, trainaug=[*VOC_IDS, "2008_000003"])  # SBD: no object PNG
+    aug = root / "SegmentationClassAug"
+    aug.mkdir()
+    for image_id in VOC_IDS:
+        (aug / f"{image_id}.png").write_bytes(
+            (root / "SegmentationClass" / f"{image_id}.png").read_bytes()
+        )
+    sbd = torch.zeros(30, 40, dtype=torch.uint8)  # the fixture's image size
+    sbd[5:25, 10:30], sbd[0, :] = 12, 255
+    _palette_png(sbd.numpy(), aug / "2008_000003.png")
+    centre = {"train_crop": "center", "hflip": False}
+    assert not voc(tmp_path, "train", **centre).has_classes  # SegmentationClass lacks the SBD PNG
+    train = voc(tmp_path, "train", class_folder="SegmentationClassAug", **centre)
+    assert not train.has_masks and train.has_classes
+    sample = train[2]
+    assert "instance_masks" not in sample and sample["class_ids"].tolist() == [12]
+    assert sample["ignore_mask"][0].all() and sample["class_masks"][0].sum() > 0
+    assert train[0]["class_ids"].tolist() == voc(tmp_path, "val")[0]["class_ids"].tolist()
+
+    def class_ids(batch: Batch, masks: Tensor) -> Tensor:
+        return batch.class_ids
+
+    ctx = context(Planted(class_ids, on="classes"), {"train": train, "val": voc(tmp_path)}, 2)
+    got, info = scores(ctx, train_images=3, match_on="classes")
+    assert got["detection_rate"] == 1.0 and info["train_pairs"] == 6  # 3 + 2 + 1 classes
+    assert 0 <= got["category_acc"] <= 1
+    with pytest.raises(DataError, match="'train' split of this dataset has no instance masks"):
+        scores(ctx, train_images=3)

@@ -24,8 +24,10 @@ drawn from (seed, index) so runs are deterministic (the same image gets the same
 epoch); its masks use the same crop fractions at mask resolution.
 
 SBD's trainaug images mostly have no SegmentationObject PNG: a train list with any image lacking
-either PNG yields images only (no masks), which is all training needs. The val split requires
-both PNGs for every image.
+either PNG yields images only (no masks), which is all training needs; with every class PNG
+present (`class_folder = "SegmentationClassAug"`, SBD's) it yields class masks, their ids and
+the ignore mask, what a property probe matched on classes reads (GLASS A.2). The val split
+requires both PNGs for every image.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class VocParams(GeometryParams):
         "",
         "image list of the train split in ImageSets/Segmentation ('' = trainaug.txt if "
         "present, else train.txt)",
+    )
+    class_folder: str = param(
+        "SegmentationClass",
+        "folder of the class PNGs ('SegmentationClassAug': SBD's, which cover trainaug)",
     )
     train_crop: Crop = param("random", "crop of the train split: 'random' (SPOT VOC) or 'center'")
     hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
@@ -153,11 +159,14 @@ class VocDataset(SegmentationDataset):
                 f"first {missing[0]}. {WHERE}"
             )
         self.has_masks = not missing
+        # SBD's trainaug images have class PNGs (SegmentationClassAug) but no object PNGs: such
+        # a split yields class masks only (what a probe matched on classes needs, GLASS A.2)
+        self.has_classes = all(self._label_files(i)[1].is_file() for i in self.ids)
 
     def _label_files(self, image_id: str) -> tuple[Path, Path]:
         return (
             self.root / "SegmentationObject" / f"{image_id}.png",
-            self.root / "SegmentationClass" / f"{image_id}.png",
+            self.root / self.params.class_folder / f"{image_id}.png",
         )
 
     # ----------------------------------------------------------------- description
@@ -182,10 +191,12 @@ class VocDataset(SegmentationDataset):
         img = open_rgb(path, "dataset 'voc'")
         view = self._view(index)
         image = transform_image(img, p.image_size, p.interpolation, view)
-        if not self.has_masks:
-            return {"image": image, "index": index}
-
         object_file, class_file = self._label_files(image_id)
+        if not self.has_masks:
+            if not self.has_classes:
+                return {"image": image, "index": index}
+            return self._class_sample(image, class_file, img, view, index)
+
         objects = open_label_png(object_file, "dataset 'voc'")
         classes = open_label_png(class_file, "dataset 'voc'")
         for name, array in (("SegmentationObject", objects), ("SegmentationClass", classes)):
@@ -210,6 +221,27 @@ class VocDataset(SegmentationDataset):
         class_masks, class_ids = label_map_masks(class_map, exclude=(0, IGNORE))
         label_tensor = torch.tensor(labels, dtype=torch.long)
         return make_sample(image, masks, label_tensor, ignore, class_masks, class_ids, index)
+
+    def _class_sample(
+        self, image: torch.Tensor, class_file: Path, img: Any, view: Any, index: int
+    ) -> dict[str, Any]:
+        """Image, class masks, their ids and the 255 ignore mask of an image without objects."""
+        classes = open_label_png(class_file, "dataset 'voc'")
+        if classes.shape != (img.height, img.width):
+            raise DataError(
+                f"dataset 'voc': {class_file} is {classes.shape[1]}x{classes.shape[0]} but its "
+                f"image is {img.width}x{img.height}"
+            )
+        side = self.params.mask_size or self.params.image_size
+        class_map = transform_maps(torch.from_numpy(classes[None]), side, view)[0].long()
+        class_masks, class_ids = label_map_masks(class_map, exclude=(0, IGNORE))
+        return {
+            "image": image,
+            "class_masks": class_masks,
+            "class_ids": class_ids,
+            "ignore_mask": class_map == IGNORE,
+            "index": index,
+        }
 
 
 @hookimpl
