@@ -156,6 +156,13 @@ def test_the_fig_4b_board_writes_the_agreed_probe_settings() -> None:
             "instances",
             "classes",
         )
+    # the property_prediction task takes them: every cell resolves with the probe's settings
+    for cell in load_grid("glass-fig-4b").cells:
+        probe = next(t.params for t in cell.config.tasks if t.name == PP)
+        voc = "[voc" in cell.label
+        assert probe.match_on == ("classes" if voc else "instances")
+        assert probe.iou_thresholds == [0.5, 0.6, 0.7, 0.8, 0.9] and probe.val_images == 1000
+        assert cell.config.eval.num_images == (1000 if voc else 5000)
     metrics = {c.get("metric", c["key"]) for c in spec["columns"]}
     assert {"category_acc", "detection_rate"} | {
         f"category_acc_iou{t}" for t in (50, 60, 70, 80, 90)
