@@ -331,9 +331,9 @@ def _cmd_figure(args: argparse.Namespace) -> int:
     from ocl_bench.board_figures import write_board_figure
     from ocl_bench.leaderboard import load_leaderboard
 
-    if not Path(args.db).is_file():
-        raise UserError(f"results database not found: {args.db}")
     board = load_leaderboard(args.name, Path(args.db), overrides=args.overrides)
+    if board.figure and not Path(args.db).is_file():  # a board without one says so first
+        raise UserError(f"results database not found: {args.db}")
     drawn = write_board_figure(board, Path(args.out))
     if args.json:
         print(json.dumps(drawn.as_dict(), indent=2))

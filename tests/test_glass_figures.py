@@ -330,3 +330,8 @@ def test_figure_command_html_and_a_board_without_figure(tmp_path: Path, capsys) 
     assert "\n" not in err
     assert "has no [figure]; boards with one: glass-fig-4a, glass-fig-4b" in err
     assert "glass-table" not in err.split("boards with one:")[1]
+    missing_db = str(tmp_path / "none.sqlite")
+    assert main(["figure", "glass-table-6", "--db", missing_db, "--out", str(png)]) == 2
+    assert "has no [figure]" in capsys.readouterr().err  # the board's problem comes first
+    assert main(["figure", "glass-fig-4a", "--db", missing_db, "--out", str(png)]) == 2
+    assert f"results database not found: {missing_db}" in capsys.readouterr().err
