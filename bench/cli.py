@@ -534,9 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
     p.set_defaults(func=_cmd_leaderboard)
 
-    p = sub.add_parser(
-        "figure", help="draw a board's [figure] (e.g. glass-fig-4a) from the measured results"
-    )
+    p = sub.add_parser("figure", help="draw a board's [figure] from its measured results")
     p.add_argument("name", help="a leaderboard with a [figure] table")
     p.add_argument(
         "overrides",
