@@ -115,19 +115,21 @@ def _bars(board: Leaderboard, drawn: Drawn) -> None:
 
 def _lines(board: Leaderboard, drawn: Drawn) -> None:
     (axis,) = board.axes
-    for col in board.columns:
-        panel = f"{col.label} [{col.dataset}]" if col.dataset else col.label
+    for ds in _datasets(board):
         for row in board.rows:
             if axis not in row.axis:  # a published-only row: not on the axis
                 continue
-            value = _value(row, col.key)
-            if value is None:
-                drawn.missing.append(f"{row.label} [{col.dataset}] {col.label}: {_why(row)}")
-                continue
-            x = row.axis[axis]
-            drawn.points.append(
-                Point(panel, row.system, col.dataset or "", x, value, yerr=_error(row, col.key))
-            )
+            absent = []
+            for col in (c for c in board.columns if (c.dataset or "") == ds):
+                value = _value(row, col.key)
+                if value is None:
+                    absent.append(col.label)
+                    continue
+                panel = f"{col.label} [{ds}]" if ds else col.label
+                x, err = row.axis[axis], _error(row, col.key)
+                drawn.points.append(Point(panel, row.system, ds, x, value, yerr=err))
+            if absent:
+                drawn.missing.append(f"{row.label} [{ds}] {', '.join(absent)}: {_why(row)}")
 
 
 def _scatter(board: Leaderboard, drawn: Drawn) -> None:
@@ -210,9 +212,11 @@ def draw(board: Leaderboard) -> tuple[Figure, Drawn]:
     columns = min(len(panels), 2 if drawn.kind == "scatter" else 5)
     grid_rows = math.ceil(len(panels) / columns)
     notes = _note_lines(drawn.missing)
-    heights = [1.0] * grid_rows + ([0.07 * len(notes)] if notes else [])
+    series = list(dict.fromkeys(p.series for p in drawn.points))
+    key_lines = max(len(notes), len(series))  # the bottom row: notes left, one legend right
+    heights = [1.0] * grid_rows + ([0.07 * key_lines] if key_lines else [])
     width = {"bars": 6.5, "lines": 3.2, "scatter": 5.0}[drawn.kind]
-    fig = Figure(figsize=(width * columns, 3.4 * grid_rows + 0.22 * len(notes)), facecolor="white")
+    fig = Figure(figsize=(width * columns, 3.4 * grid_rows + 0.22 * key_lines), facecolor="white")
     spec = fig.add_gridspec(len(heights), columns, height_ratios=heights)
     colours = _colours(board)
     for i, panel in enumerate(panels):
@@ -229,10 +233,16 @@ def draw(board: Leaderboard) -> tuple[Figure, Drawn]:
             _draw_lines(ax, board, panel, mine, colours)
         else:
             _draw_scatter(ax, board, panel, mine, colours)
-    if notes:
-        ax = fig.add_subplot(spec[-1, :])
-        ax.axis("off")
-        ax.text(0, 1, "\n".join(notes), va="top", ha="left", fontsize=7, color="dimgray")
+    if key_lines:
+        key = fig.add_subplot(spec[-1, :])
+        key.axis("off")
+        key.text(0, 1, "\n".join(notes), va="top", ha="left", fontsize=7, color="dimgray")
+        handles: dict[str, Any] = {}
+        for ax in fig.axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        if handles:
+            key.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7)
     fig.suptitle(board.figure.get("title", board.title), fontsize=10)
     return fig, drawn
 
@@ -308,7 +318,6 @@ def _draw_bars(
     ax.set_title(ds or board.name, fontsize=9)
     ax.set_ylabel("%" if any(c.scale == 100 for c in board.columns) else "value", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
 
 
 def _draw_lines(
@@ -325,7 +334,6 @@ def _draw_lines(
     ax.set_ylabel("%" if any(c.scale == 100 for c in board.columns) else "value", fontsize=8)
     ax.set_title(panel, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
 
 
 def _draw_scatter(
@@ -365,7 +373,6 @@ def _draw_scatter(
         ax.set_ylabel(_axis_label(board, spec["threshold_curve"]), fontsize=8)
         ax.set_title(f"{spec['threshold_curve']} against the IoU threshold", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
 
 
 def _axis_label(board: Leaderboard, metric: str) -> str:

@@ -272,7 +272,7 @@ def test_axes_turn_bars_into_a_line_per_row_over_the_axis(tmp_path: Path) -> Non
     assert drawn.kind == "lines"
     line = {(p.series, p.x): p.y for p in drawn.points if p.panel == "mBO_i [coco]"}
     assert line == pytest.approx({("four", 1): 20.0, ("four", 2): 30.0, ("five", 2): 35.0})
-    unmeasured = "five, grouping.iterations=1 [coco] mBO_i: not measured yet (run its grid)"
+    unmeasured = "five, grouping.iterations=1 [coco] mBO_i, CorLoc: not measured yet (run its grid)"
     assert unmeasured in drawn.missing
 
 
