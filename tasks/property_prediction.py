@@ -66,7 +66,7 @@ class PropertyPredictionParams:
         [], "more IoU thresholds, one probe each: metrics <name>_iouNN (0.7 -> _iou70)"
     )
     val_images: int = param(
-        0, "train images after the probe's held out to pick its best step (0 = last step)", ge=0
+        0, "train images after the probe's own, held out to pick its step (0 = the last)", ge=0
     )
     eval_every: int = param(250, "probe steps between validation checks (val_images > 0)", ge=1)
 
