@@ -38,6 +38,7 @@ __all__ = [
     "masks_to_pred",
     "mbo",
     "miou",
+    "score_batch",
     "with_background",
 ]
 
@@ -50,6 +51,12 @@ class ObjectDiscoveryParams:
     mask_size: int = param(0, "side the masks are scored at (0 = ground-truth resolution)", ge=0)
     ignore_overlaps: bool = param(True, "drop pixels covered by several instances (OCLF)")
     class_masks: bool = param(True, "also score mBO_c and mIoU_c on the class masks")
+    background_segment: bool = param(
+        False,
+        "score the background (pixels in no GT mask, not ignored) as one more GT segment in "
+        "mbo_i, mbo_c, miou, corloc, detection_rate, as GLASS's eval_metrics.py "
+        "(ignore_background=False); miou_c always counts it; fg_ari never",
+    )
 
 
 class ObjectDiscovery(Plugin):
@@ -93,15 +100,11 @@ class ObjectDiscovery(Plugin):
                 class_gt = _resize_masks(class_gt, size) if class_gt is not None else None
                 ignore = _resize_masks(ignore[:, None], size)[:, 0] if ignore is not None else None
             resolution = tuple(gt.shape[-2:])
-            inst_ignore = ignore_overlaps(gt, ignore) if p.ignore_overlaps else ignore
             images += gt.shape[0]
             for source in p.masks:
                 pred = masks_to_pred(out.masks(source).float(), resolution)
-                scores = all_metrics(pred, gt, inst_ignore, num_slots=out.slots.slots.shape[1])
-                if p.class_masks and class_gt is not None:
-                    scores["mbo_c"] = mbo(pred, class_gt, ignore)
-                    scores["miou_c"] = miou(pred, with_background(class_gt), ignore)
-                scores["mbo_i"] = scores.pop("mbo")
+                num_slots = out.slots.slots.shape[1]
+                scores = score_batch(pred, gt, ignore, class_gt, p, num_slots)
                 for metric, values in scores.items():
                     sums.setdefault((source, metric), []).append(values.double().cpu())
         records = []
@@ -123,15 +126,54 @@ class ObjectDiscovery(Plugin):
         return TaskResult(records, {"images": images})
 
 
-def with_background(class_masks: torch.Tensor) -> torch.Tensor:
-    """bool[B,1+C,H,W]: the pixels in no class mask as one more segment, first.
+def score_batch(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    ignore: torch.Tensor | None,
+    class_gt: torch.Tensor | None,
+    params: ObjectDiscoveryParams,
+    num_slots: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """float64[B] per image and metric for slot indices `pred` [B,H,W], as `evaluate` stores them.
+
+    `gt` / `class_gt` are bool[B,M,H,W] instance / class masks, `ignore` bool[B,H,W].
+    With `params.background_segment` the scores are those of GLASS's eval_metrics.py:
+    OCLF's UnsupervisedMaskIoUMetric(ignore_overlaps=True, ignore_background=False) on a
+    target whose channel 0 is the background, so the background is matched like an object,
+    an image without objects is scored on its background alone, and pixels covered by
+    several masks of the target (instances, or classes for mbo_c / miou_c) are ignored.
+    """
+    background = params.background_segment
+    inst_ignore = ignore_overlaps(gt, ignore) if params.ignore_overlaps else ignore
+    scores = all_metrics(
+        pred, with_background(gt) if background else gt, inst_ignore, num_slots=num_slots
+    )
+    if background:  # GLASS's FG-ARI (ARIMetric(foreground=True)) leaves the background out
+        scores["fg_ari"] = fg_ari(pred, gt, inst_ignore)
+    if params.class_masks and class_gt is not None:
+        class_ignore = ignore
+        if background and params.ignore_overlaps:
+            # GLASS's metrics drop overlaps of the target they get: for mbo_c that is the
+            # class masks, which overlap where instances of two classes do
+            class_ignore = ignore_overlaps(class_gt, ignore)
+        classes = with_background(class_gt)
+        scores["mbo_c"] = mbo(pred, classes if background else class_gt, class_ignore)
+        scores["miou_c"] = miou(pred, classes, class_ignore)
+    scores["mbo_i"] = scores.pop("mbo")
+    return scores
+
+
+def with_background(masks: torch.Tensor) -> torch.Tensor:
+    """bool[B,1+M,H,W]: the pixels in no mask of `masks` (class or instance) as one more
+    segment, first.
 
     GLASS's mIoU (Tables 2, 6, 7; `miou_c`) is its released eval_metrics.py 'iou':
     OCLF's Hungarian mask IoU on the one-hot semantic map with ignore_background=False, so
-    the background is a segment that one slot must cover like any class.
+    the background is a segment that one slot must cover like any class; the script's other
+    IoU metrics do the same on the instance map (`background_segment`).
     """
-    background = ~class_masks.bool().any(dim=1, keepdim=True)
-    return torch.cat([background, class_masks.bool()], dim=1)
+    background = ~masks.bool().any(dim=1, keepdim=True)
+    return torch.cat([background, masks.bool()], dim=1)
 
 
 def _resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -16,7 +16,11 @@ Opt-in: point OCL_BENCH_GLASS_REPO at a checkout of the official repository (it 
   mIoU, Tables 2, 6, 7): its constructor arguments are read from that script with `ast` at test
   time (the script parses the command line and loads models when imported). On random soft
   masks and semantic maps (empty images, fully ignored images, more classes than slots) it
-  equals `object_discovery`'s `miou_c` image by image.
+  equals `object_discovery`'s `miou_c` image by image. Every other IoU metric the script
+  reports (fg_iou, mbo_i, mbo_c, object_recovery, cor_loc), built and fed as the script builds
+  and feeds it, equals `object_discovery` with `background_segment=true` (miou, mbo_i, mbo_c,
+  detection_rate, corloc), and with `background_segment=false` the script's
+  `--ignore_background` values (except cor_loc, which the script builds without that flag).
 
 Where ocl-bench differs from the official code on purpose, a test says so: an image without
 objects keeps one attending slot (the official code masks every slot and returns NaN).
@@ -41,7 +45,14 @@ import torch.nn.functional as F
 
 from ocl_bench.contracts import Batch, Dims, Features
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
-from ocl_bench.tasks.object_discovery import masks_to_pred, miou, with_background
+from ocl_bench.tasks.object_discovery import (
+    ObjectDiscoveryParams,
+    ignore_overlaps,
+    masks_to_pred,
+    miou,
+    score_batch,
+    with_background,
+)
 
 REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -361,3 +372,143 @@ def test_miou_c_equals_glass_reported_iou(official_iou_metric, slots, with_ignor
     assert got.nanmean().item() == pytest.approx(everyone.compute().item(), abs=1e-12)
     # without the background segment the score is another number: GLASS counts it
     assert not torch.allclose(miou(pred, _class_masks(maps), ignore), got, equal_nan=True)
+
+
+# GLASS's other IoU metrics: the background is a segment in all of them ----------------------
+
+# eval_metrics.py's reported keys -> object_discovery's metrics
+SCRIPT_TO_OURS = {
+    "fg_iou": "miou",
+    "iou": "miou_c",
+    "mbo_i": "mbo_i",
+    "mbo_c": "mbo_c",
+    "object_recovery": "detection_rate",
+    "cor_loc": "corloc",
+}
+
+
+def _script_metrics(ignore_background: bool) -> dict[str, tuple[str, dict, str]]:
+    """Each IoU metric eval_metrics.py reports: key -> (class name, constructor keywords
+    evaluated as with/without `--ignore_background`, the mask its update() gets:
+    'instance_mask' or 'segmentation_mask'), read from the script with `ast`."""
+    path = Path(REPO) / "src" / "eval" / "oclf_metrics" / "eval_metrics.py"
+    tree = ast.parse(path.read_text())
+    names = {}  # reported key -> variable
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict) and any(
+            isinstance(k, ast.Constant) and k.value == "iou" for k in node.keys
+        ):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and key.value in SCRIPT_TO_OURS:
+                    names[key.value] = ast.unparse(value).split(".")[0]
+    assert set(names) == set(SCRIPT_TO_OURS), f"{path} reports {sorted(names)}"
+    built, fed = {}, {}
+    defaults = {"args": argparse.Namespace(ignore_background=ignore_background)}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and (target := ast.unparse(node.targets[0])) in names.values()
+        ):
+            built[target] = (
+                ast.unparse(node.value.func),
+                {
+                    kw.arg: eval(compile(ast.Expression(kw.value), str(path), "eval"), defaults)
+                    for kw in node.value.keywords
+                },
+            )
+        call = node.value if isinstance(node, ast.Expr) else None
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
+            owner = ast.unparse(call.func.value)
+            if call.func.attr == "update" and owner in names.values():
+                fed[owner] = ast.unparse(call.args[1])
+    return {key: (*built[var], fed[var]) for key, var in names.items()}
+
+
+@pytest.fixture(scope="module")
+def oclf_masks() -> types.ModuleType:
+    path = Path(REPO) / "src" / "eval" / "oclf_metrics" / "oclf_eval_masks.py"
+    spec = importlib.util.spec_from_file_location("glass_oclf_eval_masks_all", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _instances(n: int, side: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(instance masks, class masks) bool[n,M,side,side]: up to 5 random rectangles per image
+    that may overlap, each of one of 4 classes; a class mask is the union of its instances."""
+    inst = torch.zeros(n, 5, side, side, dtype=torch.bool)
+    classes = torch.zeros(n, 4, side, side, dtype=torch.bool)
+    for i in range(n):
+        for m in range(int(torch.randint(1, 6, (1,), generator=g))):
+            y, x = torch.randint(0, side - 4, (2,), generator=g).tolist()
+            h, w = torch.randint(3, side // 2, (2,), generator=g).tolist()
+            inst[i, m, y : y + h, x : x + w] = True
+            classes[i, int(torch.randint(0, 4, (1,), generator=g))] |= inst[i, m]
+    return inst, classes
+
+
+def _label_zero_first(masks: torch.Tensor) -> torch.Tensor:
+    """The script's target layout: channel 0 = label 0 (no object), then one per segment."""
+    return torch.cat([(masks.sum(1, keepdim=True) == 0), masks], 1).long()
+
+
+@pytest.mark.parametrize("slots", [3, 7])  # fewer slots than segments, and more
+@pytest.mark.parametrize("dataset_ignores_overlaps", [True, False])
+def test_background_segment_equals_the_scripts_iou_metrics(
+    oclf_masks, slots, dataset_ignores_overlaps
+) -> None:
+    g = torch.Generator().manual_seed(slots + 10 * dataset_ignores_overlaps)
+    n, side = 12, 32
+    inst, classes = _instances(n, side, g)
+    inst[0], classes[0] = False, False  # no objects: the script scores its background
+    soft = torch.rand(n, slots, 8, 8, generator=g) ** 3
+    ignore = torch.rand(n, side, side, generator=g) < 0.1
+    ignore[1] = True  # nothing left to score: skipped by both
+    if dataset_ignores_overlaps:  # the coco dataset's overlaps_ignored (SPOT's mask_ignore)
+        ignore = ignore_overlaps(inst, ignore)
+    attn = F.interpolate(soft, size=(side, side), mode="bilinear")
+    pred = masks_to_pred(soft, (side, side))
+    targets = {"instance_mask": inst, "segmentation_mask": classes}
+    compared = set()
+    for ignore_background in (False, True):
+        params = ObjectDiscoveryParams(background_segment=not ignore_background)
+        ours = score_batch(pred, inst, ignore, classes, params, num_slots=slots)
+        for key, (cls, kwargs, fed) in _script_metrics(ignore_background).items():
+            name = SCRIPT_TO_OURS[key]
+            if ignore_background and key == "iou":
+                continue  # miou_c always counts the background (compared in the test above)
+            if ignore_background and key in ("iou", "mbo_c") and not dataset_ignores_overlaps:
+                # without the background segment mbo_c reads overlaps from the dataset's
+                # ignore mask as before; GLASS's metric would also drop class overlaps
+                continue
+            if ignore_background and key == "cor_loc":
+                # the script builds CorLoc without ignore_background: it counts the background
+                # with the flag too, so its value is background_segment=true's
+                assert "ignore_background" not in kwargs
+                kwargs = {**kwargs, "ignore_background": True}  # OCLF's CorLoc
+            target = _label_zero_first(targets[fed])
+            expected = []
+            for i in range(n):
+                metric = getattr(oclf_masks, cls)(**kwargs)
+                metric.update(attn[i : i + 1], target[i : i + 1], ignore[i : i + 1, None])
+                expected.append(metric.compute().item() if metric.total else float("nan"))
+            expected = torch.tensor(expected, dtype=torch.float64)
+            # the script's discovery fraction divides in float32
+            tol = 1e-6 if key == "object_recovery" else 1e-12
+            got = ours[name]
+            torch.testing.assert_close(got, expected, rtol=tol, atol=tol, equal_nan=True)
+            assert got[1].isnan() and got[0].isnan() == ignore_background, (key, got[:2])
+            everyone = getattr(oclf_masks, cls)(**kwargs)  # the script's running mean
+            everyone.update(attn, target, ignore[:, None])
+            assert got.nanmean().item() == pytest.approx(everyone.compute().item(), abs=tol)
+            compared.add((key, ignore_background))
+    assert len(compared) == (11 if dataset_ignores_overlaps else 10)
+    # the background segment is scored: the values are not those without it
+    plain = score_batch(pred, inst, ignore, classes, ObjectDiscoveryParams(), num_slots=slots)
+    glass = score_batch(
+        pred, inst, ignore, classes, ObjectDiscoveryParams(background_segment=True), slots
+    )
+    for name in ("mbo_i", "mbo_c", "miou", "corloc", "detection_rate"):
+        assert not torch.allclose(plain[name], glass[name], equal_nan=True), name
+    torch.testing.assert_close(plain["fg_ari"], glass["fg_ari"], rtol=0, atol=0)
