@@ -19,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score
 
 import ocl_bench.tasks.object_discovery_metrics as odm
+from ocl_bench.tasks.object_discovery import ObjectDiscoveryParams, score_batch, with_background
 from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,
@@ -493,3 +494,79 @@ def test_masks_to_pred_matches_interpolate_then_argmax():
         soft, size=(20, 30), mode="bilinear", align_corners=False
     ).argmax(1)
     assert torch.equal(masks_to_pred(soft, (20, 30)), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# object_discovery's background_segment (GLASS's evaluation)
+
+GLASS = ObjectDiscoveryParams(background_segment=True)
+
+
+def test_a_slot_on_exactly_the_background_is_a_perfect_match_only_with_background_segment():
+    gt = _masks(["0110", "0110", "0000"])
+    pred = _image(["0110", "0220", "0000"])  # slot 0 is the background, the object is split
+    off = score_batch(pred, gt, None, gt, ObjectDiscoveryParams())
+    on = score_batch(pred, gt, None, gt, GLASS)
+    assert {k: off[k].item() for k in ("mbo_i", "mbo_c", "miou", "corloc", "detection_rate")} == {
+        "mbo_i": 0.5,
+        "mbo_c": 0.5,
+        "miou": 0.5,
+        "corloc": 0.0,
+        "detection_rate": 0.0,
+    }
+    # the background is one more segment, matched by slot 0 with IoU 1
+    assert {k: on[k].item() for k in ("mbo_i", "mbo_c", "miou", "corloc", "detection_rate")} == {
+        "mbo_i": 0.75,
+        "mbo_c": 0.75,
+        "miou": 0.75,
+        "corloc": 1.0,
+        "detection_rate": 0.5,
+    }
+    assert on["fg_ari"].item() == off["fg_ari"].item() == 0.0  # FG-ARI stays foreground-only
+    assert on["miou_c"].item() == off["miou_c"].item() == 0.75  # miou_c always counts it
+
+
+def test_background_segment_scores_images_without_objects_but_not_fully_ignored_ones():
+    gt = torch.zeros(2, 1, 3, 4, dtype=torch.bool)
+    pred = torch.zeros(2, 3, 4, dtype=torch.long)
+    pred[:, 0, :] = 1  # slot 0 holds 8 of the 12 pixels
+    ignore = torch.zeros(2, 3, 4, dtype=torch.bool)
+    ignore[1] = True
+    off = score_batch(pred, gt, ignore, gt, ObjectDiscoveryParams())
+    on = score_batch(pred, gt, ignore, gt, GLASS)
+    for name in ("mbo_i", "mbo_c", "miou", "corloc", "detection_rate"):
+        assert off[name].isnan().all(), name
+        assert on[name][1].isnan(), name  # nothing left to score
+    assert on["mbo_i"][0].item() == on["miou"][0].item() == pytest.approx(8 / 12)
+    assert on["corloc"][0].item() == on["detection_rate"][0].item() == 1.0
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_background_segment_is_the_background_as_first_gt_mask(seed):
+    pred, gt, ignore = random_case(3000 + seed, overlaps=True)
+    params = ObjectDiscoveryParams(class_masks=False)
+    off = score_batch(pred, gt, ignore, None, params, num_slots=int(pred.max()) + 1)
+    on = score_batch(pred, gt, ignore, None, ObjectDiscoveryParams(background_segment=True))
+    # off: the task's scores are OCLF's on the objects alone, bit for bit as before
+    plain = all_metrics(pred, gt, ignore_overlaps(gt, ignore))
+    for name in NAMES:
+        torch.testing.assert_close(
+            off["mbo_i" if name == "mbo" else name], plain[name], rtol=0, atol=0, equal_nan=True
+        )
+    # on: the reference on [pixels in no mask, *objects], overlaps ignored
+    background = gt.sum(1, keepdim=True) == 0
+    want = reference(pred, torch.cat([background, gt], 1), ignore_overlaps(gt, ignore))
+    want["fg_ari"] = reference(pred, gt, ignore_overlaps(gt, ignore))["fg_ari"]
+    assert_matches({("mbo" if k == "mbo_i" else k): v for k, v in on.items()}, want)
+    assert torch.equal(with_background(gt)[:, 0], background[:, 0])
+
+
+def test_default_task_scores_are_unchanged_by_the_new_param():
+    pred, gt, ignore = random_case(4242, num_masks=4, overlaps=True)
+    classes = gt[:, :2] | gt[:, 2:]
+    got = score_batch(pred, gt, ignore, classes, ObjectDiscoveryParams(), num_slots=7)
+    assert list(got) == ["fg_ari", "miou", "corloc", "detection_rate", "mbo_c", "miou_c", "mbo_i"]
+    before = all_metrics(pred, gt, ignore_overlaps(gt, ignore), num_slots=7)
+    assert torch.equal(got["mbo_c"], mbo(pred, classes, ignore))
+    assert torch.equal(got["miou_c"], miou(pred, with_background(classes), ignore))
+    assert torch.equal(got["mbo_i"], before["mbo"])
