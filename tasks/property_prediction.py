@@ -26,6 +26,7 @@ layer"), the probe this task has always trained.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -195,14 +196,22 @@ class PropertyPrediction(Plugin):
         if not p.val_images:
             return self._collect(ctx, "train", p.train_images, names), []
         available = len(ctx.dataset("train"))
-        if p.train_images + p.val_images > available:
-            raise ConfigError(
+        train_images, val_images = p.train_images, p.val_images
+        if train_images + val_images > available:
+            # a short split (a tiny run, a subset) shrinks the probe's block as the plain
+            # probe's train_images does, instead of failing after the model has trained
+            val_images = min(val_images, available // 2)
+            train_images = available - val_images
+            warnings.warn(
                 f"{WHERE}: train_images ({p.train_images}) + val_images ({p.val_images}) exceed "
-                f"the {available} images of the train split"
+                f"the {available} images of the train split; the probe trains on {train_images} "
+                f"and selects on {val_images}",
+                RuntimeWarning,
+                stacklevel=2,
             )
-        both = self._collect(ctx, "train", p.train_images + p.val_images, names)
-        train = [im for im in both if im.index < p.train_images]
-        return train, [im for im in both if im.index >= p.train_images]
+        both = self._collect(ctx, "train", train_images + val_images, names)
+        train = [im for im in both if im.index < train_images]
+        return train, [im for im in both if im.index >= train_images]
 
     def evaluate(self, ctx: EvalContext) -> TaskResult:
         p = self.params
