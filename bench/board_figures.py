@@ -89,8 +89,18 @@ def _value(row: Row, key: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def _why(row: Row) -> str:
-    return row.missing or "not measured"
+def _why(row: Row, keys: list[str]) -> str:
+    if row.missing:
+        return row.missing
+    if any(k in row.undefined for k in keys):
+        # e.g. a probe's accuracy when no slot matched an object above the threshold
+        return "measured, but undefined (NaN)"
+    return "not measured"
+
+
+def _missing(row: Row, ds: str, absent: list[Column]) -> str:
+    labels = ", ".join(c.label for c in absent)
+    return f"{row.label} [{ds}] {labels}: {_why(row, [c.key for c in absent])}"
 
 
 def _datasets(board: Leaderboard) -> list[str]:
@@ -104,13 +114,13 @@ def _bars(board: Leaderboard, drawn: Drawn) -> None:
             for col in (c for c in board.columns if (c.dataset or "") == ds):
                 value = _value(row, col.key)
                 if value is None:
-                    absent.append(col.label)
+                    absent.append(col)
                     continue
                 drawn.points.append(
                     Point(ds, row.label, ds, col.label, value, yerr=_error(row, col.key))
                 )
             if absent:
-                drawn.missing.append(f"{row.label} [{ds}] {', '.join(absent)}: {_why(row)}")
+                drawn.missing.append(_missing(row, ds, absent))
 
 
 def _lines(board: Leaderboard, drawn: Drawn) -> None:
@@ -123,13 +133,13 @@ def _lines(board: Leaderboard, drawn: Drawn) -> None:
             for col in (c for c in board.columns if (c.dataset or "") == ds):
                 value = _value(row, col.key)
                 if value is None:
-                    absent.append(col.label)
+                    absent.append(col)
                     continue
                 panel = f"{col.label} [{ds}]" if ds else col.label
                 x, err = row.axis[axis], _error(row, col.key)
                 drawn.points.append(Point(panel, row.system, ds, x, value, yerr=err))
             if absent:
-                drawn.missing.append(f"{row.label} [{ds}] {', '.join(absent)}: {_why(row)}")
+                drawn.missing.append(_missing(row, ds, absent))
 
 
 def _scatter(board: Leaderboard, drawn: Drawn) -> None:
@@ -147,8 +157,8 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
         for row in board.rows:
             x, y = _value(row, cx.key), _value(row, cy.key)
             if x is None or y is None:
-                absent = [c.label for c, v in ((cx, x), (cy, y)) if v is None]
-                drawn.missing.append(f"{row.label} [{ds}] {', '.join(absent)}: {_why(row)}")
+                absent = [c for c, v in ((cx, x), (cy, y)) if v is None]
+                drawn.missing.append(_missing(row, ds, absent))
                 continue
             drawn.points.append(
                 Point(
@@ -174,7 +184,7 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
                     continue
                 value = _value(row, col.key)
                 if value is None:
-                    absent.append(col.label)
+                    absent.append(col)
                     continue
                 drawn.points.append(
                     Point(
@@ -188,7 +198,7 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
                     )
                 )
             if absent:
-                drawn.missing.append(f"{row.label} [{ds}] {', '.join(absent)}: {_why(row)}")
+                drawn.missing.append(_missing(row, ds, absent))
 
 
 def plotted(board: Leaderboard) -> Drawn:

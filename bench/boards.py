@@ -90,6 +90,9 @@ class Row:
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
     # column key -> the measured value over the row's seeds (`measured` holds its mean)
     spreads: dict[str, Spread] = field(default_factory=dict)
+    # column keys whose stored values are all NaN (measured but undefined, e.g. a probe's
+    # accuracy with no matched slot): `measured` holds None for them, as for unmeasured
+    undefined: set[str] = field(default_factory=set)
     # A board with `axes`: this row's axis values, and the label of the board row it expands
     # (what a figure draws one line per); without axes {} and the row's own label.
     axis: dict[str, Any] = field(default_factory=dict)

@@ -196,6 +196,8 @@ def _take(
             row.protocols[col.key] = record["protocol"]
     if not values:
         row.measured[col.key] = None
+        if any(c.record(col.task, col.metric, col.masks) is not None for _, c in cells):
+            row.undefined.add(col.key)
         return
     spread = spread_of(values)
     if spread.n == 1 and stored is not None:

@@ -221,6 +221,7 @@ def test_bars_draw_each_metric_per_dataset_and_write_the_png_atomically(tmp_path
             ("four", "coco", 0): {"mbo_i": 0.25, "corloc": 0.5},
             ("five", "coco", 0): {"mbo_i": 0.31},
             ("five", "voc", 0): {"mbo_i": 0.44, "corloc": 0.81},
+            ("four", "voc", 0): {"mbo_i": float("nan")},  # stored, but undefined
         },
     )
     board = load_leaderboard(path, db)
@@ -243,7 +244,7 @@ def test_bars_draw_each_metric_per_dataset_and_write_the_png_atomically(tmp_path
         for p in (p for p in drawn.points if p.series == row.label):
             assert p.y == row.measured[f"{_key(p.x)}_{p.panel}"]
     assert "five [coco] CorLoc: not measured" in drawn.missing
-    assert "four [voc] mBO_i, CorLoc: not measured" in drawn.missing
+    assert "four [voc] mBO_i, CorLoc: measured, but undefined (NaN)" in drawn.missing
     assert any(m.startswith("unmeasured [coco]") for m in drawn.missing)
 
 
