@@ -20,8 +20,8 @@ PP = "property_prediction"
 
 
 def _two_rows_of_fig_4a(tmp_path: Path) -> Path:
-    """glass-fig-4a's own text with only ROWS, the COCO columns and 2 or 3 slots."""
-    text = (BOARDS / "glass-fig-4a.toml").read_text(encoding="utf-8")
+    """glass-fig-4a-slots's own text with only ROWS, the COCO columns and 2 or 3 slots."""
+    text = (BOARDS / "glass-fig-4a-slots.toml").read_text(encoding="utf-8")
     head, *blocks = text.split("\n[[")
     head = head.replace("[4, 6, 7, 10]", "[2, 3]")
     head = head.split("\nlabels = ")[0] + "\n" + head.split("\nlabels = ")[1].split("\n", 1)[1]

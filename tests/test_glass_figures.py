@@ -104,7 +104,7 @@ def _fill(db: Path, path: Path, values: dict[tuple[str, str, int], dict[str, flo
 
 
 def test_axes_expand_each_row_after_its_dataset_overrides_and_name_the_value() -> None:
-    grid = load_grid("glass-fig-4a")
+    grid = load_grid("glass-fig-4a-slots")
     rows = ["StableLSD", "StableLSD-BBox", "StableLSD-Dynamic", "GLASS† (ours)", "GLASS (ours)"]
     assert len(grid.cells) == len(rows) * 4 * 2  # x 4, 6, 7, 10 slots x COCO, VOC
     by_label = {c.label: c.config for c in grid.cells}
@@ -128,6 +128,14 @@ def test_axes_expand_each_row_after_its_dataset_overrides_and_name_the_value() -
         == table6["GLASS† (ours) [voc as generated]"]
     )
     assert by_label["StableLSD, 7 slots [coco]"].digest() == table6["StableLSD [coco]"]
+    # glass-fig-4a, the figure as printed, is the sweep at GLASS's own slot counts (7 on
+    # COCO, 6 on VOC): its every cell is one of the sweep's stored runs
+    printed = {c.label: c.config.digest() for c in load_grid("glass-fig-4a").cells}
+    assert len(printed) == len(rows) * 2
+    for label, digest in printed.items():
+        row, where = label.split(" [")
+        slots = 6 if where.startswith("voc") and row.startswith("GLASS") else 7
+        assert by_label[f"{row}, {slots} slots [{where}"].digest() == digest, label
 
 
 def test_a_board_without_axes_keeps_its_rows(tmp_path: Path) -> None:
@@ -329,7 +337,7 @@ def test_figure_command_html_and_a_board_without_figure(tmp_path: Path, capsys) 
     assert main(["figure", "glass-table-6", "--db", str(db), "--out", str(png)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
-    assert "has no [figure]; boards with one: glass-fig-4a, glass-fig-4b" in err
+    assert "has no [figure]; boards with one: glass-fig-4a-slots, glass-fig-4a, glass-fig-4b" in err
     assert "glass-table" not in err.split("boards with one:")[1]
     missing_db = str(tmp_path / "none.sqlite")
     assert main(["figure", "glass-table-6", "--db", missing_db, "--out", str(png)]) == 2

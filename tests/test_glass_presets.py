@@ -56,7 +56,15 @@ def test_every_value_names_its_source(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "table", ["glass-table-2", "glass-table-3", "glass-table-6", "glass-table-7", "glass-fig-4a"]
+    "table",
+    [
+        "glass-table-2",
+        "glass-table-3",
+        "glass-table-6",
+        "glass-table-7",
+        "glass-fig-4a",
+        "glass-fig-4a-slots",
+    ],
 )
 def test_rows_glass_evaluated_count_the_background_and_rows_from_77_do_not(table: str) -> None:
     # GLASS's eval_metrics.py scores the background as a segment; SA, SLATE and SlotDiffusion
