@@ -34,7 +34,6 @@ import argparse
 import ast
 import copy
 import os
-import sys
 import types
 import warnings
 from pathlib import Path
@@ -59,6 +58,7 @@ from ocl_bench.datasets.pseudo_masks import (  # noqa: E402
     label_map,
     recording,
 )
+from tests.official_checkout import checkout_on_path  # noqa: E402
 
 REPO = os.environ.get("OCL_BENCH_DATASET_DIFFUSION_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -73,21 +73,10 @@ PROMPT = Prompt("a red square beside a blue circle", ("square", "circle"))
 NEGATIVE = "ugly, tiling, blurry"
 
 
-def _without_src_package() -> dict[str, types.ModuleType]:
-    """Take `src` and its submodules out of sys.modules (other official tests import a `src`)."""
-    return {n: sys.modules.pop(n) for n in list(sys.modules) if n == "src" or n.startswith("src.")}
-
-
 @pytest.fixture(scope="module")
 def official() -> types.SimpleNamespace:
-    saved = _without_src_package()
-    sys.path.insert(0, REPO)
-    try:
+    with checkout_on_path(REPO):
         from src import attn_processor, pipeline_class_prompts
-    finally:
-        sys.path.remove(REPO)
-        _without_src_package()
-        sys.modules.update(saved)
     return types.SimpleNamespace(
         store=attn_processor.AttentionStoreClassPrompts,
         processor=attn_processor.StoredAttnClassPromptsProcessor,

@@ -35,7 +35,6 @@ import argparse
 import ast
 import importlib.util
 import os
-import sys
 import types
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from ocl_bench.tasks.object_discovery import (
     score_batch,
     with_background,
 )
+from tests.official_checkout import checkout_on_path
 
 REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -64,27 +64,12 @@ IMAGE = 64  # our images (and masks); GLASS's boxes are pixels of its 256-px ima
 close = dict(rtol=1e-5, atol=1e-5)
 
 
-def _without_src_package() -> dict[str, types.ModuleType]:
-    """Take `src` and its submodules out of sys.modules (the LSD test imports another `src`)."""
-    return {n: sys.modules.pop(n) for n in list(sys.modules) if n == "src" or n.startswith("src.")}
-
-
 @pytest.fixture(scope="module")
 def official_sa_class() -> type:
     pytest.importorskip("einops")
-    saved = _without_src_package()
-    stubbed = "distinctipy" not in sys.modules
-    if stubbed:  # only used by utils.random_colors (visualisation), never called here
-        sys.modules["distinctipy"] = types.ModuleType("distinctipy")
-    sys.path.insert(0, REPO)
-    try:
+    # distinctipy: only used by utils.random_colors (visualisation), never called here
+    with checkout_on_path(REPO, stubs=("distinctipy",)):
         from src.models.slot_attn import MultiHeadSTEVESA
-    finally:
-        sys.path.remove(REPO)
-        if stubbed:
-            del sys.modules["distinctipy"]
-        _without_src_package()
-        sys.modules.update(saved)
     return MultiHeadSTEVESA
 
 

@@ -21,8 +21,6 @@ last-iteration attention (the masks StableLSD evaluates) and the UNet's predicti
 from __future__ import annotations
 
 import os
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ import torch
 from ocl_bench.contracts import Dims, Features
 from ocl_bench.decoders.latent_diffusion import LatentDiffusionDecoder, LatentDiffusionParams
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from tests.official_checkout import checkout_on_path
 
 REPO = os.environ.get("OCL_BENCH_LSD_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -43,16 +42,9 @@ B, K, D, SIDE, ITERS, WIDTH = 2, 4, 32, 4, 3, 24
 @pytest.fixture(scope="module")
 def official_sa_class() -> type:
     pytest.importorskip("einops")
-    stubbed = "distinctipy" not in sys.modules
-    if stubbed:  # only used by utils.random_colors (visualisation), never called here
-        sys.modules["distinctipy"] = types.ModuleType("distinctipy")
-    sys.path.insert(0, REPO)
-    try:
+    # distinctipy: only used by utils.random_colors (visualisation), never called here
+    with checkout_on_path(REPO, stubs=("distinctipy",)):
         from src.models.slot_attn import MultiHeadSTEVESA
-    finally:
-        sys.path.remove(REPO)
-        if stubbed:
-            del sys.modules["distinctipy"]
     return MultiHeadSTEVESA
 
 
