@@ -211,14 +211,16 @@ def row_raw(
     not_applied: list[str] | None = None,
 ) -> dict[str, Any]:
     """A row's run config before validation: its preset (or the embedded default), switched
-    to the column's dataset, then the board's `base`, the row's overrides (a row that
-    switches to a dataset wrapping another, such as `generated`, gets the column's dataset
-    as its source: see `_wrapped`), the row's overrides for that dataset, and last the
-    command-line `overrides` that apply to it (dataset settings as the row's dataset
-    takes them)."""
+    to the column's dataset, then the board's `base`, the row's overrides, the row's
+    overrides for that dataset, and last the command-line `overrides` that apply to it. A
+    preset or row on a dataset built from another (`generated`) keeps it and gets the
+    column's dataset as its source (see `_wrapped`), and the
+    command-line dataset settings go where the row's dataset takes them."""
     raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
     if dataset and dataset != "mixed":
-        raw = apply_overrides(raw, [f"dataset.name={json.dumps(dataset)}"])
+        # a preset on a dataset built from another (glass-coco: `generated` from COCO
+        # prompts) keeps its dataset and takes the column's as the source
+        raw = apply_overrides(raw, [_wrapped(raw, f"dataset.name={json.dumps(dataset)}")])
     extra = row.dataset_overrides.get(dataset or "", {})
     raw = apply_overrides(raw, [f"{k}={_format(v)}" for k, v in {**base, **row.overrides}.items()])
     if dataset and dataset != "mixed":

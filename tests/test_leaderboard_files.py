@@ -121,19 +121,23 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def wraps_column(overrides: dict[str, Any]) -> bool:
-    """Whether a row switches to a dataset built from the column's (`generated`: images
-    generated from its prompts), whose own params it may then set."""
+def wraps_column(overrides: dict[str, Any], preset: str | None = None) -> bool:
+    """Whether a row switches (or its preset is) to a dataset built from the column's
+    (`generated`: images generated from its prompts), whose own params it may then set."""
+    from ocl_bench.config import read_toml
     from ocl_bench.registry import registry
 
+    name = overrides.get("dataset.name")
+    if name is None and preset:
+        name = read_toml(preset).get("dataset", {}).get("name")
     try:
-        cls = registry().get("dataset", str(overrides.get("dataset.name", "")))
+        cls = registry().get("dataset", str(name or ""))
     except Exception:  # no such dataset plugin: the row really overrides the column's dataset
         return False
     return callable(getattr(cls, "wrapped_setting", None))
 
 
-def check_overrides(overrides: Any, where: str) -> list[str]:
+def check_overrides(overrides: Any, where: str, preset: str | None = None) -> list[str]:
     """Problems with one dotted-key override table ([] when it is fine)."""
     if not isinstance(overrides, dict):
         return [f"{where}: must be a table, got {type(overrides).__name__}"]
@@ -144,7 +148,7 @@ def check_overrides(overrides: Any, where: str) -> list[str]:
         if not all(parts) or parts[0] not in TOP_LEVEL:
             problems.append(f"{where}: '{key}' does not start with one of {', '.join(TOP_LEVEL)}")
             continue
-        if parts[0] == "dataset" and not wraps_column(overrides):
+        if parts[0] == "dataset" and not wraps_column(overrides, preset):
             problems.append(f"{where}: '{key}': the dataset comes from each column, not overrides")
         if not isinstance(value, (str, int, float, bool, dict, list)):
             problems.append(f"{where}: '{key}' has a value of type {type(value).__name__}")
@@ -250,14 +254,16 @@ def schema_problems(data: dict[str, Any], stem: str) -> list[str]:
         if label in labels:
             p.append(f"{where}: duplicate row label")
         labels.add(label)
-        p += check_overrides(row["overrides"], f"{where} overrides")
-        if "preset" in row and row["preset"] not in preset_names():
+        known_preset = row.get("preset") in preset_names()
+        if "preset" in row and not known_preset:
             p.append(f"{where}: unknown preset {row['preset']!r}")
+        preset = row["preset"] if known_preset else None
+        p += check_overrides(row["overrides"], f"{where} overrides", preset)
         per_dataset = row.get("dataset_overrides", {})
         for ds, table in per_dataset.items() if isinstance(per_dataset, dict) else []:
             if ds not in {c.get("dataset") for c in columns}:
                 p.append(f"{where}: dataset_overrides for {ds!r}, which no column measures")
-            p += check_overrides(table, f"{where} dataset_overrides.{ds}")
+            p += check_overrides(table, f"{where} dataset_overrides.{ds}", preset)
         if not isinstance(row.get("notes", ""), str):
             p.append(f"{where}: notes must be a string")
         published = row["published"]
