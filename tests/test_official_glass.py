@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ocl_bench.contracts import Batch, Dims, Features
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
 from ocl_bench.tasks.object_discovery import (
     ObjectDiscoveryParams,
     ignore_overlaps,
@@ -93,39 +94,14 @@ def _official(cls: type, init_mlp: bool, seed: int, out_size: int = 24) -> torch
     return model
 
 
-RENAME = {
-    "pos.projection.": "pos_proj.",
-    "in_layer_norm.": "pre_mlp.0.",
-    "in_mlp.0.": "pre_mlp.1.0.",
-    "in_mlp.2.": "pre_mlp.1.2.",
-    "project_q.": "to_q.",
-    "project_k.": "to_k.",
-    "project_v.": "to_v.",
-    "mlp.0.": "update_mlp.0.",
-    "mlp.2.": "update_mlp.2.",
-    "bbox_mlp.": "box_mlp.",
-    "slot_mu": "mu",
-    "slot_log_sigma": "log_sigma",
-}
-
-
 def _official_to_ours(state: dict[str, torch.Tensor], boxes: bool) -> dict[str, torch.Tensor]:
-    """The official MultiHeadSTEVESA state_dict in ocl-bench's slot_attention names."""
-    ours = {}
-    for key, value in state.items():
-        if key == "pos.pe" or key.startswith("out_"):
-            continue  # a buffer ours rebuilds; the output projection is the decoder's
-        if boxes and key.startswith("slot_"):
-            continue  # with init_mlp the official Gaussian parameters exist but are unused
-        new = key
-        for old, mine in RENAME.items():
-            if key.startswith(old):
-                new = mine + key[len(old) :]
-                break
-        if key == "pos.projection.weight":
-            value = value.reshape(value.shape[0], 4)  # 1x1 conv -> Linear
-        ours[new] = value
-    return ours
+    """The official MultiHeadSTEVESA state_dict in slot_attention's names, through the
+    importer's own mapping (`ocl-bench import stablelsd`), so this also checks the importer."""
+    init = "boxes" if boxes else "shared_gaussian"
+    layout = StableLSDLayout(K, D, D, D, ITERS, init, "none", SIDE, unet="")
+    mapped = map_state(state, layout)
+    # the output projection (out_layer_norm, out_linear) is the decoder's
+    return {k.removeprefix("grouping."): v for k, v in mapped.items() if k.startswith("grouping.")}
 
 
 def _ours(official: torch.nn.Module, **params) -> SlotAttention:

@@ -29,6 +29,7 @@ import torch
 from ocl_bench.contracts import Dims, Features
 from ocl_bench.decoders.latent_diffusion import LatentDiffusionDecoder, LatentDiffusionParams
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
 from tests.official_checkout import checkout_on_path
 
 REPO = os.environ.get("OCL_BENCH_LSD_REPO", "")
@@ -70,35 +71,15 @@ def _ours() -> tuple[SlotAttention, LatentDiffusionDecoder]:
 
 
 def _official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """The official MultiHeadSTEVESA state_dict as (slot_attention, slot_proj) state dicts."""
-    rename = {
-        "pos.projection.": "pos_proj.",
-        "in_layer_norm.": "pre_mlp.0.",
-        "in_mlp.0.": "pre_mlp.1.0.",
-        "in_mlp.2.": "pre_mlp.1.2.",
-        "project_q.": "to_q.",
-        "project_k.": "to_k.",
-        "project_v.": "to_v.",
-        "mlp.0.": "update_mlp.0.",
-        "mlp.2.": "update_mlp.2.",
-        "slot_mu": "mu",
-        "slot_log_sigma": "log_sigma",
-        "out_layer_norm.": "0.",
-        "out_linear.": "1.",
-    }
-    sa, proj = {}, {}
-    for key, value in state.items():
-        if key == "pos.pe":
-            continue  # a buffer: the grid of cell centres, rebuilt by ours
-        new = key
-        for old, mine in rename.items():
-            if key.startswith(old):
-                new = mine + key[len(old) :]
-                break
-        if key.startswith("pos.projection.weight"):
-            value = value.reshape(value.shape[0], 4)  # 1x1 conv -> Linear
-        (proj if key.startswith("out_") else sa)[new] = value
-    return sa, proj
+    """The official MultiHeadSTEVESA state_dict as (slot_attention, slot_proj) state dicts,
+    through the importer's own mapping (`ocl-bench import stablelsd`)."""
+    layout = StableLSDLayout(K, D, D, WIDTH, ITERS, "shared_gaussian", "none", SIDE, unet="")
+    mapped = map_state(state, layout)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in mapped.items() if k.startswith(prefix)}
+
+    return part("grouping."), part("decoder.slot_proj.")
 
 
 def test_slot_attention_and_conditioning_match_the_official_code(official_sa_class) -> None:
