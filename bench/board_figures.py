@@ -89,18 +89,22 @@ def _value(row: Row, key: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
-def _why(row: Row, keys: list[str]) -> str:
+def _why(row: Row, key: str) -> str:
     if row.missing:
         return row.missing
-    if any(k in row.undefined for k in keys):
+    if key in row.undefined:
         # e.g. a probe's accuracy when no slot matched an object above the threshold
         return "measured, but undefined (NaN)"
     return "not measured"
 
 
 def _missing(row: Row, ds: str, absent: list[Column]) -> str:
-    labels = ", ".join(c.label for c in absent)
-    return f"{row.label} [{ds}] {labels}: {_why(row, [c.key for c in absent])}"
+    """One line for a row's absent values on a dataset: the columns grouped by reason."""
+    reasons: dict[str, list[str]] = {}
+    for col in absent:
+        reasons.setdefault(_why(row, col.key), []).append(col.label)
+    parts = [f"{', '.join(labels)}: {why}" for why, labels in reasons.items()]
+    return f"{row.label} [{ds}] " + "; ".join(parts)
 
 
 def _datasets(board: Leaderboard) -> list[str]:

@@ -252,7 +252,7 @@ def test_bars_draw_each_metric_per_dataset_and_write_the_png_atomically(tmp_path
         for p in (p for p in drawn.points if p.series == row.label):
             assert p.y == row.measured[f"{_key(p.x)}_{p.panel}"]
     assert "five [coco] CorLoc: not measured" in drawn.missing
-    assert "four [voc] mBO_i, CorLoc: measured, but undefined (NaN)" in drawn.missing
+    assert "four [voc] mBO_i: measured, but undefined (NaN); CorLoc: not measured" in drawn.missing
     assert any(m.startswith("unmeasured [coco]") for m in drawn.missing)
 
 
