@@ -111,20 +111,32 @@ def _datasets(board: Leaderboard) -> list[str]:
     return list(dict.fromkeys(c.dataset or "" for c in board.columns))
 
 
+def _of(board: Leaderboard, ds: str) -> list[Column]:
+    return [c for c in board.columns if (c.dataset or "") == ds]
+
+
+def _measured(row: Row, ds: str, columns: list[Column], drawn: Drawn) -> list[tuple[Column, float]]:
+    """The row's measured (column, value) pairs among `columns`; the absent ones go to
+    `drawn.missing` as one line."""
+    found, absent = [], []
+    for col in columns:
+        value = _value(row, col.key)
+        if value is None:
+            absent.append(col)
+        else:
+            found.append((col, value))
+    if absent:
+        drawn.missing.append(_missing(row, ds, absent))
+    return found
+
+
 def _bars(board: Leaderboard, drawn: Drawn) -> None:
     for ds in _datasets(board):
         for row in board.rows:
-            absent = []
-            for col in (c for c in board.columns if (c.dataset or "") == ds):
-                value = _value(row, col.key)
-                if value is None:
-                    absent.append(col)
-                    continue
+            for col, value in _measured(row, ds, _of(board, ds), drawn):
                 drawn.points.append(
                     Point(ds, row.label, ds, col.label, value, yerr=_error(row, col.key))
                 )
-            if absent:
-                drawn.missing.append(_missing(row, ds, absent))
 
 
 def _lines(board: Leaderboard, drawn: Drawn) -> None:
@@ -133,17 +145,10 @@ def _lines(board: Leaderboard, drawn: Drawn) -> None:
         for row in board.rows:
             if axis not in row.axis:  # a published-only row: not on the axis
                 continue
-            absent = []
-            for col in (c for c in board.columns if (c.dataset or "") == ds):
-                value = _value(row, col.key)
-                if value is None:
-                    absent.append(col)
-                    continue
+            for col, value in _measured(row, ds, _of(board, ds), drawn):
                 panel = f"{col.label} [{ds}]" if ds else col.label
                 x, err = row.axis[axis], _error(row, col.key)
                 drawn.points.append(Point(panel, row.system, ds, x, value, yerr=err))
-            if absent:
-                drawn.missing.append(_missing(row, ds, absent))
 
 
 def _scatter(board: Leaderboard, drawn: Drawn) -> None:
@@ -151,7 +156,7 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
     markers: dict[str, str] = spec.get("markers", {})
 
     def column(metric: str, ds: str) -> Column | None:
-        found = [c for c in board.columns if c.metric == metric and (c.dataset or "") == ds]
+        found = [c for c in _of(board, ds) if c.metric == metric]
         return found[0] if found else None
 
     for ds in _datasets(board):
@@ -159,11 +164,10 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
         if cx is None or cy is None:
             continue
         for row in board.rows:
-            x, y = _value(row, cx.key), _value(row, cy.key)
-            if x is None or y is None:
-                absent = [c for c, v in ((cx, x), (cy, y)) if v is None]
-                drawn.missing.append(_missing(row, ds, absent))
+            pair = _measured(row, ds, [cx, cy], drawn)
+            if len(pair) < 2:
                 continue
+            (_, x), (_, y) = pair
             drawn.points.append(
                 Point(
                     "scatter",
@@ -181,15 +185,9 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
         return
     thresholds = threshold_columns([c.__dict__ for c in board.columns], curve)
     for ds in _datasets(board):
+        on_curve = [c for c in _of(board, ds) if c.metric in thresholds]
         for row in board.rows:
-            absent = []
-            for col in board.columns:
-                if (col.dataset or "") != ds or col.metric not in thresholds:
-                    continue
-                value = _value(row, col.key)
-                if value is None:
-                    absent.append(col)
-                    continue
+            for col, value in _measured(row, ds, on_curve, drawn):
                 drawn.points.append(
                     Point(
                         "threshold",
@@ -201,8 +199,6 @@ def _scatter(board: Leaderboard, drawn: Drawn) -> None:
                         yerr=_error(row, col.key),
                     )
                 )
-            if absent:
-                drawn.missing.append(_missing(row, ds, absent))
 
 
 def plotted(board: Leaderboard) -> Drawn:
