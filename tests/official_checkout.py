@@ -1,4 +1,5 @@
-"""Importing modules from an official repository checkout in the opt-in equality tests.
+"""Helpers of the opt-in equality tests against official repository checkouts: importing
+from a checkout, and the stand-ins the official models are built around.
 
 Several official repositories (latent-slot-diffusion, GLASS, Dataset Diffusion) name their
 top-level package `src`: a test imports from its checkout with the other `src` packages
@@ -12,6 +13,9 @@ import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+
+from torch import Tensor, nn
 
 
 def _take_package(name: str) -> dict[str, types.ModuleType]:
@@ -39,3 +43,24 @@ def checkout_on_path(
             sys.modules.pop(name, None)
         _take_package(package)
         sys.modules.update(saved)
+
+
+def dino_hub_like_vit(img_size: int, embed_dim: int, depth: int, num_heads: int) -> nn.Module:
+    """timm's ViT/16 with DINO's `prepare_tokens` and the same state_dict keys as the DINO
+    hub model, which the official SPOT code calls."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    class DinoHubLike(VisionTransformer):
+        def prepare_tokens(self, x: Tensor) -> Tensor:
+            return self._pos_embed(self.patch_embed(x))
+
+    return DinoHubLike(
+        img_size=img_size,
+        patch_size=16,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        qkv_bias=True,
+        num_classes=0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )

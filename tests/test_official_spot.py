@@ -27,6 +27,7 @@ from ocl_bench.compose import build_objectives
 from ocl_bench.contracts import Batch, Progress
 from ocl_bench.evaluate import load_run
 from ocl_bench.importers.spot import import_spot, inspect, map_state
+from tests.official_checkout import dino_hub_like_vit
 
 REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -52,24 +53,7 @@ def official():
 
 
 def _dino_like_vit() -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
-
-    class DinoHubLike(VisionTransformer):
-        """timm's ViT with DINO's `prepare_tokens` (same state_dict keys as the hub model)."""
-
-        def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-            return self._pos_embed(self.patch_embed(x))
-
-    return DinoHubLike(
-        img_size=64,
-        patch_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        qkv_bias=True,
-        num_classes=0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
+    return dino_hub_like_vit(img_size=64, embed_dim=32, depth=2, num_heads=2)
 
 
 def _official_model(spot_module, stage: int, eval_order: str, train_order: str, seed: int):

@@ -28,7 +28,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
 from ocl_bench.contracts import Batch, Progress
 from ocl_bench.train import clip_gradients, make_optimizer
+from tests.official_checkout import dino_hub_like_vit
 
 BATCH, SIZE = 8, 224
 STAGE1 = ["encoder.random_init=true", f"train.batch_size={BATCH}"]
@@ -129,8 +129,6 @@ def test_step_cached_vs_uncached(benchmark, preset: str, tmp_path, monkeypatch) 
 
 def _official_spot(repo: str) -> nn.Module:
     """The official SPOT stage-1 model at COCO sizes around a DINO-hub-like ViT-B/16."""
-    from timm.models.vision_transformer import VisionTransformer
-
     pytest.importorskip("einops")
     sys.path.insert(0, repo)
     try:
@@ -138,20 +136,7 @@ def _official_spot(repo: str) -> nn.Module:
     finally:
         sys.path.remove(repo)
 
-    class DinoHubLike(VisionTransformer):
-        def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
-            return self._pos_embed(self.patch_embed(x))
-
-    vit = DinoHubLike(
-        img_size=SIZE,
-        patch_size=16,
-        embed_dim=768,
-        depth=12,
-        num_heads=12,
-        qkv_bias=True,
-        num_classes=0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-    )
+    vit = dino_hub_like_vit(img_size=SIZE, embed_dim=768, depth=12, num_heads=12)
     for block in vit.blocks:  # DINO's hub Attention multiplies out q k^T explicitly
         block.attn.fused_attn = False
     args = argparse.Namespace(
