@@ -145,11 +145,9 @@ def score_batch(
     """
     background = params.background_segment
     inst_ignore = ignore_overlaps(gt, ignore) if params.ignore_overlaps else ignore
-    scores = all_metrics(
-        pred, with_background(gt) if background else gt, inst_ignore, num_slots=num_slots
-    )
-    if background:  # GLASS's FG-ARI (ARIMetric(foreground=True)) leaves the background out
-        scores["fg_ari"] = fg_ari(pred, gt, inst_ignore)
+    # GLASS's FG-ARI (ARIMetric(foreground=True)) leaves the background out
+    target = with_background(gt) if background else gt
+    scores = all_metrics(pred, target, inst_ignore, num_slots, background_first=background)
     if params.class_masks and class_gt is not None:
         class_ignore = ignore
         if background and params.ignore_overlaps:

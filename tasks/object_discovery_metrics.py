@@ -130,17 +130,21 @@ def all_metrics(
     gt: Tensor,
     ignore: Tensor | None = None,
     num_slots: int | None = None,
+    background_first: bool = False,
 ) -> dict[str, Tensor]:
     """All five metrics, sharing one set of slot x object pixel counts.
 
     Returns ``{"fg_ari", "mbo", "miou", "corloc", "detection_rate"}`` -> float64[B], identical to
     the single-metric functions. ``num_slots`` defaults to ``pred.max() + 1``; extra empty slots
-    change no metric.
+    change no metric. With ``background_first`` the first mask of ``gt`` is the background
+    segment (GLASS's evaluation): the IoU metrics score it like an object, FG-ARI leaves it
+    out (its column of the counts is exactly the pixels no object covers).
     """
     counts = _counts(pred, gt, ignore, num_slots)
     iou = _iou(counts)
+    foreground = counts._replace(inter=counts.inter[:, :, 1:]) if background_first else counts
     return {
-        "fg_ari": _fg_ari(counts),
+        "fg_ari": _fg_ari(foreground),
         "mbo": _mbo(iou),
         "miou": _miou(iou),
         "corloc": _corloc(iou),
