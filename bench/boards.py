@@ -309,6 +309,9 @@ def check_spec(spec: dict[str, Any], path: Path) -> dict[str, Any]:
                 raise ConfigError(f"{path}: {at} is {value!r:.40}, expected {_type_words(kind)}")
 
     check(spec, _SPEC_TYPES, "")
+    for key, values in spec.get("axes", {}).items():  # a grid file's, or a board's
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
     for i, row in enumerate(spec.get("rows", [])):
         check(row, _ROW_TYPES, f"rows[{i}]", ("label",))
         for key, value in row.get("published", {}).items():
@@ -565,9 +568,6 @@ def load_grid(
     base = _merge(start, spec.get("base", {}))
     base = apply_overrides(base, list(overrides or []))
     axes: dict[str, list[Any]] = dict(spec.get("axes", {}))
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
     if "seed" in axes:  # a seed axis is the seeds setting by another name
         if "seeds" in spec:
             raise ConfigError(f"{path}: give the seeds once, as `seeds` or as the axis 'seed'")
@@ -663,9 +663,6 @@ def board_rows(spec: dict[str, Any], path: Path) -> list[Row]:
     axes: dict[str, list[Any]] = spec.get("axes", {})
     if not axes:
         return rows
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{path}: axis '{key}' must be a non-empty list")
     names = _axis_value_names(spec.get("labels", {}), axes, path)
     datasets = column_datasets(spec)
     expanded = []

@@ -40,7 +40,8 @@ class Batch:
     instance_masks: bool[B,M,H,W], visible part of each object, zero-padded along M.
     class_masks: bool[B,C,H,W], one mask per category present, zero-padded along C.
     ignore_mask: bool[B,H,W], pixels no metric may score.
-    boxes: float[B,M,4] as (x1, y1, x2, y2) in pixels, zeros for padding.
+    boxes: float[B,M,4] as (x1, y1, x2, y2) in pixels of the masks (whose side may differ
+        from the images', e.g. COCO at mask_size 320), zeros for padding.
     labels: long[B,M] category per object, -1 for padding.
     properties: name -> tensor[B,M] (long for categorical, float for continuous).
     captions: one string per image.
