@@ -162,8 +162,9 @@ def _measure(
             row.missing = f"needs: {err}"
             return
         row.config_hashes[ds] = cfg.digest()
-        cells[ds] = [(s, c) for s, c in store.seeded(cfg) if c.status == "complete"]
-        failed += [c for _, c in store.seeded(cfg) if c.status == "failed"]
+        seeded = store.seeded(cfg)
+        cells[ds] = [(s, c) for s, c in seeded if c.status == "complete"]
+        failed += [c for _, c in seeded if c.status == "failed"]
     shown = None  # the figure comes from the last column's measured cell (its first seed)
     for col in columns:
         complete = cells.get(col.dataset or "", [])
