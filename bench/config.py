@@ -14,7 +14,7 @@ from typing import Any, Literal
 import tomli_w
 
 from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.params import build_params, param, to_dict
+from ocl_bench.params import build_params, hashed_dict, param, to_dict
 from ocl_bench.registry import Registry, registry
 
 if sys.version_info >= (3, 11):
@@ -145,22 +145,27 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config (every default filled in)."""
+        return self._settings(to_dict)
+
+    def _settings(self, flatten: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}
         for stage in STAGES:
             choice: PluginChoice = getattr(self, stage)
-            out[stage] = {"name": choice.name, **to_dict(choice.params)}
+            out[stage] = {"name": choice.name, **flatten(choice.params)}
         for key in COLLECTIONS:
-            out[key] = {c.name: to_dict(c.params) for c in getattr(self, key)}
-        out["train"] = to_dict(self.train)
-        out["eval"] = to_dict(self.eval)
+            out[key] = {c.name: flatten(c.params) for c in getattr(self, key)}
+        out["train"] = flatten(self.train)
+        out["eval"] = flatten(self.eval)
         return out
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.to_dict()))
 
     def digest(self) -> str:
-        """A stable hash of the resolved config."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A stable hash of the resolved settings. Params added `since` a release are left
+        out while at their default (see ocl_bench.params.param), so a result stored before
+        they existed keeps its hash."""
+        text = json.dumps(self._settings(hashed_dict), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -21,11 +21,17 @@ def param(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    since: str | None = None,
 ) -> Any:
     """A dataclass field with a default, its documentation and, for numbers, its valid range.
 
     The range is checked when a config resolves (build_params), so a bad value fails in one
     line naming the key instead of deep inside torch; `plugins show` prints it.
+
+    `since` (a version, e.g. "0.2") marks a param added after results were stored: while it
+    holds its default it is left out of the config hash (`hashed_dict`), so every result
+    stored before it existed keeps its hash, and its meaning, since the default is the old
+    behaviour. The resolved config (config.toml) still records it.
     """
     bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
     if ge is not None and gt is not None or le is not None and lt is not None:
@@ -38,7 +44,7 @@ def param(
         problem = _range_problem(default, bounds)
         if problem:
             raise ValueError(f"param: default {default!r} {problem}")
-    metadata = {"doc": doc, "bounds": bounds}
+    metadata = {"doc": doc, "bounds": bounds, "since": since}
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -216,4 +222,26 @@ def to_dict(params: Any) -> dict[str, Any]:
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def hashed_dict(params: Any) -> dict[str, Any]:
+    """`to_dict` minus the params added `since` a release that still hold their default:
+    what a config hash covers (see `param`)."""
+    out = to_dict(params)
+    for f in dataclasses.fields(params):
+        if f.metadata.get("since") is None:
+            continue
+        default = _default_of(f)
+        default = list(default) if isinstance(default, tuple) else default
+        if out[f.name] == default:
+            del out[f.name]
     return out
