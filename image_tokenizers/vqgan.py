@@ -20,7 +20,9 @@ The module attribute names reproduce the official state-dict keys exactly (`enco
 `decoder.*`, `quantize.embedding.weight`: 168 tensors at the official sizes), so the
 official `vqgan_jax_strongaug.ckpt` and the `vqgan.*` keys of a MAGE checkpoint load
 strictly, with the sizes read from the tensors. The tokenizer is always frozen and in
-eval mode. `encode_cached` stores token ids in the feature cache (bench/feature_cache.py).
+eval mode. `decode` clamps its images to [0, 1] where the official decode does not
+(param `clamp`, default true; `clamp=false` gives the official, unclamped values).
+`encode_cached` stores token ids in the feature cache (bench/feature_cache.py).
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ class VQGANParams:
     num_res_blocks: int = param(2, "residual blocks per level (encoder and decoder)", ge=1)
     norm_groups: int = param(
         32, "GroupNorm groups (official 32; smaller only for tiny test models)", ge=1
+    )
+    clamp: bool = param(
+        True,
+        "decode clamps images to [0, 1]. The official VQModel.decode does not (its "
+        "gen_img_uncond.py clips only when it writes 8-bit PNGs): false returns its raw output",
+        since="0.2",
     )
 
 
@@ -392,10 +400,18 @@ class VQGANTokenizer(ImageTokenizer):
             )
         return self.quantize.embedding(ids).permute(0, 3, 1, 2).contiguous()
 
-    def decode(self, ids: Tensor) -> Tensor:
-        """Images [B, 3, H, W] clamped to [0, 1] from ids [B, h, w]."""
+    def decode(self, ids: Tensor, *, clamp: bool | None = None) -> Tensor:
+        """Images [B, 3, H, W] from ids [B, h, w], clamped to [0, 1] unless `clamp` (default
+        the `clamp` param, true) is false.
+
+        The official decode (taming's VQModel.decode_code in LTH14/mage) does not clamp:
+        its values run slightly outside [0, 1]. `clamp=False` gives them unchanged, e.g. to
+        compare with the official output; the clamped images are what metrics and saved
+        figures need."""
+        clamp = self.params.clamp if clamp is None else clamp
         with torch.no_grad():
-            return self.decoder(self.embed(ids)).clamp(0.0, 1.0)
+            out = self.decoder(self.embed(ids))
+        return out.clamp(0.0, 1.0) if clamp else out
 
     # cached ids ---------------------------------------------------------------------------
     def cache_key(self, cache: FeatureCache, images: Tensor) -> str:

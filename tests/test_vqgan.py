@@ -105,6 +105,29 @@ def test_encode_is_the_l2_nearest_code_and_embed_decode_follow() -> None:
     assert torch.equal(tok.decode(ids), torch.ones_like(out))  # clamped, not squashed
 
 
+@pytest.mark.parametrize("how", ["param", "keyword"])
+def test_decode_without_clamp_returns_the_decoders_raw_values(how: str) -> None:
+    # The official VQModel.decode does not clamp; clamp=false gives its values unchanged.
+    tok = tiny(clamp=False) if how == "param" else tiny()
+    ids = tok.encode(images())
+    with torch.no_grad():
+        tok.decoder.conv_out.bias.copy_(torch.tensor([-2.0, 0.5, 3.0]))
+        raw = tok.decoder(tok.embed(ids))
+    out = tok.decode(ids) if how == "param" else tok.decode(ids, clamp=False)
+    assert torch.equal(out, raw)
+    assert out.min() < -1.0 and out.max() > 2.0  # far outside [0, 1]: nothing was clamped
+    clamped = tok.decode(ids, clamp=True)
+    assert torch.equal(clamped, raw.clamp(0, 1)) and not torch.equal(clamped, raw)
+
+
+def test_clamp_param_keeps_stored_config_hashes() -> None:
+    from ocl_bench.params import build_params, hashed_dict
+
+    default = build_params(VQGANTokenizer.Params, {}, "tokenizer")
+    assert "clamp" not in hashed_dict(default)  # added in 0.2 at today's behaviour
+    assert hashed_dict(build_params(VQGANTokenizer.Params, {"clamp": False}, "t"))["clamp"] is False
+
+
 def test_resblock_shortcut_maps_the_branch_output_not_the_input() -> None:
     tok = tiny()
     block = tok.encoder.down[1].block[0]  # 8 -> 16 channels
