@@ -25,6 +25,12 @@ embedding), the other masked ones fed as [MASK]. That pass lands in
 `token_mask` (TokenState per position) for the MAGE decoder. In eval the same schedule
 runs unless `eval_mask_ratio` fixes the ratio.
 
+Given masks instead of the draw (public API, e.g. to replay the official code's masks):
+a `TokenMasks(masked, dropped)` either as `encoder(batch, masks=...)` or, for the whole
+model (encoder, grouping, decoder), as `with model.encoder.use_masks(masks): model(batch)`.
+A draw and the same positions given as masks give the same output (the draw's only
+effect is the positions; given masks consume no random numbers).
+
 Frozen (default) or fine-tuned from block b (`finetune_from`, thesis Table 5.2): blocks
 b.. and the final norm train; the embedding and earlier blocks stay frozen and, like a
 frozen encoder, always run in eval mode (no dropout), so frozen features are
@@ -41,6 +47,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +97,66 @@ class Vocabulary:
     @property
     def mask_id(self) -> int:
         return self.size - 1
+
+
+@dataclass(frozen=True)
+class TokenMasks:
+    """Which grid positions MAGE's masked pass hides: the official `token_all_mask` and
+    `token_drop_mask` (models_mage.py forward_encoder) without their class-token column.
+
+    masked: bool[B,N], every position whose id the encoder does not see;
+    dropped: bool[B,N], the masked positions removed before the encoder (the other masked
+        ones are fed as [MASK]); every image keeps the same number of positions.
+
+    Grid positions are raster order over the tokenizer's grid (N = 256 at 256 px). Float
+    0/1 tensors (as the official code makes them) are accepted and stored as bool.
+
+    Example, a ratio-0.75 mask with the first half dropped, through the whole model::
+
+        n = model.encoder.num_tokens
+        masked = torch.zeros(b, n, dtype=torch.bool)
+        masked[:, : 3 * n // 4] = True
+        dropped = torch.zeros_like(masked)
+        dropped[:, : n // 2] = True
+        with model.encoder.use_masks(TokenMasks(masked=masked, dropped=dropped)):
+            out = model(batch)  # out.decoding.logits: MAGE's predictions for these masks
+    """
+
+    masked: Tensor
+    dropped: Tensor
+
+    def __post_init__(self) -> None:
+        masked, dropped = self.masked.bool(), self.dropped.bool()
+        if masked.dim() != 2 or masked.shape != dropped.shape:
+            raise ValueError(
+                f"TokenMasks: masked and dropped must both be [B, N], got "
+                f"{tuple(self.masked.shape)} and {tuple(self.dropped.shape)}"
+            )
+        if bool((dropped & ~masked).any()):
+            raise ValueError("TokenMasks: every dropped position must also be masked")
+        kept = (~dropped).sum(1)
+        if kept.numel() and not bool((kept == kept[0]).all()):
+            raise ValueError(
+                "TokenMasks: every image must keep the same number of positions, got "
+                f"{sorted(set(kept.tolist()))}"
+            )
+        object.__setattr__(self, "masked", masked)
+        object.__setattr__(self, "dropped", dropped)
+
+    @classmethod
+    def from_state(cls, state: Tensor) -> TokenMasks:
+        """From a TokenState tensor uint8[B,N] (Features.token_mask of a draw)."""
+        return cls(
+            masked=state != int(TokenState.VISIBLE), dropped=state == int(TokenState.DROPPED)
+        )
+
+    def state(self) -> Tensor:
+        """The TokenState uint8[B,N] of these masks (what Features.token_mask holds)."""
+        state = torch.full(self.masked.shape, int(TokenState.VISIBLE), dtype=torch.uint8)
+        state = state.to(self.masked.device)
+        state[self.masked] = int(TokenState.MASKED)
+        state[self.dropped] = int(TokenState.DROPPED)
+        return state
 
 
 class MageAttention(nn.Module):
@@ -303,6 +371,7 @@ class MageEncoder(nn.Module, Plugin):
                 f"encoder.finetune_from={p.finetune_from} leaves no trainable block of {depth}"
             )
         self.cache = FeatureCache() if p.cache else None
+        self._given_masks: TokenMasks | None = None
         self.weights_source = "random init"
         if path is not None:
             self._load(state, path)
@@ -465,7 +534,22 @@ class MageEncoder(nn.Module, Plugin):
         kept = keep.nonzero()[:, 1].view(ids.shape[0], -1)  # ascending, as MAGE's nonzero
         return self.encode_ids(inputs, kept), kept
 
-    def forward(self, batch: Batch) -> Features:
+    @contextmanager
+    def use_masks(self, masks: TokenMasks) -> Iterator[TokenMasks]:
+        """Within the block, every forward (also through the model: `model(batch)`) runs
+        the masked pass on `masks` instead of drawing them. See TokenMasks for an example."""
+        if not isinstance(masks, TokenMasks):
+            raise TypeError(f"use_masks needs TokenMasks, got {type(masks).__name__}")
+        previous = self._given_masks
+        self._given_masks = masks
+        try:
+            yield masks
+        finally:
+            self._given_masks = previous
+
+    def forward(self, batch: Batch, masks: TokenMasks | None = None) -> Features:
+        """Features of both branches. The masked pass (encoder.masking=mage) runs on
+        `masks` when given (else those of an enclosing `use_masks`, else MAGE's draw)."""
         ids = self.token_ids(batch.images)
         tokens = self.encode_ids(ids)[:, 1:]
         state = torch.zeros_like(ids, dtype=torch.uint8)
@@ -476,10 +560,24 @@ class MageEncoder(nn.Module, Plugin):
             token_ids=ids,
             token_mask=state,
         )
-        if self.params.masking == "mage":
+        masks = masks if masks is not None else self._given_masks
+        if self.params.masking != "mage":
+            if masks is not None:
+                raise ConfigError(
+                    "given token masks need the masked pass: set encoder.masking=mage"
+                )
+            return features
+        if masks is None:
             state = self.sample_mask(ids.shape[0], self.sample_ratio(), ids.device)
-            features.masked_tokens, features.kept = self.masked_pass(ids, state)
-            features.token_mask = state
+        else:
+            if tuple(masks.masked.shape) != tuple(ids.shape):
+                raise ValueError(
+                    f"TokenMasks of shape {tuple(masks.masked.shape)} do not fit this batch: "
+                    f"{ids.shape[0]} images of {self.num_tokens} grid positions"
+                )
+            state = masks.state().to(ids.device)
+        features.masked_tokens, features.kept = self.masked_pass(ids, state)
+        features.token_mask = state
         return features
 
 
@@ -495,6 +593,7 @@ __all__ = [
     "MageEncoder",
     "MageParams",
     "TokenEmbedding",
+    "TokenMasks",
     "Vocabulary",
     "init_mage_weights",
     "load_part",

@@ -7,6 +7,7 @@ modules, so a renamed module fails here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from ocl_bench.compose import build_model
 from ocl_bench.config import load_raw, resolve
 from ocl_bench.contracts import Batch, Progress, TokenState
-from ocl_bench.errors import DataError, IncompatiblePluginsError
+from ocl_bench.errors import ConfigError, DataError, IncompatiblePluginsError
 
 TOKENIZER = [
     "encoder.tokenizer.ch=8",
@@ -242,6 +243,69 @@ def test_features_of_both_branches() -> None:
     assert int((f.token_mask == TokenState.DROPPED).sum()) == 2 * 128
     # the slot branch saw every id: its tokens equal a pass without masking
     assert torch.allclose(f.tokens, model.encoder.encode_ids(f.token_ids)[:, 1:])
+
+
+def test_given_token_masks_replay_the_draw_and_other_masks_change_the_output() -> None:
+    from ocl_bench.encoders.mage import TokenMasks
+
+    # learned slot queries: the slots draw no noise, so the draw's masks are its only
+    # randomness and the two paths may be compared exactly
+    model, _ = make_model(*RANDOM, "grouping.init=learned_queries")
+    model.eval()
+    batch = Batch(images=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)))
+    torch.manual_seed(5)
+    drawn = model(batch)
+    state = drawn.features.token_mask
+    masks = TokenMasks.from_state(state)
+    assert torch.equal(masks.state(), state) and 0 < int(masks.dropped.sum()) < masks.masked.sum()
+    torch.manual_seed(6)  # another seed: given masks consume no random numbers
+    with model.encoder.use_masks(masks):
+        given = model(batch)
+    assert model.encoder._given_masks is None  # the block's masks do not outlive it
+    assert torch.equal(given.decoding.logits, drawn.decoding.logits)
+    assert torch.equal(given.decoding.masks, drawn.decoding.masks)
+    assert torch.equal(given.features.token_mask, state)
+    assert torch.equal(given.decoding.predicted, masks.masked)
+    features = model.encoder(batch, masks=masks)  # the encoder alone, by keyword
+    assert torch.equal(features.masked_tokens, drawn.features.masked_tokens)
+
+    # the official layout (float 0/1) is accepted; one dropped position moved elsewhere
+    dropped = masks.dropped.clone()
+    visible = (~masks.masked[0]).nonzero()[0, 0]
+    gone = masks.dropped[0].nonzero()[0, 0]
+    dropped[0, gone], dropped[0, visible] = False, True
+    masked = masks.masked.clone()
+    masked[0, visible] = True
+    masked[0, gone] = False
+    other = TokenMasks(masked=masked.float(), dropped=dropped.float())
+    with model.encoder.use_masks(other):
+        moved = model(batch)
+    assert torch.equal(moved.features.token_mask[1], state[1])
+    assert not torch.allclose(moved.decoding.logits[0], drawn.decoding.logits[0])
+    assert torch.equal(moved.decoding.predicted, masked)
+
+
+def test_token_masks_are_checked() -> None:
+    from ocl_bench.encoders.mage import TokenMasks
+
+    masked = torch.zeros(2, 256, dtype=torch.bool)
+    masked[:, :200] = True
+    dropped = torch.zeros_like(masked)
+    dropped[:, :100] = True
+    with pytest.raises(ValueError, match="dropped position must also be masked"):
+        TokenMasks(masked=dropped, dropped=masked)
+    uneven = dropped.clone()
+    uneven[1, 150] = True
+    with pytest.raises(ValueError, match="same number of positions, got \\[155, 156\\]"):
+        TokenMasks(masked=masked, dropped=uneven)
+    model, _ = make_model(*RANDOM)
+    batch = Batch(images=torch.rand(3, 3, 32, 32))
+    with pytest.raises(ValueError, match="do not fit this batch: 3 images of 256"):
+        model.encoder(batch, masks=TokenMasks(masked=masked, dropped=dropped))
+    model.encoder.params = dataclasses.replace(model.encoder.params, masking="none")
+    three = TokenMasks(masked=masked[:1].expand(3, -1), dropped=dropped[:1].expand(3, -1))
+    with pytest.raises(ConfigError, match="given token masks need .*encoder.masking=mage"):
+        model.encoder(batch, masks=three)
 
 
 # ---------------------------------------------------------------- loss and head
