@@ -14,6 +14,21 @@ each a named param:
 - `zero_mlp_bias`: OCLF's build_mlp (ocl/neural_networks/convenience.py) zero-initialises
   every Linear bias of the pre-MLP and of the slot update MLP (ff_mlp); the harness
   keeps torch's default uniform bias init.
+
+Two more official variants, each a named param:
+
+- `num_heads` (StableLSD / GLASS `MultiHeadSTEVESA`, src/models/slot_attn.py): q, k, v are
+  split into heads of slot_dim / num_heads channels; the logits of every (head, slot) pair
+  of a token are softmaxed *together* (one softmax over heads x slots, not one per head),
+  renormalised over tokens per head, and the per-head updates are concatenated. The keys
+  stay scaled by slot_dim ** -0.5 (the whole slot size, as the official code). `attn` is
+  the attention summed over heads (what StableLSD's eval.py reduces to masks: still a
+  distribution over slots) and `logits` their log-sum-exp over heads (softmax of it is
+  `attn`). num_heads = 1 is the one-head module, computed as before.
+- `pre_mlp_hidden` and `position = "linspace"` (SlotDiffusion, img_based/models/
+  slot_attention.py): its encoder_out_layer is LN(C) -> Linear(C, D) -> ReLU -> Linear(D, D)
+  (hidden = D, not C), and its SoftPositionEmbed adds Linear(4 -> C) of a linspace(0, 1)
+  grid (row, col, 1 - row, 1 - col), corners at 0 and 1, where STEVE's code takes cell centres.
 """
 
 from __future__ import annotations
@@ -62,17 +77,34 @@ class SlotAttentionParams:
         " k/v then see pre_mlp_out-d features",
         ge=0,
     )
+    pre_mlp_hidden: int = param(
+        0,
+        "hidden size of the pre-MLP (needs pre_mlp); 0 = the token dim. SlotDiffusion's"
+        " encoder_out_layer uses slot_dim (384 -> 256 -> 256 with pre_mlp_out = 256)",
+        ge=0,
+        since="0.2",
+    )
+    num_heads: int = param(
+        1,
+        "attention heads (StableLSD/GLASS MultiHeadSTEVESA num_heads): one softmax over heads x"
+        " slots per token, per-head updates concatenated; slot_dim must divide by it. attn is"
+        " summed over heads",
+        ge=1,
+        since="0.2",
+    )
     zero_mlp_bias: bool = param(
         False,
         "zero-initialise the Linear biases of the pre-MLP and the update MLP (OCLF build_mlp);"
         " false = torch's default uniform init",
     )
     eps: float = param(1e-8, "added to the attention before renormalising over tokens", gt=0)
-    position: Literal["none", "cartesian"] = param(
+    position: Literal["none", "cartesian", "linspace"] = param(
         "none",
         "'cartesian': add Linear(4 -> token dim) of each token's cell-centre coordinates"
         " (row, col, 1-row, 1-col) in [0, 1] before the pre-MLP (STEVE / StableLSD's"
-        " CartesianPositionalEmbedding, a 1x1 conv there)",
+        " CartesianPositionalEmbedding, a 1x1 conv there); 'linspace': the same of a"
+        " linspace(0, 1) grid, first and last cells at 0 and 1 (SlotDiffusion's"
+        " SoftPositionEmbed)",
     )
     dynamic_slots: bool = param(
         False,
@@ -113,15 +145,20 @@ class SlotAttention(nn.Module, Plugin):
         self.params = params
         if params.pre_mlp_out < 0:
             raise ValueError(f"pre_mlp_out must be 0 or positive, got {params.pre_mlp_out}")
-        if params.pre_mlp_out and not params.pre_mlp:
-            raise ValueError("pre_mlp_out needs pre_mlp = true")
+        if (params.pre_mlp_out or params.pre_mlp_hidden) and not params.pre_mlp:
+            raise ValueError("pre_mlp_out and pre_mlp_hidden need pre_mlp = true")
+        if params.slot_dim % params.num_heads:
+            raise ValueError(
+                f"slot_dim={params.slot_dim} must divide by num_heads={params.num_heads}"
+            )
         d_tokens, d = dims.token_dim, params.slot_dim
-        if params.position == "cartesian":
+        if params.position != "none":
             self.pos_proj = nn.Linear(4, d_tokens)
         # d_in: the size of what the input LayerNorm and k/v see
         d_in = params.pre_mlp_out or d_tokens
+        hidden = params.pre_mlp_hidden or d_tokens
         self.pre_mlp = (
-            nn.Sequential(nn.LayerNorm(d_tokens), mlp([d_tokens, d_tokens, d_in]))
+            nn.Sequential(nn.LayerNorm(d_tokens), mlp([d_tokens, hidden, d_in]))
             if params.pre_mlp
             else nn.Identity()
         )
@@ -186,6 +223,8 @@ class SlotAttention(nn.Module, Plugin):
         """One iteration: returns (new slots, attention softmaxed over slots, logits).
         `active` bool[B,K]: slots that may attend (the others get -inf logits)."""
         q = self.to_q(self.norm_slots(slots))
+        if self.params.num_heads > 1:
+            return self.multi_head_step(slots, q, k, v, active)
         logits = torch.einsum("bnd,bkd->bnk", k, q)
         if active is not None:
             logits = logits.masked_fill(~active[:, None, :], float("-inf"))
@@ -198,11 +237,37 @@ class SlotAttention(nn.Module, Plugin):
         slots = slots + self.update_mlp(self.norm_mlp(slots))
         return slots, attn, logits
 
+    def multi_head_step(
+        self, slots: Tensor, q: Tensor, k: Tensor, v: Tensor, active: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`step` with num_heads > 1: one softmax per token over (head, slot) pairs, as
+        MultiHeadSTEVESA; returns the attention summed over heads and the logits'
+        log-sum-exp over heads (so softmax(logits) is that attention)."""
+        b, n_slots, d = slots.shape
+        h = self.params.num_heads
+        kh, vh = k.unflatten(-1, (h, d // h)), v.unflatten(-1, (h, d // h))  # [B,N,H,dh]
+        qh = q.unflatten(-1, (h, d // h))  # [B,K,H,dh]
+        logits = torch.einsum("bnhd,bkhd->bnhk", kh, qh)
+        if active is not None:
+            logits = logits.masked_fill(~active[:, None, None, :], float("-inf"))
+        attn = logits.flatten(2).softmax(dim=-1).unflatten(-1, (h, n_slots))  # [B,N,H,K]
+        weights = attn + self.params.eps
+        weights = weights / weights.sum(dim=1, keepdim=True)  # per head, over tokens
+        updates = torch.einsum("bnhk,bnhd->bkhd", weights, vh).reshape(b * n_slots, d)
+        slots = self.gru(updates, slots.reshape(-1, d)).reshape(b, n_slots, d)
+        slots = slots + self.update_mlp(self.norm_mlp(slots))
+        return slots, attn.sum(dim=2), logits.logsumexp(dim=2)
+
     def cartesian_code(self, grid: tuple[int, int], device: torch.device) -> Tensor:
-        """float[h*w, 4]: (row, col, 1-row, 1-col) at cell centres, raster order."""
+        """float[h*w, 4]: (row, col, 1-row, 1-col) at cell centres (position 'cartesian')
+        or on a linspace(0, 1) grid (position 'linspace'), raster order."""
         h, w = grid
-        rows = (torch.arange(h, device=device) + 0.5) / h
-        cols = (torch.arange(w, device=device) + 0.5) / w
+        if self.params.position == "linspace":
+            rows = torch.linspace(0.0, 1.0, h, device=device)
+            cols = torch.linspace(0.0, 1.0, w, device=device)
+        else:
+            rows = (torch.arange(h, device=device) + 0.5) / h
+            cols = (torch.arange(w, device=device) + 0.5) / w
         r, c = torch.meshgrid(rows, cols, indexing="ij")
         return torch.stack([r, c, 1 - r, 1 - c], dim=-1).reshape(h * w, 4)
 
@@ -217,7 +282,7 @@ class SlotAttention(nn.Module, Plugin):
     def forward(self, features: Features, batch: Batch | None = None) -> Slots:
         tokens = features.tokens
         active = self.active_slots(batch, tokens.device)
-        if self.params.position == "cartesian":
+        if self.params.position != "none":
             code = self.cartesian_code(features.grid, tokens.device).to(tokens.dtype)
             tokens = tokens + self.pos_proj(code)
         tokens = self.norm_inputs(self.pre_mlp(tokens))

@@ -22,8 +22,9 @@ Official layout -> ours (MultiHeadSTEVESA, src/models/slot_attn.py of either rep
     mlp.{0,2}                             -> grouping.update_mlp.{0,2}
     out_layer_norm, out_linear            -> decoder.slot_proj.0, slot_proj.1
 
-Only one attention head is supported (every released config uses 1). With init_mlp the
-official module also holds the unused Gaussian parameters; they are dropped.
+`num_heads` of config.json becomes `grouping.num_heads` (multi-head slot attention: the
+weights have the same shapes for any head count, only the computation splits them). With
+init_mlp the official module also holds the unused Gaussian parameters; they are dropped.
 tests/test_official_glass.py imports GLASS's own module, saves it with `save_pretrained` and
 checks that this importer's run gives its slots and attention.
 """
@@ -108,11 +109,9 @@ def read_config(weights: Path) -> dict[str, Any]:
     missing = [k for k in ("num_slots", "slot_size", "input_size", "out_size") if k not in config]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: not a MultiHeadSTEVESA config")
-    if config.get("num_heads", 1) != 1:
-        raise DataError(
-            f"{path}: num_heads={config['num_heads']}; ocl-bench's slot attention has one head "
-            "(every released StableLSD/GLASS config uses 1)"
-        )
+    heads = config.get("num_heads", 1)
+    if not isinstance(heads, int) or heads < 1 or int(config["slot_size"]) % heads:
+        raise DataError(f"{path}: num_heads={heads!r} must be a positive divisor of slot_size")
     return config
 
 
@@ -184,6 +183,7 @@ class StableLSDImporter(CheckpointImporter):
             "grouping.mlp_hidden": int(config.get("mlp_hidden_size", layout.slot_dim)),
             "grouping.iterations": layout.iterations,
             "grouping.eps": float(config.get("epsilon", 1e-8)),
+            "grouping.num_heads": int(config.get("num_heads", 1)),
             "grouping.init": layout.init,
             "grouping.truncation": layout.truncation,
             "grouping.position": "cartesian",

@@ -165,9 +165,16 @@ def test_learned_queries_and_a_fine_tuned_unet(tmp_path) -> None:
     assert not torch.equal(kept.decoder.unet.state_dict()[first], unet[first])
 
 
+def test_num_heads_becomes_the_grouping_heads(tmp_path) -> None:
+    weights = write_checkpoint(tmp_path / "ckpt", official_state(), num_heads=2)
+    result = make_importer("stablelsd").convert(weights, TINY)
+    assert result.config.grouping.params.num_heads == 2
+    assert result.model.grouping.params.num_heads == 2
+
+
 def test_wrong_files_are_one_line_errors(tmp_path) -> None:
-    weights = write_checkpoint(tmp_path / "a", official_state(), num_heads=2)
-    with pytest.raises(DataError, match="num_heads=2"):
+    weights = write_checkpoint(tmp_path / "a", official_state(), num_heads=3)  # S = 16
+    with pytest.raises(DataError, match="num_heads=3 must be a positive divisor of slot_size"):
         StableLSDImporter(StableLSDImporter.Params()).convert(weights, TINY)
     weights = write_checkpoint(tmp_path / "b", official_state())
     (weights.parent / "config.json").unlink()
