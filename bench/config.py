@@ -15,6 +15,7 @@ import tomli_w
 
 from ocl_bench.errors import ConfigError, DataError
 from ocl_bench.params import build_params, hashed_dict, param, to_dict
+from ocl_bench.protocol import apply_protocol
 from ocl_bench.registry import Registry, registry
 
 if sys.version_info >= (3, 11):
@@ -24,7 +25,7 @@ else:  # pragma: no cover
 
 STAGES = ("dataset", "encoder", "grouping", "decoder")
 COLLECTIONS = {"objectives": "objective", "tasks": "task"}
-TOP_LEVEL = ("seed", *STAGES, *COLLECTIONS, "train", "eval")
+TOP_LEVEL = ("seed", "protocol", *STAGES, *COLLECTIONS, "train", "eval")
 
 
 @dataclass(frozen=True)
@@ -142,10 +143,16 @@ class RunConfig:
     train: TrainSettings
     eval: EvalSettings
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    # The evaluation protocol applied (ocl_bench.protocols); '' when none applies.
+    protocol: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The fully resolved config (every default filled in)."""
-        return self._settings(to_dict)
+        """The fully resolved config (every default filled in), with its protocol's name.
+        The name is recorded, not hashed: the hash covers the settings it expands to."""
+        out = self._settings(to_dict)
+        if self.protocol:
+            out = {"seed": out.pop("seed"), "protocol": self.protocol, **out}
+        return out
 
     def _settings(self, flatten: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}
@@ -273,6 +280,7 @@ def resolve(raw: dict[str, Any], reg: Registry | None = None) -> RunConfig:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed: expected int, got {seed!r}")
+    raw, protocol = apply_protocol(raw, reg)
     stages = {}
     for stage in STAGES:
         if stage not in raw:
@@ -289,7 +297,15 @@ def resolve(raw: dict[str, Any], reg: Registry | None = None) -> RunConfig:
         ]
     train = build_params(TrainSettings, raw.get("train", {}), "train")
     evaluation = build_params(EvalSettings, raw.get("eval", {}), "eval")
-    return RunConfig(seed=seed, train=train, eval=evaluation, raw=raw, **stages, **collections)
+    return RunConfig(
+        seed=seed,
+        train=train,
+        eval=evaluation,
+        raw=raw,
+        protocol=protocol,
+        **stages,
+        **collections,
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
