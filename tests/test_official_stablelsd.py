@@ -1,18 +1,31 @@
 """ocl-bench's StableLSD path against the official latent-slot-diffusion code, when present.
 
 Opt-in: point OCL_BENCH_LSD_REPO at a checkout of github.com/JindongJiang/latent-slot-diffusion.
-Only `src/models/slot_attn.py` (MultiHeadSTEVESA) and the `src/models/utils.py` it imports
-are loaded. Modules that break with today's packages are not imported: `unet_with_pos.py`
-and `backbone.py` import `diffusers.models.unet_2d_condition` / `unet_2d_blocks`, gone in
-diffusers 0.42, and `distinctipy` (a colour-palette package `utils.py` imports for its
-visualisation helpers) is replaced by an empty stub. Nothing of the official code is
-copied here; it is imported.
 
-The official MultiHeadSTEVESA (Cartesian position code, LN + MLP on the inputs, 1-head slot
-attention, output LayerNorm + Linear to the cross-attention width) and ocl-bench's
-slot_attention(position='cartesian', pre_mlp=true) + latent_diffusion slot projection run
-on the same weights and the same slot-init noise: the conditioning passed to the UNet, the
-last-iteration attention (the masks StableLSD evaluates) and the UNet's prediction agree.
+Every expected value is the official code's own output on the same weights and inputs:
+
+- slot attention and conditioning: the official `MultiHeadSTEVESA` (src/models/slot_attn.py,
+  with the `src/models/utils.py` it imports) run on the same tokens and slot-init noise;
+- the training step: the statements of train_lsd.py's training loop, from reading the batch
+  to the loss (VAE latents x scaling factor, noise, timesteps, `unet(noisy, t, slots)`,
+  v-prediction target, MSE), cut out of the file with `ast` and executed on the official
+  slot attention and on a diffusers UNet/VAE rebuilt from the same config and weights, as
+  train_lsd.py loads Stable Diffusion; ocl-bench's decoder forward and denoising loss get
+  the official loop's noise and timesteps (the official loop draws its noise with
+  `randn_like` of channels-last VAE latents, so a shared seed alone gives other noise);
+- sampling: the statements of train_lsd.py's `log_validation` that build the validation
+  pipeline (DPMSolverMultistep from the training scheduler's config, StableDiffusionPipeline
+  without a text encoder) and its call (`prompt_embeds=slots`, 25 steps, guidance 1.0),
+  also cut out with `ast`, against `decoder.generate` with the same generator.
+
+All weights (slot attention, UNet, VAE, including every LayerNorm / GroupNorm) are moved
+away from their initial values first, so a swapped or missing mapping fails. The Stable
+Diffusion 2.1 weights are replaced by the tiny random UNet/VAE of `decoder.tiny` and the
+scheduler by SD 2.1's scheduler config. Modules that break with today's packages are not
+imported: `unet_with_pos.py` and `backbone.py` import `diffusers.models.unet_2d_condition`
+/ `unet_2d_blocks`, gone in diffusers 0.42, and `distinctipy` (a colour-palette package
+`utils.py` imports for visualisation) is an empty stub. Nothing of the official code is
+copied here; it is imported or executed from the checkout.
 
     git clone https://github.com/JindongJiang/latent-slot-diffusion /tmp/lsd
     OCL_BENCH_LSD_REPO=/tmp/lsd python -m pytest tests/test_official_stablelsd.py
@@ -20,16 +33,27 @@ last-iteration attention (the masks StableLSD evaluates) and the UNet's predicti
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from ocl_bench.contracts import Dims, Features
-from ocl_bench.decoders.latent_diffusion import LatentDiffusionDecoder, LatentDiffusionParams
+from ocl_bench.contracts import Batch, Dims, Features, ModelOutput
+from ocl_bench.decoders.latent_diffusion import (
+    SD21_SCHEDULER,
+    LatentDiffusionDecoder,
+    LatentDiffusionParams,
+)
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
+from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
 from tests.official_checkout import checkout_on_path
 
 REPO = os.environ.get("OCL_BENCH_LSD_REPO", "")
@@ -37,7 +61,7 @@ pytestmark = pytest.mark.skipif(
     not REPO or not (Path(REPO) / "src" / "models" / "slot_attn.py").is_file(),
     reason="set OCL_BENCH_LSD_REPO to a checkout of github.com/JindongJiang/latent-slot-diffusion",
 )
-B, K, D, SIDE, ITERS, WIDTH = 2, 4, 32, 4, 3, 24
+B, K, D, SIDE, ITERS, WIDTH, IMAGE = 2, 4, 32, 4, 3, 24, 32
 
 
 @pytest.fixture(scope="module")
@@ -49,40 +73,21 @@ def official_sa_class() -> type:
     return MultiHeadSTEVESA
 
 
-def _ours() -> tuple[SlotAttention, LatentDiffusionDecoder]:
-    torch.manual_seed(0)
-    sa = SlotAttention(
-        SlotAttentionParams(
-            num_slots=K,
-            slot_dim=D,
-            iterations=ITERS,
-            mlp_hidden=D,
-            pre_mlp=True,
-            position="cartesian",
-            eps=1e-6,
-        ),
-        Dims(image_size=(32, 32), grid=(SIDE, SIDE), token_dim=D),
-    )
-    dec = LatentDiffusionDecoder(
-        LatentDiffusionParams(tiny=True, tiny_width=WIDTH),
-        Dims(image_size=(32, 32), slot_dim=D, num_slots=K),
-    )
-    return sa, dec
+def _move_away(module: nn.Module, seed: int) -> None:
+    """Every weight off its initial value: norms away from 1/0, the rest jittered."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def _official_to_ours(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """The official MultiHeadSTEVESA state_dict as (slot_attention, slot_proj) state dicts,
-    through the importer's own mapping (`ocl-bench import stablelsd`)."""
-    layout = StableLSDLayout(K, D, D, WIDTH, ITERS, "shared_gaussian", "none", SIDE, unet="")
-    mapped = map_state(state, layout)
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k.removeprefix(prefix): v for k, v in mapped.items() if k.startswith(prefix)}
-
-    return part("grouping."), part("decoder.slot_proj.")
-
-
-def test_slot_attention_and_conditioning_match_the_official_code(official_sa_class) -> None:
+@pytest.fixture(scope="module")
+def models(official_sa_class) -> dict[str, Any]:
+    """The official slot attention and ocl-bench's slot attention + decoder on its weights."""
     torch.manual_seed(1)
     official = official_sa_class(
         num_iterations=ITERS,
@@ -94,15 +99,108 @@ def test_slot_attention_and_conditioning_match_the_official_code(official_sa_cla
         mlp_hidden_size=D,
         input_resolution=SIDE,
         epsilon=1e-6,
-    ).eval()
-    sa, dec = _ours()
-    sa_state, proj_state = _official_to_ours(official.state_dict())
-    sa.load_state_dict(sa_state, strict=True)
-    dec.slot_proj.load_state_dict(proj_state, strict=True)
-    sa.eval(), dec.eval()
+    )
+    _move_away(official, 11)
+    official.eval()
+    torch.manual_seed(0)
+    sa = SlotAttention(
+        SlotAttentionParams(
+            num_slots=K,
+            slot_dim=D,
+            iterations=ITERS,
+            mlp_hidden=D,
+            pre_mlp=True,
+            position="cartesian",
+            eps=1e-6,
+        ),
+        Dims(image_size=(IMAGE, IMAGE), grid=(SIDE, SIDE), token_dim=D),
+    )
+    dec = LatentDiffusionDecoder(
+        LatentDiffusionParams(tiny=True, tiny_width=WIDTH),
+        Dims(image_size=(IMAGE, IMAGE), slot_dim=D, num_slots=K),
+    )
+    _move_away(dec.unet, 12)
+    _move_away(dec.vae, 13)
+    # the importer's own mapping (`ocl-bench import stablelsd`) of the official state_dict
+    layout = StableLSDLayout(K, D, D, WIDTH, ITERS, "shared_gaussian", "none", SIDE, unet="")
+    mapped = map_state(official.state_dict(), layout)
 
-    tokens = torch.randn(B, SIDE * SIDE, D, generator=torch.Generator().manual_seed(2))
-    grid = tokens.transpose(1, 2).reshape(B, D, SIDE, SIDE)  # raster order -> [B, D, h, w]
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in mapped.items() if k.startswith(prefix)}
+
+    sa.load_state_dict(part("grouping."), strict=True)
+    dec.slot_proj.load_state_dict(part("decoder.slot_proj."), strict=True)
+    sa.eval(), dec.eval()
+    return {"official": official, "sa": sa, "dec": dec}
+
+
+def _sd_like(dec: LatentDiffusionDecoder) -> tuple[nn.Module, nn.Module, Any]:
+    """The UNet, VAE and DDPM scheduler as train_lsd.py loads them from a Stable Diffusion
+    folder (from config + weights), separate objects from the decoder's."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(dec.unet.config)
+    unet.load_state_dict(dec.unet.state_dict())
+    vae = AutoencoderKL.from_config(dec.vae.config)
+    vae.load_state_dict(dec.vae.state_dict())
+    return unet.eval(), vae.eval(), DDPMScheduler(**SD21_SCHEDULER)
+
+
+def _train_lsd() -> ast.Module:
+    return ast.parse((Path(REPO) / "train_lsd.py").read_text())
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name]
+    assert found, f"train_lsd.py has no {name}()"
+    return found[0]
+
+
+def _training_step_source() -> ast.Module:
+    """train_lsd.py's loop body from `pixel_values = batch[...]` to the loss."""
+    main = _function(_train_lsd(), "main")
+    loops = [
+        n
+        for n in ast.walk(main)
+        if isinstance(n, ast.For) and ast.unparse(n.target) in ("(step, batch)", "step, batch")
+    ]
+    assert len(loops) == 1, "train_lsd.py: expected one `for step, batch in ...` loop"
+    body: list[ast.stmt] = []
+    for stmt in loops[0].body:
+        body.append(stmt)
+        if isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "args.snr_gamma is None":
+            break
+    else:
+        raise AssertionError("train_lsd.py: the loss (`if args.snr_gamma is None:`) not found")
+    return ast.Module(body=body, type_ignores=[])
+
+
+def _validation_source() -> tuple[ast.Module, ast.expr]:
+    """log_validation's statements from `scheduler_args = {}` to `pipeline = ...(...)`, and the
+    expression that samples the images (`pipeline(prompt_embeds=slots, ...).images`)."""
+    fn = _function(_train_lsd(), "log_validation")
+    texts = [ast.unparse(s) for s in fn.body]
+    start = next(i for i, t in enumerate(texts) if t.startswith("scheduler_args = {}"))
+    stop = next(
+        i for i, t in enumerate(texts) if t.startswith("pipeline = StableDiffusionPipeline")
+    )
+    call = [
+        n.value
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "images_gen"
+    ]
+    assert len(call) == 1, "train_lsd.py: log_validation has no `images_gen = pipeline(...)`"
+    return ast.Module(body=fn.body[start : stop + 1], type_ignores=[]), call[0]
+
+
+def _tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randn(B, SIDE * SIDE, D, generator=torch.Generator().manual_seed(seed))
+    return tokens, tokens.transpose(1, 2).reshape(B, D, SIDE, SIDE)  # raster -> [B, D, h, w]
+
+
+def test_slot_attention_and_conditioning_match_the_official_code(models) -> None:
+    official, sa, dec = models["official"], models["sa"], models["dec"]
+    tokens, grid = _tokens(2)
     with torch.no_grad():
         torch.manual_seed(3)  # the same slot-init noise for both
         off_slots, off_attn = official(grid[:, None])  # [B,1,K,W], [B,1,heads,N,K]
@@ -112,8 +210,95 @@ def test_slot_attention_and_conditioning_match_the_official_code(official_sa_cla
     torch.testing.assert_close(cond, off_slots[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(slots.attn, off_attn[:, 0].sum(1), rtol=1e-5, atol=1e-6)
 
-    # the official train loop: unet(noisy_latents, timesteps, slots).sample
-    x, t = torch.randn(B, 4, 16, 16), torch.tensor([3, 700])
+
+def test_training_step_matches_train_lsd_loop(models, monkeypatch) -> None:
+    """Latents, noisy input, UNet prediction, v-target and loss of ocl-bench's decoder and
+    objective equal those train_lsd.py's own loop statements compute."""
+    official, sa, dec = models["official"], models["sa"], models["dec"]
+    unet, vae, noise_scheduler = _sd_like(dec)
+    tokens, grid = _tokens(4)
+    images = torch.rand(B, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(5))
+    ns: dict[str, Any] = {
+        "torch": torch,
+        "F": F,
+        "batch": {"pixel_values": images * 2 - 1, "pixel_values_vit": images},
+        "weight_dtype": torch.float32,
+        "vae": vae,
+        "unet": unet,
+        "noise_scheduler": noise_scheduler,
+        "backbone": lambda pixel_values_vit: grid,  # the frozen DINOv2's feature grid
+        # the slot-init noise from a known seed, so ocl-bench's grouping can draw the same
+        "slot_attn": lambda feat: (torch.manual_seed(10), official(feat))[1],
+        "train_unet": False,
+        "args": argparse.Namespace(
+            offset_noise=False, backbone_config="pretrain_dino", snr_gamma=None
+        ),
+    }
+    torch.manual_seed(6)  # the VAE posterior sample is the first draw of the loop
     with torch.no_grad():
-        official_pred = dec.unet(x, t, off_slots[:, 0]).sample
-        torch.testing.assert_close(dec.denoise(x, t, cond), official_pred, rtol=1e-4, atol=1e-5)
+        exec(compile(_training_step_source(), "train_lsd.py", "exec"), ns)
+    assert ns["noise_scheduler"].config.prediction_type == "v_prediction"
+
+    with torch.no_grad():
+        torch.manual_seed(6)
+        latents = dec.encode_latents(images)
+        torch.testing.assert_close(latents, ns["model_input"], rtol=1e-5, atol=1e-5)
+        # the official loop's noise and timesteps go into ocl-bench's forward
+        monkeypatch.setattr(torch, "randn_like", lambda x, **kw: ns["noise"].to(x))
+        monkeypatch.setattr(
+            "ocl_bench.decoders.diffusion.sample_timesteps", lambda *a, **kw: ns["timesteps"]
+        )
+        features = Features(tokens=tokens, grid=(SIDE, SIDE))
+        torch.manual_seed(10)
+        slots = sa(features)
+        torch.testing.assert_close(dec.condition(slots.slots), ns["slots"], rtol=1e-5, atol=1e-5)
+        torch.manual_seed(6)
+        out = dec(slots, features, Batch(images=images))
+        monkeypatch.undo()
+        model_out = ModelOutput(features=features, slots=slots, decoding=out)
+        loss = DenoisingLoss(DenoisingParams())(model_out, Batch(images=images))["denoising"]
+    torch.testing.assert_close(out.extras["noisy"], ns["noisy_model_input"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.prediction, ns["model_pred"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.target, ns["target"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ns["loss"], rtol=1e-5, atol=1e-6)
+    assert ns["loss"].item() > 1e-3  # a real regression, not a trivially zero loss
+
+
+def test_generation_matches_the_official_validation_pipeline(models) -> None:
+    """decoder.generate equals the images train_lsd.py's log_validation pipeline samples
+    from the same slots (25 DPM-Solver steps, guidance 1, same generator)."""
+    pytest.importorskip("transformers")  # StableDiffusionPipeline's module imports it
+    official, sa, dec = models["official"], models["sa"], models["dec"]
+    unet, vae, scheduler = _sd_like(dec)
+    tokens, grid = _tokens(7)
+    with torch.no_grad():
+        torch.manual_seed(8)
+        slots = official(grid[:, None])[0][:, 0]  # [B, K, W]: the official conditioning
+        torch.manual_seed(8)
+        ours_slots = sa(Features(tokens=tokens, grid=(SIDE, SIDE)))
+    build, call = _validation_source()
+    diffusers = importlib.import_module("diffusers")
+    ns: dict[str, Any] = {
+        "scheduler": scheduler,
+        "vae": vae,
+        "unet": unet,
+        "importlib": importlib,
+        "StableDiffusionPipeline": diffusers.StableDiffusionPipeline,
+        "args": argparse.Namespace(
+            validation_scheduler="DPMSolverMultistepScheduler", resolution=IMAGE
+        ),
+    }
+    exec(compile(build, "train_lsd.py", "exec"), ns)
+    ns["pipeline"].set_progress_bar_config(disable=True)
+    ns.update(slots=slots, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = eval(compile(ast.Expression(call), "train_lsd.py", "eval"), ns)
+        ours = dec.generate(
+            ours_slots,
+            steps=25,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(9),
+        )
+    assert expected.shape == ours.shape == (B, 3, IMAGE, IMAGE)
+    assert expected.std() > 1e-3  # not a constant image
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
