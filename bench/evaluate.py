@@ -6,6 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from ocl_bench import checkpoint
-from ocl_bench.compose import SlotModel, build_model
+from ocl_bench.compose import SlotModel, build_model, build_objectives
 from ocl_bench.config import RunConfig, load_config
 from ocl_bench.data import evaluation_dataset, make_dataset
 from ocl_bench.ema import apply_averaged
@@ -63,6 +64,46 @@ def load_run(
         apply_averaged(model, checkpoint.load_weights(ema_path), str(ema_path))
     step = checkpoint.saved_step(found)
     return cfg, model, step
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A run directory as `ocl_bench.load_run(RUN, with_config=True)` gives it.
+
+    model: the model with its trained weights (as `load_run(RUN)` alone returns it);
+    config: the resolved RunConfig the run was trained with (config.toml, plus any
+        overrides given to load_run): its dataset, objectives, tasks, seed, ...;
+    step: the training step of the checkpoint;
+    checkpoint_dir: the checkpoint directory the weights came from.
+
+    `objectives()` and `tasks()` rebuild those of the config as the run had them.
+    """
+
+    model: SlotModel
+    config: RunConfig
+    step: int
+    checkpoint_dir: Path
+
+    def objectives(self) -> torch.nn.ModuleList:
+        """The run's objectives, connected to `model` (as training builds them), with the
+        state the run saved beside its weights (an auxiliary decoder's trained weights, ...)."""
+        objectives = build_objectives(self.config, self.model)
+        saved = checkpoint.load_state(self.checkpoint_dir / checkpoint.STATE_FILE).get("objectives")
+        if saved:
+            objectives.load_state_dict(saved)
+        return objectives
+
+    def tasks(self) -> list[Any]:
+        """The run's evaluation tasks, built from their resolved params (config order)."""
+        return [choice.cls(choice.params) for choice in self.config.tasks]
+
+
+def open_run(run_dir: str | Path, overrides: list[str] | None = None) -> LoadedRun:
+    """`load_run` as a LoadedRun (model, config, step, checkpoint directory)."""
+    cfg, model, step = load_run(run_dir, overrides)
+    found = checkpoint.recover(Path(run_dir) / "checkpoint")
+    assert found is not None  # load_run has just read it
+    return LoadedRun(model=model, config=cfg, step=step, checkpoint_dir=found)
 
 
 def evaluate(
