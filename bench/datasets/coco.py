@@ -29,6 +29,19 @@ Crowd annotations (`iscrowd = 1`), parameter `crowd`:
   `coco_nocrowd` validation set (DINOSAUR), which keeps all 5000 images.
 - "ignore": crowd annotations are removed and their pixels go to ignore_mask.
 - "drop_image": images with any crowd annotation are left out of the split.
+
+Overlaps, parameter `overlap_painting` (since 0.2):
+
+- "none" (default): every instance keeps its whole mask; overlap pixels belong to several
+  instances (and go to ignore_mask with `overlaps_ignored`), class masks as above.
+- "later_wins": as GLASS's COCO loader paints its maps: each pixel belongs to the last
+  annotation (file order) covering it, so instance masks are disjoint (an instance hidden
+  entirely is dropped), and class masks take that annotation's category, not the highest id;
+  nothing is left to ignore as overlap.
+
+`skip_ignore_flagged` and `skip_unknown_categories` (since 0.2) leave out annotations with a
+true `ignore` field and those whose category is not in the file's `categories`, as GLASS's
+loader does; by default both are kept as objects.
 """
 
 from __future__ import annotations
@@ -49,12 +62,12 @@ from ocl_bench.datasets.segmentation import (
     Crop,
     GeometryParams,
     SegmentationDataset,
+    View,
     class_masks_from_instances,
+    image_hw,
+    label_map_masks,
     make_sample,
-    open_rgb,
     overlap_mask,
-    transform_image,
-    transform_maps,
     validate_params,
 )
 from ocl_bench.errors import DataError
@@ -62,6 +75,7 @@ from ocl_bench.hookspecs import hookimpl
 from ocl_bench.params import param
 
 ENV_ROOT = "OCL_BENCH_COCO"
+OVERLAP_PAINTING = ("none", "later_wins")
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
 WHERE = (
     "COCO 2017 is at https://cocodataset.org/#download: unpack annotations_trainval2017.zip and "
@@ -82,8 +96,8 @@ def _mask_api() -> Any:
 
 @dataclass(frozen=True)
 class CocoParams(GeometryParams):
-    """After `root` come GeometryParams' image_size (224), mask_size (320) and interpolation
-    ("bicubic"), then the COCO params below."""
+    """After `root` come GeometryParams' image_size (224), mask_size (320), interpolation
+    ("bicubic") and the resize rules, then the COCO params below."""
 
     root: str = param(
         "", f"folder holding annotations/ and train2017/, val2017/ ('' reads ${ENV_ROOT})"
@@ -101,6 +115,24 @@ class CocoParams(GeometryParams):
     min_area: float = param(
         0.0, "drop objects whose COCO 'area' (original pixels) is below this; 0 keeps all", ge=0
     )
+    overlap_painting: Literal["none", "later_wins"] = param(
+        "none",
+        "'none': instances keep their whole masks and may overlap; 'later_wins': each pixel "
+        "belongs to the last annotation (file order) covering it, in instance and class masks "
+        "(GLASS's loader)",
+        since="0.2",
+    )
+    skip_ignore_flagged: bool = param(
+        False,
+        "leave out annotations whose 'ignore' field is true (GLASS); false keeps them as objects",
+        since="0.2",
+    )
+    skip_unknown_categories: bool = param(
+        False,
+        "leave out annotations whose category_id is not in the file's categories (GLASS); false "
+        "keeps them as objects",
+        since="0.2",
+    )
     train_crop: Crop = param(
         "center", "crop of the train split: 'center' (SPOT, DINOSAUR) or 'random'"
     )
@@ -109,6 +141,11 @@ class CocoParams(GeometryParams):
 
     def __post_init__(self) -> None:
         validate_params(self, "coco")
+        if self.overlap_painting not in OVERLAP_PAINTING:
+            raise DatasetParamError(
+                "dataset 'coco': overlap_painting must be 'none' or 'later_wins', got "
+                f"{self.overlap_painting!r}"
+            )
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -270,20 +307,24 @@ class CocoDataset(SegmentationDataset):
         p = self.params
         info = self._images[index]
         path = self.image_dir / str(info["file_name"])
-        img = open_rgb(path, "dataset 'coco'")
+        img = self._load_image(path)
         height, width = int(info["height"]), int(info["width"])
-        if (img.height, img.width) != (height, width):
+        if image_hw(img) != (height, width):
             raise DataError(
-                f"dataset 'coco': {path} is {img.width}x{img.height} but "
+                f"dataset 'coco': {path} is {image_hw(img)[1]}x{image_hw(img)[0]} but "
                 f"{self.annotation_file.name} says {width}x{height}"
             )
         view = self._view(index)
-        image = transform_image(img, p.image_size, p.interpolation, view)
+        image = self._image(img, view)
 
         objects: list[np.ndarray] = []
         labels: list[int] = []
         crowd = np.zeros((height, width), dtype=np.uint8)
         for ann in self._anns.get(int(info["id"]), []):
+            if p.skip_ignore_flagged and ann.get("ignore", False):
+                continue
+            if p.skip_unknown_categories and int(ann["category_id"]) not in self.categories:
+                continue
             is_crowd = bool(ann.get("iscrowd", 0))
             if is_crowd and p.crowd == "drop":
                 continue
@@ -296,16 +337,38 @@ class CocoDataset(SegmentationDataset):
             labels.append(int(ann["category_id"]))
 
         side = p.mask_size or p.image_size
-        stack = np.stack(objects) if objects else np.zeros((0, height, width), np.uint8)
-        masks = transform_maps(torch.from_numpy(stack), side, view).bool()
         label_tensor = torch.tensor(labels, dtype=torch.long)
+        if p.overlap_painting == "later_wins":
+            masks, class_masks, class_ids = self._painted(objects, label_tensor, view)
+        else:
+            stack = np.stack(objects) if objects else np.zeros((0, height, width), np.uint8)
+            masks = self._maps(torch.from_numpy(stack), view).bool()
+            class_masks, class_ids = class_masks_from_instances(masks, label_tensor)
         ignore = torch.zeros((side, side), dtype=torch.bool)
         if p.overlaps_ignored:
             ignore |= overlap_mask(masks)
         if p.crowd == "ignore":
-            ignore |= transform_maps(torch.from_numpy(crowd[None]), side, view)[0].bool()
-        class_masks, class_ids = class_masks_from_instances(masks, label_tensor)
+            ignore |= self._maps(torch.from_numpy(crowd[None]), view)[0].bool()
         return make_sample(image, masks, label_tensor, ignore, class_masks, class_ids, index)
+
+    def _painted(
+        self, objects: list[np.ndarray], labels: torch.Tensor, view: View
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(instance masks, class masks, class ids) painted later-wins, as GLASS's loader paints
+        its instance and semantic maps: an owner map at the original resolution (annotation k
+        paints k + 1 over whatever is there), resized as one label map (nearest resizing picks
+        the same source pixel for every map, so this equals painting the resized masks)."""
+        if not objects:
+            empty = torch.zeros((0, *self.mask_size), dtype=torch.bool)
+            return empty, empty, torch.zeros(0, dtype=torch.long)
+        owner_np = np.zeros(objects[0].shape, dtype=np.int32)
+        for k, mask in enumerate(objects):
+            owner_np[mask > 0] = k + 1
+        owner = self._maps(torch.from_numpy(owner_np[None]), view)[0].long()
+        masks = owner[None] == torch.arange(1, len(objects) + 1)[:, None, None]
+        category_of = torch.cat([torch.zeros(1, dtype=torch.long), labels])  # owner 0: none
+        class_masks, class_ids = label_map_masks(category_of[owner])
+        return masks, class_masks, class_ids
 
 
 @hookimpl

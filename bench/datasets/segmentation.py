@@ -13,16 +13,29 @@ Sizes and offsets follow torchvision exactly: `Resize(int)` makes the long side
 (Python's round, so half-way cases go to the even offset). Images and masks are resized
 separately and may have different resolutions; both crops cover the same centred square of the
 original picture.
+
+Other official loaders resize differently, and a protocol (protocols/*.toml) picks their rule
+with these params (since 0.2; the defaults are the rules above):
+
+- `resize_library = "cv2"`: decode with `cv2.imdecode` and resize with `cv2.resize`
+  (INTER_LINEAR / INTER_CUBIC), as GLASS's COCO loader; OpenCV is imported only then.
+- `long_side = "round"`: long side `round(long * size / short)` (GLASS's ResizeMinShape).
+- `crop_offset = "floor"`: centre crop at `(H - size) // 2` (GLASS's CenterCrop).
+- `mask_resize`: the nearest rule of the masks: "pil" (PIL NEAREST), "cv2" (INTER_NEAREST:
+  source `floor(i * in / out)`, GLASS) or "torch" (`F.interpolate(mode="nearest-exact")`,
+  OCLF's ResizeNearestExact). Each rule's index table along an axis comes from the library
+  itself (a resized ramp of source indices), so boundary pixels round exactly as it does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -33,13 +46,47 @@ from ocl_bench.params import param
 
 Interpolation = Literal["bicubic", "bilinear"]
 Crop = Literal["center", "random"]
+ResizeLibrary = Literal["pil", "cv2"]
+LongSide = Literal["truncate", "round"]
+CropOffset = Literal["round", "floor"]
+MaskResize = Literal["pil", "cv2", "torch"]
 CROWD_MODES = ("keep", "drop", "ignore", "drop_image")
+CHOICES = {
+    "interpolation": ("bicubic", "bilinear"),
+    "train_crop": ("center", "random"),
+    "resize_library": ("pil", "cv2"),
+    "long_side": ("truncate", "round"),
+    "crop_offset": ("round", "floor"),
+    "mask_resize": ("pil", "cv2", "torch"),
+}
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(height, width) after torchvision's `Resize(size)`: short side `size`, long side cut."""
+def cv2_module(what: str) -> Any:
+    """OpenCV, imported on first use: only the cv2 geometry needs it."""
+    try:
+        import cv2
+    except ImportError as err:
+        raise DataError(
+            f"{what} needs OpenCV (the official loader it reproduces resizes with cv2): "
+            "pip install opencv-python-headless"
+        ) from err
+    return cv2
+
+
+def short_side_size(
+    height: int, width: int, size: int, long_side: LongSide = "truncate"
+) -> tuple[int, int]:
+    """(height, width) with the short side `size`.
+
+    "truncate": torchvision's `Resize(size)`, long side `int(size * long / short)`.
+    "round": GLASS's ResizeMinShape, both sides `int(round(side * factor))` with
+    `factor = max(size / height, size / width)` (Python's round: half-way to even).
+    """
+    if long_side == "round":
+        factor = max(size / height, size / width)
+        return int(round(height * factor)), int(round(width * factor))
     if height <= width:
         return size, int(size * width / height)
     return int(size * height / width), size
@@ -49,17 +96,21 @@ def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
 class View:
     """Which square of the picture a sample shows, independent of resolution.
 
-    crop: "center" (torchvision CenterCrop) or "random" (offsets at fractions `fy`, `fx` in
-    [0, 1) of the room left at each resolution); flip: mirror left-right after the crop.
+    crop: "center" or "random" (offsets at fractions `fy`, `fx` in [0, 1) of the room left at
+    each resolution); flip: mirror left-right after the crop; offset: the centre crop's rule,
+    "round" (torchvision CenterCrop, half-way to even) or "floor" (`(H - size) // 2`, GLASS).
     """
 
     crop: Crop = "center"
     fy: float = 0.5
     fx: float = 0.5
     flip: bool = False
+    offset: CropOffset = "round"
 
     def offsets(self, height: int, width: int, size: int) -> tuple[int, int]:
         """(top, left) of the `size` x `size` crop of a `height` x `width` array."""
+        if self.crop == "center" and self.offset == "floor":
+            return (height - size) // 2, (width - size) // 2
         if self.crop == "center":
             return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
         return int(self.fy * (height - size + 1)), int(self.fx * (width - size + 1))
@@ -83,11 +134,36 @@ class GeometryParams:
     image_size: int = param(224, "side of the square images (short-side resize + crop)", ge=1)
     mask_size: int = param(
         320,
-        "side of the square masks (PIL-nearest short-side resize + crop; 0 = image_size)",
+        "side of the square masks (nearest short-side resize, see mask_resize, + crop; "
+        "0 = image_size)",
         ge=0,
     )
     interpolation: Interpolation = param(
         "bicubic", "image resampling: 'bicubic' (OCLF/DINOSAUR) or 'bilinear' (SPOT)"
+    )
+    resize_library: ResizeLibrary = param(
+        "pil",
+        "image decoding and resizing: 'pil' (PIL, torchvision) or 'cv2' (cv2.imdecode and "
+        "cv2.resize, INTER_LINEAR/INTER_CUBIC for interpolation; GLASS's loader)",
+        since="0.2",
+    )
+    long_side: LongSide = param(
+        "truncate",
+        "long side after the short-side resize: 'truncate' int(long*size/short) "
+        "(torchvision) or 'round' (GLASS's ResizeMinShape)",
+        since="0.2",
+    )
+    crop_offset: CropOffset = param(
+        "round",
+        "centre-crop offset: 'round' round((H-size)/2), half-way to even (torchvision) or "
+        "'floor' (H-size)//2 (GLASS)",
+        since="0.2",
+    )
+    mask_resize: MaskResize = param(
+        "pil",
+        "nearest rule of the mask resize: 'pil' (PIL NEAREST, SPOT), 'cv2' (INTER_NEAREST, "
+        "GLASS) or 'torch' (nearest-exact, OCLF's ResizeNearestExact)",
+        since="0.2",
     )
 
 
@@ -105,10 +181,30 @@ class SegmentationDataset(DatasetPlugin):
 
     def _view(self, index: int) -> View:
         """Centred outside train; in train, a crop and flip drawn from (seed, split, index)."""
+        offset = self.params.crop_offset
         if self.split != "train":
-            return View()
+            return View(offset=offset)
         rng = np.random.default_rng([self.params.seed, self.split_id, index])
-        return draw_view(rng, self.params.train_crop, self.params.hflip)
+        return replace(draw_view(rng, self.params.train_crop, self.params.hflip), offset=offset)
+
+    def _load_image(self, path: Path) -> Image.Image | np.ndarray:
+        """The picture decoded by the params' resize_library (PIL image or RGB uint8 array)."""
+        what = f"dataset '{self.name}'"
+        if self.params.resize_library == "cv2":
+            return open_rgb_cv2(path, what)
+        return open_rgb(path, what)
+
+    def _image(self, img: Image.Image | np.ndarray, view: View) -> Tensor:
+        """The model's input: `img` resized, cropped and flipped as the params say."""
+        p = self.params
+        return transform_image(
+            img, p.image_size, p.interpolation, view, p.long_side, p.resize_library
+        )
+
+    def _maps(self, maps: Tensor, view: View) -> Tensor:
+        """Masks or label maps [M,H,W] at mask resolution, resized by the params' rules."""
+        side = self.params.mask_size or self.params.image_size
+        return transform_maps(maps, side, view, self.params.long_side, self.params.mask_resize)
 
 
 def open_rgb(path: Path, what: str) -> Image.Image:
@@ -121,6 +217,29 @@ def open_rgb(path: Path, what: str) -> Image.Image:
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{what}: cannot decode image {path}: {err}") from err
+
+
+def open_rgb_cv2(path: Path, what: str) -> np.ndarray:
+    """uint8[H,W,3] RGB as GLASS reads it: `cv2.imdecode(IMREAD_COLOR)` of the file's bytes, then
+    BGR -> RGB. (OpenCV's JPEG decoder and EXIF handling may differ from PIL's.)"""
+    cv2 = cv2_module(f"{what} with resize_library='cv2'")
+    if not path.is_file():
+        raise DataError(f"{what}: image file not found: {path}")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"{what}: cannot read image {path}: {err}") from err
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None:
+        raise DataError(f"{what}: cannot decode image {path} with OpenCV")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def image_hw(img: Image.Image | np.ndarray) -> tuple[int, int]:
+    """(height, width) of a PIL image or an [H,W,C] array."""
+    if isinstance(img, np.ndarray):
+        return int(img.shape[0]), int(img.shape[1])
+    return img.height, img.width
 
 
 def open_label_png(path: Path, what: str) -> np.ndarray:
@@ -141,14 +260,33 @@ def open_label_png(path: Path, what: str) -> np.ndarray:
 
 
 def transform_image(
-    img: Image.Image, size: int, interpolation: Interpolation, view: View
+    img: Image.Image | np.ndarray,
+    size: int,
+    interpolation: Interpolation,
+    view: View,
+    long_side: LongSide = "truncate",
+    library: ResizeLibrary = "pil",
 ) -> Tensor:
-    """float32[3,size,size] in [0, 1]: short-side resize, crop, optional flip."""
-    h, w = short_side_size(img.height, img.width, size)
-    if (h, w) != (img.height, img.width):
-        img = img.resize((w, h), _RESAMPLE[interpolation])
+    """float32[3,size,size] in [0, 1]: short-side resize, crop, optional flip.
+
+    `img` is a PIL image or an RGB uint8[H,W,3] array; `library` resizes it with PIL or with
+    `cv2.resize` (which copies when the size is unchanged, as PIL's path skips the resize).
+    """
+    height, width = image_hw(img)
+    h, w = short_side_size(height, width, size, long_side)
+    if library == "cv2":
+        cv2 = cv2_module("resize_library='cv2'")
+        arr = img if isinstance(img, np.ndarray) else np.asarray(img.convert("RGB"))
+        flag = cv2.INTER_CUBIC if interpolation == "bicubic" else cv2.INTER_LINEAR
+        arr = cv2.resize(np.ascontiguousarray(arr, dtype=np.uint8), (w, h), interpolation=flag)
+    else:
+        if isinstance(img, np.ndarray):
+            img = Image.fromarray(np.ascontiguousarray(img, dtype=np.uint8))
+        if (h, w) != (height, width):
+            img = img.resize((w, h), _RESAMPLE[interpolation])
+        arr = np.asarray(img, dtype=np.uint8)
     top, left = view.offsets(h, w, size)
-    arr = np.asarray(img, dtype=np.uint8)[top : top + size, left : left + size]
+    arr = arr[top : top + size, left : left + size]
     if view.flip:
         arr = arr[:, ::-1]
     out = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
@@ -168,16 +306,47 @@ def pil_nearest_indices(size_in: int, size_out: int) -> np.ndarray:
     return np.asarray(table, dtype=np.int64)[0]
 
 
-def transform_maps(maps: Tensor, size: int, view: View) -> Tensor:
-    """uint8[M,H,W] masks or label maps -> uint8[M,size,size]: short-side resize with PIL's
-    NEAREST rule (equal to resizing each map with PIL), crop, optional flip."""
+def cv2_nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """int64[size_out]: the source pixel `cv2.resize(INTER_NEAREST)` reads for each output pixel
+    along one axis (about `floor(i * in / out)`, from OpenCV itself on an int32 ramp)."""
+    cv2 = cv2_module("mask_resize='cv2'")
+    ramp = np.arange(size_in, dtype=np.int32)[None, :]
+    table = cv2.resize(ramp, (size_out, 1), interpolation=cv2.INTER_NEAREST)
+    return np.asarray(table, dtype=np.int64)[0]
+
+
+def torch_nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """int64[size_out]: the source pixel `F.interpolate(mode="nearest-exact")` reads for each
+    output pixel along one axis (OCLF's ResizeNearestExact), from torch itself on a ramp."""
+    ramp = torch.arange(size_in, dtype=torch.float32)[None, None, None, :]
+    table = F.interpolate(ramp, size=(1, size_out), mode="nearest-exact")
+    return table[0, 0, 0].to(torch.int64).numpy()
+
+
+_NEAREST = {
+    "pil": pil_nearest_indices,
+    "cv2": cv2_nearest_indices,
+    "torch": torch_nearest_indices,
+}
+
+
+def transform_maps(
+    maps: Tensor,
+    size: int,
+    view: View,
+    long_side: LongSide = "truncate",
+    rule: MaskResize = "pil",
+) -> Tensor:
+    """[M,H,W] masks or label maps (any integer dtype) -> [M,size,size]: short-side resize with
+    the nearest `rule` (equal to resizing each map with that library), crop, optional flip."""
     m, height, width = maps.shape
-    h, w = short_side_size(height, width, size)
+    h, w = short_side_size(height, width, size, long_side)
     if m == 0:
         return torch.zeros((0, size, size), dtype=maps.dtype)
     top, left = view.offsets(h, w, size)
-    rows = pil_nearest_indices(height, h)[top : top + size]
-    cols = pil_nearest_indices(width, w)[left : left + size]
+    nearest = _NEAREST[rule]
+    rows = nearest(height, h)[top : top + size]
+    cols = nearest(width, w)[left : left + size]
     # numpy's take gathers rows then columns several times faster than torch's indexing here
     maps = torch.from_numpy(np.take(np.take(maps.numpy(), rows, axis=1), cols, axis=2))
     if view.flip:
@@ -275,10 +444,11 @@ def validate_params(p: Any, name: str) -> None:
         raise bad(f"image_size must be >= 1, got {p.image_size}")
     if p.mask_size < 0:
         raise bad(f"mask_size must be >= 0 (0 = image_size), got {p.mask_size}")
-    if p.interpolation not in ("bicubic", "bilinear"):
-        raise bad(f"interpolation must be 'bicubic' or 'bilinear', got {p.interpolation!r}")
-    if p.train_crop not in ("center", "random"):
-        raise bad(f"train_crop must be 'center' or 'random', got {p.train_crop!r}")
+    for key, allowed in CHOICES.items():
+        value = getattr(p, key)
+        if value not in allowed:
+            choices = " or ".join(repr(a) for a in allowed)
+            raise bad(f"{key} must be {choices}, got {value!r}")
     if getattr(p, "crowd", "keep") not in CROWD_MODES:
         allowed = ", ".join(repr(m) for m in CROWD_MODES)
         raise bad(f"crowd must be one of {allowed}, got {p.crowd!r}")

@@ -18,10 +18,12 @@ and "difficult" regions) in either PNG go to ignore_mask, as OCLF does with
 `_metrics_add_ignore_mask` (SPOT instead sets them to background).
 
 Geometry follows the SPOT / OCLF "ccrop" protocol (see bench.datasets.segmentation): image short
-side 224 (bicubic) + centre crop, label maps short side 320 (PIL nearest) + centre crop. The
-train split uses SPOT's VOC augmentation, a random 224 crop and a horizontal flip (p = 0.5),
-drawn from (seed, index) so runs are deterministic (the same image gets the same view every
-epoch); its masks use the same crop fractions at mask resolution.
+side 224 (bicubic) + centre crop, label maps short side 320 (PIL nearest) + centre crop; the
+resize rules (resize_library, long_side, crop_offset, mask_resize) select another loader's.
+The train split uses SPOT's VOC augmentation, a random 224 crop and a horizontal flip
+(p = 0.5), drawn from (seed, index) so runs are deterministic (the same image gets the same view
+every epoch); its masks use the same crop fractions at mask resolution. Label PNGs are always
+read with PIL: they hold palette indices, which OpenCV would turn into colours.
 
 SBD's trainaug images mostly have no SegmentationObject PNG: a train list with any image lacking
 either PNG yields images only (no masks), which is all training needs; with every class PNG
@@ -46,12 +48,11 @@ from ocl_bench.datasets.segmentation import (
     Crop,
     GeometryParams,
     SegmentationDataset,
+    View,
+    image_hw,
     label_map_masks,
     make_sample,
     open_label_png,
-    open_rgb,
-    transform_image,
-    transform_maps,
     validate_params,
 )
 from ocl_bench.errors import DataError
@@ -74,8 +75,8 @@ WHERE = (
 
 @dataclass(frozen=True)
 class VocParams(GeometryParams):
-    """After `root` come GeometryParams' image_size (224), mask_size (320) and interpolation
-    ("bicubic"), then the VOC params below."""
+    """After `root` come GeometryParams' image_size (224), mask_size (320), interpolation
+    ("bicubic") and the resize rules, then the VOC params below."""
 
     root: str = param(
         "", f"VOC2012 folder (or one holding VOCdevkit/VOC2012); '' reads ${ENV_ROOT}"
@@ -187,25 +188,25 @@ class VocDataset(SegmentationDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
-        p = self.params
         image_id = self.ids[index]
         path = self.root / "JPEGImages" / f"{image_id}.jpg"
-        img = open_rgb(path, "dataset 'voc'")
+        img = self._load_image(path)
+        height, width = image_hw(img)
         view = self._view(index)
-        image = transform_image(img, p.image_size, p.interpolation, view)
+        image = self._image(img, view)
         object_file, class_file = self._label_files(image_id)
         if not self.has_masks:
             if not self.has_classes:
                 return {"image": image, "index": index}
-            return self._class_sample(image, class_file, img, view, index)
+            return self._class_sample(image, class_file, (height, width), view, index)
 
         objects = open_label_png(object_file, "dataset 'voc'")
         classes = open_label_png(class_file, "dataset 'voc'")
         for name, array in (("SegmentationObject", objects), ("SegmentationClass", classes)):
-            if array.shape != (img.height, img.width):
+            if array.shape != (height, width):
                 raise DataError(
                     f"dataset 'voc': {name}/{image_id}.png is {array.shape[1]}x{array.shape[0]} "
-                    f"but {path.name} is {img.width}x{img.height}"
+                    f"but {path.name} is {width}x{height}"
                 )
         ids = [int(i) for i in np.unique(objects) if i not in (0, IGNORE)]
         labels = []
@@ -214,8 +215,7 @@ class VocDataset(SegmentationDataset):
             under = under[under != IGNORE]
             labels.append(int(np.bincount(under).argmax()) if under.size else 0)
 
-        side = p.mask_size or p.image_size
-        maps = transform_maps(torch.from_numpy(np.stack([objects, classes])), side, view)
+        maps = self._maps(torch.from_numpy(np.stack([objects, classes])), view)
         object_map, class_map = maps[0].long(), maps[1].long()
         ignore = (object_map == IGNORE) | (class_map == IGNORE)
         id_tensor = torch.tensor(ids, dtype=torch.long)
@@ -225,17 +225,16 @@ class VocDataset(SegmentationDataset):
         return make_sample(image, masks, label_tensor, ignore, class_masks, class_ids, index)
 
     def _class_sample(
-        self, image: torch.Tensor, class_file: Path, img: Any, view: Any, index: int
+        self, image: torch.Tensor, class_file: Path, hw: tuple[int, int], view: View, index: int
     ) -> dict[str, Any]:
         """Image, class masks, their ids and the 255 ignore mask of an image without objects."""
         classes = open_label_png(class_file, "dataset 'voc'")
-        if classes.shape != (img.height, img.width):
+        if classes.shape != hw:
             raise DataError(
                 f"dataset 'voc': {class_file} is {classes.shape[1]}x{classes.shape[0]} but its "
-                f"image is {img.width}x{img.height}"
+                f"image is {hw[1]}x{hw[0]}"
             )
-        side = self.params.mask_size or self.params.image_size
-        class_map = transform_maps(torch.from_numpy(classes[None]), side, view)[0].long()
+        class_map = self._maps(torch.from_numpy(classes[None]), view)[0].long()
         class_masks, class_ids = label_map_masks(class_map, exclude=(0, IGNORE))
         return {
             "image": image,
