@@ -19,6 +19,8 @@ with these params (since 0.2; the defaults are the rules above):
 
 - `resize_library = "cv2"`: decode with `cv2.imdecode` and resize with `cv2.resize`
   (INTER_LINEAR / INTER_CUBIC), as GLASS's COCO loader; OpenCV is imported only then.
+  `resize_library = "torch"`: OCLF's ToTensor + torchvision Resize on the float tensor
+  (`F.interpolate`, no antialiasing under its torchvision 0.15.1) + clamp(0, 1).
 - `long_side = "round"`: long side `round(long * size / short)` (GLASS's ResizeMinShape).
 - `crop_offset = "floor"`: centre crop at `(H - size) // 2` (GLASS's CenterCrop).
 - `mask_resize`: the nearest rule of the masks: "pil" (PIL NEAREST), "cv2" (INTER_NEAREST:
@@ -46,7 +48,7 @@ from ocl_bench.params import param
 
 Interpolation = Literal["bicubic", "bilinear"]
 Crop = Literal["center", "random"]
-ResizeLibrary = Literal["pil", "cv2"]
+ResizeLibrary = Literal["pil", "cv2", "torch"]
 LongSide = Literal["truncate", "round"]
 CropOffset = Literal["round", "floor"]
 MaskResize = Literal["pil", "cv2", "torch"]
@@ -54,7 +56,7 @@ CROWD_MODES = ("keep", "drop", "ignore", "drop_image")
 CHOICES = {
     "interpolation": ("bicubic", "bilinear"),
     "train_crop": ("center", "random"),
-    "resize_library": ("pil", "cv2"),
+    "resize_library": ("pil", "cv2", "torch"),
     "long_side": ("truncate", "round"),
     "crop_offset": ("round", "floor"),
     "mask_resize": ("pil", "cv2", "torch"),
@@ -144,7 +146,8 @@ class GeometryParams:
     resize_library: ResizeLibrary = param(
         "pil",
         "image decoding and resizing: 'pil' (PIL, torchvision) or 'cv2' (cv2.imdecode and "
-        "cv2.resize, INTER_LINEAR/INTER_CUBIC for interpolation; GLASS's loader)",
+        "cv2.resize, INTER_LINEAR/INTER_CUBIC for interpolation; GLASS's loader) or 'torch' "
+        "(OCLF: torchvision Resize on the float tensor, no antialiasing, clamped to [0, 1])",
         since="0.2",
     )
     long_side: LongSide = param(
@@ -274,6 +277,8 @@ def transform_image(
     """
     height, width = image_hw(img)
     h, w = short_side_size(height, width, size, long_side)
+    if library == "torch":
+        return torch_resized_image(img, (h, w), size, interpolation, view)
     if library == "cv2":
         cv2 = cv2_module("resize_library='cv2'")
         arr = img if isinstance(img, np.ndarray) else np.asarray(img.convert("RGB"))
@@ -291,6 +296,33 @@ def transform_image(
         arr = arr[:, ::-1]
     out = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     return out.to(torch.float32).div_(255.0)
+
+
+def torch_resized_image(
+    img: Image.Image | np.ndarray,
+    hw: tuple[int, int],
+    size: int,
+    interpolation: Interpolation,
+    view: View,
+) -> Tensor:
+    """float32[3,size,size]: OCLF's image path (resize_library = "torch"). ToTensor, then
+    torchvision's Resize on the float tensor, which under OCLF's pinned torchvision (0.15.1)
+    is `F.interpolate` without antialiasing (bicubic overshoots, hence OCLF's clamp(0, 1)),
+    then the crop and flip; no rounding to uint8 in between."""
+    arr = img if isinstance(img, np.ndarray) else np.asarray(img.convert("RGB"))
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(torch.float32)
+    x = x.div_(255.0)
+    if hw != tuple(x.shape[-2:]):
+        x = F.interpolate(
+            x[None], size=hw, mode=interpolation, align_corners=False, antialias=False
+        )
+        x = x[0]
+    x = x.clamp_(0.0, 1.0)
+    top, left = view.offsets(hw[0], hw[1], size)
+    x = x[:, top : top + size, left : left + size]
+    if view.flip:
+        x = x.flip(-1)
+    return x.contiguous()
 
 
 def pil_nearest_indices(size_in: int, size_out: int) -> np.ndarray:

@@ -15,7 +15,7 @@ Both PNGs are read as palette indices. Object ids 1..254 of SegmentationObject a
 frequent SegmentationClass value under it (255 excluded, ties to the smaller id). Class masks are
 the SegmentationClass values present (1..20, ascending). Pixels that are 255 (object boundaries
 and "difficult" regions) in either PNG go to ignore_mask, as OCLF does with
-`_metrics_add_ignore_mask` (SPOT instead sets them to background).
+`_metrics_add_ignore_mask` (SPOT instead sets them to background: `void = "background"`).
 
 Geometry follows the SPOT / OCLF "ccrop" protocol (see bench.datasets.segmentation): image short
 side 224 (bicubic) + centre crop, label maps short side 320 (PIL nearest) + centre crop; the
@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -90,12 +90,22 @@ class VocParams(GeometryParams):
         "SegmentationClass",
         "folder of the class PNGs ('SegmentationClassAug': SBD's, which cover trainaug)",
     )
+    void: Literal["ignore", "background"] = param(
+        "ignore",
+        "label 255 (object outlines, difficult regions): 'ignore' them in every metric (OCLF) "
+        "or count them as 'background' (SPOT's loader sets them to 0; no ignore mask)",
+        since="0.2",
+    )
     train_crop: Crop = param("random", "crop of the train split: 'random' (SPOT VOC) or 'center'")
     hflip: bool = param(True, "flip train images left-right with p=0.5, drawn from (seed, index)")
     seed: int = param(0, "seed of the train split's flips and random crops", ge=0)
 
     def __post_init__(self) -> None:
         validate_params(self, "voc")
+        if self.void not in ("ignore", "background"):
+            raise DatasetParamError(
+                f"dataset 'voc': void must be 'ignore' or 'background', got {self.void!r}"
+            )
 
 
 def _find_root(text: str) -> Path:
@@ -218,6 +228,8 @@ class VocDataset(SegmentationDataset):
         maps = self._maps(torch.from_numpy(np.stack([objects, classes])), view)
         object_map, class_map = maps[0].long(), maps[1].long()
         ignore = (object_map == IGNORE) | (class_map == IGNORE)
+        if self.params.void == "background":  # SPOT: 255 -> 0 in both maps, no ignore mask
+            ignore = torch.zeros_like(ignore)
         id_tensor = torch.tensor(ids, dtype=torch.long)
         masks = object_map[None] == id_tensor[:, None, None]
         class_masks, class_ids = label_map_masks(class_map, exclude=(0, IGNORE))
@@ -240,7 +252,7 @@ class VocDataset(SegmentationDataset):
             "image": image,
             "class_masks": class_masks,
             "class_ids": class_ids,
-            "ignore_mask": class_map == IGNORE,
+            "ignore_mask": (class_map == IGNORE) & (self.params.void == "ignore"),
             "index": index,
         }
 
