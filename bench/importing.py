@@ -16,7 +16,8 @@ every importer gets it the same way:
   resize, ...) wherever the user's overrides do not say otherwise;
 - writing: `CheckpointImporter.import_run` builds the run directory (config.toml, import.json
   with the provenance, checkpoint/ at step 0) beside its destination and renames it into
-  place only when everything succeeded, so a failed import leaves nothing behind.
+  place only when everything succeeded, so a failed import leaves nothing behind. An
+  importer may reference the source file instead of copying it (`ImportResult.referenced`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ class ImportResult:
 
     `layout` is the importer's record of the sizes it read off the file (a dataclass, written
     to import.json); `summary` is one line for the CLI; `notes` say what was kept, dropped or
-    assumed.
+    assumed. `referenced` names modules whose weights the run config reads from the source
+    file itself (pinned by its sha256): the run's checkpoint stores their parameter hash
+    instead of a copy, as it does for frozen modules.
     """
 
     config: RunConfig
@@ -67,6 +70,7 @@ class ImportResult:
     summary: str
     layout: Any = None
     notes: list[str] = field(default_factory=list)
+    referenced: list[str] = field(default_factory=list)
 
 
 class CheckpointImporter(Plugin):
@@ -98,6 +102,8 @@ class CheckpointImporter(Plugin):
             "overrides": overrides,
             "layout": _plain(result.layout),
             "notes": result.notes,
+            "weights": "referenced" if result.referenced else "copied",
+            "referenced_modules": result.referenced,
         }
         write_run(out_dir, result, provenance)
         return result
@@ -375,6 +381,11 @@ def write_run(out_dir: Path, result: ImportResult, provenance: dict[str, Any]) -
             staging / "checkpoint",
             result.model,
             {"step": 0, "imported_from": provenance["source"], "format": provenance["format"]},
+            # modules read from the source file: their hash, checked on load (no copy)
+            frozen={
+                name: checkpoint.parameter_sha256(result.model.get_submodule(name))
+                for name in result.referenced
+            },
         )
         check_out_dir(out_dir)  # another process may have taken it meanwhile
         if out_dir.exists():

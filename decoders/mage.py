@@ -106,6 +106,12 @@ class MageDecoderParams:
         "$OCL_BENCH_MAGE); slot_proj stays new",
     )
     checkpoint: str = param("", "the MAGE checkpoint for pretrained=true; empty: $OCL_BENCH_MAGE")
+    checkpoint_sha256: str = param(
+        "",
+        "the sha256 decoder.checkpoint must have (a run that references the file instead of "
+        "copying its weights); empty: not checked",
+        since="0.2",
+    )
     steps: int = param(12, "MaskGIT decoding steps (official script 12; README FID run 20)", ge=1)
     temperature: float = param(
         4.5, "choice temperature of the Gumbel re-masking (official 4.5; FID run 6.0)", ge=0
@@ -150,7 +156,7 @@ class MageDecoder(nn.Module, Plugin):
         state: dict[str, Tensor] = {}
         width, depth = params.embed_dim or dims.token_dim, params.depth or 8
         if params.pretrained:
-            path = resolve_mage_file(params.checkpoint, "base", "decoder")
+            path = resolve_mage_file(params.checkpoint, "base", "decoder", params.checkpoint_sha256)
             state = read_state_dict(path, "MAGE checkpoint")
             state = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
             found = state.get("decoder_embed.weight")

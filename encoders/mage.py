@@ -40,7 +40,8 @@ copy; the embedding, [MASK] row included, never trains).
 
 Weights: `checkpoint` (a MAGE file, `torch.load(f)["model"]`) or $OCL_BENCH_MAGE; the
 tokenizer loads from the same file's `vqgan.*` keys unless `tokenizer` names its own
-file. Nothing is downloaded.
+file. Nothing is downloaded. `checkpoint_sha256` pins the file's bytes (a run that
+references the file instead of holding a copy of its weights).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from ocl_bench.importing import check_keys, read_state_dict
 from ocl_bench.params import param
 from ocl_bench.plugin import Plugin
 from ocl_bench.tokenizing import ImageTokenizer, build_tokenizer
+from ocl_bench.weights import file_sha256
 
 ENV_VAR = "OCL_BENCH_MAGE"
 # (embed_dim, depth, num_heads) of the released models (M:models_mage.py).
@@ -235,13 +237,31 @@ def init_mage_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def resolve_mage_file(path: str, size: str, who: str) -> Path:
-    """The MAGE checkpoint to read: `path`, else $OCL_BENCH_MAGE; DataError naming the file."""
+def resolve_mage_file(path: str, size: str, who: str, sha256: str = "") -> Path:
+    """The MAGE checkpoint to read: `path`, else $OCL_BENCH_MAGE; DataError naming the file.
+
+    With `sha256` (a run that references its weights instead of copying them, `ocl-bench
+    import mage ... importer.reference=true`) the file must be there and hash to it."""
     if path:
         found = Path(os.path.expandvars(path)).expanduser()
         if not found.is_file():
+            if sha256:
+                raise DataError(
+                    f"{who}.checkpoint: MAGE checkpoint not found: {found}; the run references "
+                    f"it by sha256 {sha256[:12]}: put it back, or give its new place with "
+                    "encoder.checkpoint=PATH decoder.checkpoint=PATH"
+                )
             raise DataError(f"{who}.checkpoint: MAGE checkpoint not found: {found}")
+        if sha256:
+            actual = file_sha256(found)
+            if actual != sha256:
+                raise DataError(
+                    f"{who}.checkpoint: MAGE checkpoint {found} changed: its sha256 is "
+                    f"{actual[:12]}, the run references {sha256[:12]}; restore the original file"
+                )
         return found
+    if sha256:
+        raise ConfigError(f"{who}.checkpoint_sha256 needs {who}.checkpoint=PATH")
     env = os.environ.get(ENV_VAR, "")
     if env:
         found = Path(env).expanduser()
@@ -285,6 +305,12 @@ class MageParams:
     )
     random_init: bool = param(
         False, "no pretrained weights (tests, tiny runs); the tokenizer too unless it says"
+    )
+    checkpoint_sha256: str = param(
+        "",
+        "the sha256 encoder.checkpoint must have (a run that references the file instead of "
+        "copying its weights); empty: not checked",
+        since="0.2",
     )
     tokenizer: dict[str, Any] = param(
         {},
@@ -354,7 +380,11 @@ class MageEncoder(nn.Module, Plugin):
             raise ValueError(
                 f"encoder.mask_ratio_min={p.mask_ratio_min} > mask_ratio_max={p.mask_ratio_max}"
             )
-        path = None if p.random_init else resolve_mage_file(p.checkpoint, p.size, "encoder")
+        path = (
+            None
+            if p.random_init
+            else resolve_mage_file(p.checkpoint, p.size, "encoder", p.checkpoint_sha256)
+        )
         state = read_state_dict(path, "MAGE checkpoint") if path is not None else {}
         self.tokenizer = self._build_tokenizer(path)
         self.vocab = Vocabulary(self.tokenizer.vocab_size)

@@ -19,7 +19,16 @@ tensor shapes, and writes a run of `mage_vitb16` (masked pass on) + `slot_attent
 The slot attention and the decoder's `slot_proj` are not in a MAGE file: they keep
 their initialisation (the thesis trains them in stage 2); import.json says so. The run
 config sets the tokenizer and encoder to random_init with the file's sizes, so the run
-directory is complete on its own (its checkpoint holds every weight).
+directory is complete on its own (its checkpoint holds every weight: ~800 MB for ViT-B).
+
+`importer.reference=true` copies none of the file's weights: the run config points the
+encoder (and its tokenizer) and the decoder at the file by absolute path and sha256
+(`encoder.checkpoint`, `encoder.checkpoint_sha256`, `decoder.pretrained`, ...), and the
+checkpoint stores the parameter hashes of the modules read from it (encoder,
+decoder_embed, decoder_blocks, decoder_norm, mlm_layer), as a run stores its frozen
+modules. It holds only the slot attention, `slot_proj`, `decoder_pos_embed_learned` and
+buffers. Loading the run reads the file again and fails in one line naming it if it
+moved or its bytes changed.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from ocl_bench.importing import (
     CheckpointImporter,
     ImportResult,
     dim_of,
+    file_sha256,
     indices_under,
     load_strict,
     read_state_dict,
@@ -113,7 +123,22 @@ def inspect(state: dict[str, Tensor], path: Path) -> MageLayout:
     )
 
 
-def _run_config(layout: MageLayout, overrides: list[str], num_heads: int) -> dict[str, Any]:
+# The decoder's modules a MAGE file holds (decoder_pos_embed_learned, a bare parameter of
+# 0.8 MB, is copied: a hash covers whole modules).
+REFERENCED_DECODER = ("decoder_embed", "decoder_blocks", "decoder_norm", "mlm_layer")
+
+
+@dataclass(frozen=True)
+class Source:
+    """The file a referencing run reads its weights from."""
+
+    path: Path
+    sha256: str
+
+
+def _run_config(
+    layout: MageLayout, overrides: list[str], num_heads: int, source: Source | None = None
+) -> dict[str, Any]:
     side = int(round(layout.num_tokens**0.5))
     if side * side != layout.num_tokens or side < 1:
         raise DataError(f"the checkpoint embeds {layout.num_tokens} positions: not a square grid")
@@ -142,6 +167,12 @@ def _run_config(layout: MageLayout, overrides: list[str], num_heads: int) -> dic
         "depth": layout.decoder_depth,
         "num_heads": 16,
     }
+    if source is not None:  # the weights are read from the file, pinned by its sha256
+        where = {"checkpoint": str(source.path), "checkpoint_sha256": source.sha256}
+        del raw["encoder"]["random_init"]
+        del raw["encoder"]["tokenizer"]["random_init"]  # the encoder's file: its vqgan.*
+        raw["encoder"].update(where)
+        raw["decoder"].update(pretrained=True, **where)
     raw["objectives"] = {"token_cross_entropy": {"label_smoothing": 0.1}}
     raw["tasks"] = {"object_discovery": {}}
     return apply_overrides(raw, overrides)
@@ -173,6 +204,12 @@ class MageImporterParams:
     num_heads: int = param(
         0, "encoder attention heads; 0 = from the width (768: 12, ViT-B; 1024: 16, ViT-L)", ge=0
     )
+    reference: bool = param(
+        False,
+        "reference the file by absolute path and sha256 instead of copying its weights into "
+        "the run (loading then needs the file, unchanged, at that path)",
+        since="0.2",
+    )
 
 
 class MageImporter(CheckpointImporter):
@@ -184,12 +221,22 @@ class MageImporter(CheckpointImporter):
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         state = read_state_dict(path, "MAGE checkpoint")
         layout = inspect(state, path)
-        raw = _run_config(layout, overrides, self.params.num_heads)
+        source = Source(path.resolve(), file_sha256(path)) if self.params.reference else None
+        raw = _run_config(layout, overrides, self.params.num_heads, source)
         cfg = resolve(raw)
         image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
         model = build_model(cfg, image_size)
         weights, notes = map_state(model, state)
+        # by reference the model has read the file already; loading the mapping anyway
+        # checks that it holds exactly what the file says
         load_strict(model, weights, f"the MAGE checkpoint {path}")
+        referenced = []
+        if source is not None:
+            referenced = ["encoder", *(f"decoder.{name}" for name in REFERENCED_DECODER)]
+            notes.append(
+                f"weights referenced, not copied: {source.path} (sha256 {source.sha256}) "
+                f"supplies {', '.join(referenced)}"
+            )
         if layout.ignored:
             notes.append(f"ignored (unused by MAGE's forward passes): {', '.join(layout.ignored)}")
         size = {768: "ViT-B", 1024: "ViT-L"}.get(layout.dim, f"width {layout.dim}")
@@ -198,7 +245,16 @@ class MageImporter(CheckpointImporter):
             f"{layout.codebook_size}, {layout.num_tokens} tokens, {len(layout.ignored)} unused "
             "keys ignored"
         )
-        return ImportResult(config=cfg, model=model, summary=summary, layout=layout, notes=notes)
+        if source is not None:
+            summary += f", weights referenced from {source.path}"
+        return ImportResult(
+            config=cfg,
+            model=model,
+            summary=summary,
+            layout=layout,
+            notes=notes,
+            referenced=referenced,
+        )
 
 
 @hookimpl

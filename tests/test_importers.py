@@ -269,3 +269,85 @@ def test_pil_nearest_is_not_torch_nearest_exact() -> None:
     torch_cols = F.interpolate(ramp, size=(1, 426), mode="nearest-exact")[0, 0, 0].long()
     differ = int((ours % 256 != torch_cols).sum())
     assert 0 < differ < 426 // 10  # a few boundary columns, not a shift
+
+
+# ------------------------------------------------------------------ MAGE by reference
+
+MAGE_OVERRIDES = [
+    "importer.num_heads=2",
+    "encoder.tokenizer.norm_groups=4",
+    "dataset.image_size=32",
+    "dataset.val_size=2",
+]
+
+
+def _mage_run(tmp_path: Path, reference: bool) -> tuple[Path, Path, dict]:
+    """(the tiny MAGE file, a run imported from it, the file's tensors)."""
+    from tests.test_mage import write_official
+
+    path = tmp_path / "mage-tiny.pth"
+    if not path.exists():
+        write_official(path)
+    run = tmp_path / ("by-reference" if reference else "copied")
+    flag = [f"importer.reference={str(reference).lower()}"]
+    torch.manual_seed(11)  # the slot attention and slot_proj the file does not hold
+    import_checkpoint("mage", path, run, [*MAGE_OVERRIDES, *flag])
+    return path, run, read_state_dict(path, "MAGE checkpoint")
+
+
+def test_mage_import_by_reference_stores_the_files_hash_not_its_weights(tmp_path) -> None:
+    path, copied, state = _mage_run(tmp_path, reference=False)
+    _, run, _ = _mage_run(tmp_path, reference=True)
+    info = json.loads((run / "import.json").read_text())
+    assert info["weights"] == "referenced" and info["sha256"] == checkpoint_sha256(path)
+    assert "encoder" in info["referenced_modules"]
+    config = (run / "config.toml").read_text()
+    assert str(path.resolve()) in config and checkpoint_sha256(path) in config
+    stored = checkpoint.load_weights(run / "checkpoint" / checkpoint.MODEL_FILE)
+    # what the file does not hold, the decoder's position table (a bare parameter) and a
+    # buffer; nothing else of the encoder, its tokenizer or the decoder
+    assert {k for k in stored if not k.startswith("grouping.")} == {
+        "encoder.token_emb.position_ids",
+        "decoder.decoder_pos_embed_learned",
+        "decoder.slot_proj.weight",
+        "decoder.slot_proj.bias",
+    }
+    frozen = checkpoint.stored_frozen_hashes(run / "checkpoint" / checkpoint.MODEL_FILE)
+    assert sorted(frozen) == sorted(info["referenced_modules"])
+    copied_weights = checkpoint.load_weights(copied / "checkpoint" / checkpoint.MODEL_FILE)
+    assert len(copied_weights) > 3 * len(stored)
+
+    # loaded, it is the copied import, weight for weight, with the file's tensors
+    by_reference, copy = load_run(run)[1].state_dict(), load_run(copied)[1].state_dict()
+    assert set(by_reference) == set(copy)
+    for key, value in copy.items():
+        assert torch.equal(by_reference[key], value), key
+    assert torch.equal(
+        by_reference["encoder.blocks.1.attn.qkv.weight"], state["blocks.1.attn.qkv.weight"]
+    )
+    assert torch.equal(by_reference["decoder.mlm_layer.bias"], state["mlm_layer.bias"])
+    assert torch.equal(
+        by_reference["encoder.tokenizer.decoder.conv_out.weight"],
+        state["vqgan.decoder.conv_out.weight"],
+    )
+
+
+def test_mage_run_by_reference_fails_in_one_line_when_the_file_moved_or_changed(
+    tmp_path, capsys
+) -> None:
+    path, run, state = _mage_run(tmp_path, reference=True)
+    moved = path.with_name("elsewhere.pth")
+    path.rename(moved)
+    assert main(["eval", str(run), "-q"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"MAGE checkpoint not found: {path.resolve()}" in line and "sha256" in line
+    # pointing the run at the moved file works: same bytes, same hash
+    cfg, model, _ = load_run(run, [f"encoder.checkpoint={moved}", f"decoder.checkpoint={moved}"])
+    assert torch.equal(model.decoder.mlm_layer.bias, state["mlm_layer.bias"])
+
+    changed = dict(state)
+    changed["blocks.0.attn.qkv.bias"] = state["blocks.0.attn.qkv.bias"] + 1.0
+    torch.save({"model": changed, "epoch": 1599}, path)
+    assert main(["eval", str(run), "-q"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"MAGE checkpoint {path.resolve()} changed" in line and "sha256" in line
