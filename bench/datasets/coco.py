@@ -36,8 +36,10 @@ Overlaps, parameter `overlap_painting` (since 0.2):
   instances (and go to ignore_mask with `overlaps_ignored`), class masks as above.
 - "later_wins": as GLASS's COCO loader paints its maps: each pixel belongs to the last
   annotation (file order) covering it, so instance masks are disjoint (an instance hidden
-  entirely is dropped), and class masks take that annotation's category, not the highest id;
-  nothing is left to ignore as overlap.
+  entirely is dropped), and class masks take that annotation's category, not the highest id.
+  With `overlaps_ignored` the pixels two or more annotations cover still go to ignore_mask
+  (SlotDiffusion's `inst_overlap_masks` beside its later-wins maps); GLASS scores them, so
+  its protocol sets `overlaps_ignored = false`.
 
 `skip_ignore_flagged` and `skip_unknown_categories` (since 0.2) leave out annotations with a
 true `ignore` field and those whose category is not in the file's `categories`, as GLASS's
@@ -345,7 +347,11 @@ class CocoDataset(SegmentationDataset):
             masks = self._maps(torch.from_numpy(stack), view).bool()
             class_masks, class_ids = class_masks_from_instances(masks, label_tensor)
         ignore = torch.zeros((side, side), dtype=torch.bool)
-        if p.overlaps_ignored:
+        if p.overlaps_ignored and p.overlap_painting == "later_wins" and objects:
+            # painted masks are disjoint: the overlaps are the annotations' own (SlotDiffusion)
+            covered = np.sum(np.stack(objects) > 0, axis=0, dtype=np.uint8) >= 2
+            ignore |= self._maps(torch.from_numpy(covered[None].astype(np.uint8)), view)[0].bool()
+        elif p.overlaps_ignored:
             ignore |= overlap_mask(masks)
         if p.crowd == "ignore":
             ignore |= self._maps(torch.from_numpy(crowd[None]), view)[0].bool()
