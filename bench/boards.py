@@ -97,6 +97,13 @@ class Row:
     # (what a figure draws one line per); without axes {} and the row's own label.
     axis: dict[str, Any] = field(default_factory=dict)
     system: str = ""
+    # The evaluation protocol the row's published numbers follow (ocl_bench.protocol): the
+    # row's `protocol`, else its preset's; '' when it names none.
+    protocol: str = ""
+    # column dataset -> (dataset evaluated, protocol applied) of the row's measured config;
+    # its published number compares only where both are the column's (`comparable`).
+    measured_with: dict[str, tuple[str, str]] = field(default_factory=dict)
+    comparable: dict[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.system = self.system or self.label
@@ -217,6 +224,8 @@ def row_raw(
     column's dataset as its source (see `_wrapped`), and the
     command-line dataset settings go where the row's dataset takes them."""
     raw = read_toml(row.preset) if row.preset else tomllib.loads(default_text())
+    if row.protocol:
+        raw["protocol"] = row.protocol
     if dataset and dataset != "mixed":
         # a preset on a dataset built from another (glass-coco: `generated` from COCO
         # prompts) keeps its dataset and takes the column's as the source
@@ -269,6 +278,7 @@ _ROW_TYPES: dict[str, Any] = {
     "notes": str,
     "preset": str,
     "dataset_overrides": dict,
+    "protocol": str,
 }
 _COLUMN_TYPES: dict[str, Any] = {
     "key": str,
@@ -418,6 +428,7 @@ def read_rows(spec: dict[str, Any]) -> list[Row]:
             r.get("notes", ""),
             preset=r.get("preset"),
             dataset_overrides=dict(r.get("dataset_overrides", {})),
+            protocol=r.get("protocol", ""),
         )
         for r in spec.get("rows", [])
     ]
@@ -683,6 +694,7 @@ def board_rows(spec: dict[str, Any], path: Path) -> list[Row]:
                     dataset_overrides=per_dataset,
                     axis=chosen,
                     system=row.label,
+                    protocol=row.protocol,
                 )
             )
     return expanded

@@ -30,6 +30,8 @@ from ocl_bench.boards import (
 )
 from ocl_bench.config import RunConfig, read_toml
 from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
+from ocl_bench.protocol import evaluated_dataset, load_protocol
+from ocl_bench.registry import registry
 from ocl_bench.stats import Summary, resolved, summarize
 from ocl_bench.store import Cell, ResultStore
 
@@ -41,6 +43,13 @@ SPREAD_NOTE = (
     " the published number lies inside it."
 )
 # Under a table with a measured column: what a bold (marked) cell means, and when none is.
+# A diff that would compare numbers measured on another dataset or under another protocol.
+NOT_COMPARABLE = "not comparable"
+COMPARABLE_NOTE = (
+    "protocol: the evaluation protocol each row's measured cells were scored under (see"
+    " Protocols); 'not comparable': the measured cell's dataset or protocol is not the one the"
+    " published number was measured with, so no difference is computed."
+)
 MARK_NOTE = (
     "Bold (best in json/csv): the column's best row (lowest FID, else highest), marked only"
     " where its mean lies outside the runner-up's 95% interval (over seeds; with one seed,"
@@ -162,6 +171,7 @@ def _measure(
             row.missing = f"needs: {err}"
             return
         row.config_hashes[ds] = cfg.digest()
+        _note_protocol(row, ds, cfg, base, overrides)
         seeded = store.seeded(cfg)
         cells[ds] = [(s, c) for s, c in seeded if c.status == "complete"]
         failed += [c for _, c in seeded if c.status == "failed"]
@@ -180,6 +190,27 @@ def _measure(
             row.missing = f"failed: {(failed[0].error_line or '')[:120]}"
         else:
             row.missing = "not measured yet (run its grid)"
+
+
+def _note_protocol(
+    row: Row, ds: str, cfg: RunConfig, base: dict[str, Any], overrides: list[str] | None
+) -> None:
+    """What the row's cells on column dataset `ds` are evaluated on and under which protocol,
+    and whether that is what its published numbers were measured with: the column's dataset
+    and the protocol the row (or its preset) names. The stored cell has the same settings
+    (its hash is the config's), so a result stored before protocols existed is judged by what
+    it was measured with, not by a name it did not record."""
+    evaluated, _ = evaluated_dataset(cfg.raw, registry())
+    row.measured_with[ds] = (evaluated, cfg.protocol)
+    declared = cfg
+    if overrides:
+        try:
+            declared = row_config(row, base, ds or None)
+        except (ConfigError, UnknownPluginError):  # the overrides are what made it buildable
+            declared = cfg
+    row.protocol = row.protocol or declared.protocol
+    same_dataset = ds in ("", "mixed") or evaluated == ds
+    row.comparable[ds] = same_dataset and cfg.protocol == declared.protocol
 
 
 def _take(
@@ -251,7 +282,22 @@ def protocol_notes(board: Leaderboard) -> list[str]:
         for text, labels in rows_by_text.items():
             which = f" ({', '.join(labels)})" if len(rows_by_text) > 1 else ""
             notes.append(f"{name}{which}: {text}")
-    return notes
+    return _named_protocols(board) + notes
+
+
+def _named_protocols(board: Leaderboard) -> list[str]:
+    """One line per evaluation protocol a row is scored under: what it is and follows."""
+    used: dict[str, set[str]] = {}
+    for row in board.rows:
+        for evaluated, protocol in row.measured_with.values():
+            if protocol:
+                used.setdefault(protocol, set()).add(evaluated)
+    lines = []
+    for name, datasets in sorted(used.items()):
+        protocol = load_protocol(name)
+        for ds in sorted(datasets):
+            lines.append(f"protocol {protocol.describe(ds)}" + (f" [{ds}]" if ds else ""))
+    return lines
 
 
 def _latest_figure(cell: Any) -> list[str]:
@@ -392,6 +438,7 @@ def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
     its own, present when any row has one."""
     published = any(r.published for r in board.rows)
     statuses = any(r.missing for r in board.rows)
+    protocols = _protocols_matter(board)
     headers = ["system", "n"]
     for c in board.columns:
         label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
@@ -408,14 +455,42 @@ def table(board: Leaderboard) -> tuple[list[str], list[list[str]]]:
                 line.append(shown)
                 continue
             diff = None if pub is None or meas is None else meas - pub
+            if diff is not None and not r.comparable.get(c.dataset or "", True):
+                line += [_fmt(pub), shown, NOT_COMPARABLE]
+                continue
             inside = spread.contains(pub) if spread is not None else None
             line += [_fmt(pub), shown, _fmt(diff) + _inside_text(inside)]
+        if protocols:
+            line.append(measured_with_text(r))
         if statuses:
             line.append(r.missing or "")
         body.append(line)
+    if protocols:
+        headers.append("protocol")
     if statuses:
         headers.append("status")
     return headers, body
+
+
+def _protocols_matter(board: Leaderboard) -> bool:
+    """Whether a row is scored under a named protocol, or a measured cell is not comparable
+    with its published number: then the table says which protocol each row was scored under."""
+    return any(
+        any(p for _, p in r.measured_with.values()) or not all(r.comparable.values())
+        for r in board.rows
+    )
+
+
+def measured_with_text(row: Row) -> str:
+    """The protocol a row's cells are evaluated under ('none' when none applies), with the
+    dataset evaluated where it is not the column's (`glass`, `none on shapes`)."""
+    parts = []
+    for ds, (evaluated, protocol) in row.measured_with.items():
+        text = protocol or "none"
+        if ds not in ("", "mixed") and evaluated != ds:
+            text += f" on {evaluated}"
+        parts.append(text)
+    return ", ".join(dict.fromkeys(parts))
 
 
 def render(board: Leaderboard, fmt: str = "md") -> str:
@@ -437,6 +512,8 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
             text += f"\n\n{SPREAD_NOTE}"
         if any(r.spreads for r in board.rows):
             text += f"\n\n{MARK_NOTE}"
+        if _protocols_matter(board):
+            text += f"\n\n{COMPARABLE_NOTE}"
         if board.conclusion:
             text += "\n\nConclusion:\n" + "".join(f"- {line}\n" for line in board.conclusion)
         notes = protocol_notes(board)
@@ -464,9 +541,15 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
                         "missing": r.missing,
                         "config_hashes": r.config_hashes,
                         "protocol": r.protocols,
+                        "evaluation_protocol": r.protocol,
+                        "measured_with": {
+                            ds: {"dataset": evaluated, "protocol": protocol}
+                            for ds, (evaluated, protocol) in r.measured_with.items()
+                        },
+                        "diff": {c.key: _diff(r, c) for c in board.columns},
                         "stats": {
                             key: {
-                                **_stats_fields(spread, r.published.get(key)),
+                                **_stats_fields(spread, _comparable_published(r, key, board)),
                                 "best": best.get(key) == i,
                             }
                             for key, spread in r.spreads.items()
@@ -480,6 +563,22 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
     from ocl_bench.report_html import leaderboard_html
 
     return leaderboard_html(board, headers, body, marked_cells(board))
+
+
+def _comparable_published(row: Row, key: str, board: Leaderboard) -> float | None:
+    """The row's published value of a column, or None where its measured cell is not
+    comparable with it (another dataset or protocol)."""
+    col = next(c for c in board.columns if c.key == key)
+    return row.published.get(key) if row.comparable.get(col.dataset or "", True) else None
+
+
+def _diff(row: Row, col: Column) -> float | str | None:
+    """measured - published, NOT_COMPARABLE where the cell was measured on another dataset or
+    under another protocol, None where either number is missing."""
+    pub, meas = row.published.get(col.key), row.measured.get(col.key)
+    if pub is None or meas is None:
+        return None
+    return meas - pub if row.comparable.get(col.dataset or "", True) else NOT_COMPARABLE
 
 
 def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, Any]:
@@ -513,10 +612,17 @@ def _csv(board: Leaderboard) -> str:
         label = f"{c.label} [{c.dataset}]" if c.dataset else c.label
         named = [*(f"{label} {f}" for f in fields), f"{label} best"]
         if published:
-            named = [f"{label} pub", *named, f"{label} diff", f"{label} pub_in_ci"]
+            named = [
+                f"{label} pub",
+                *named,
+                f"{label} diff",
+                f"{label} pub_in_ci",
+                f"{label} measured on",
+            ]
         headers += named
     with_protocols = any(r.protocols for r in board.rows)
-    headers += ["status", "protocol"] if with_protocols else ["status"]
+    headers += ["evaluation protocol", "measured with", "status"]
+    headers += ["protocol"] if with_protocols else []
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(headers)
@@ -530,16 +636,16 @@ def _csv(board: Leaderboard) -> str:
         line = [r.label]
         for c in board.columns:
             pub = r.published.get(c.key)
-            stats = _stats_fields(r.spreads.get(c.key), pub)
+            stats = _stats_fields(r.spreads.get(c.key), _comparable_published(r, c.key, board))
             marked = None if stats["mean"] is None else best.get(c.key) == i
             numbers = [*(cell(stats[f]) for f in fields), cell(marked)]
             if not published:
                 line += numbers
                 continue
-            mean = stats["mean"]
-            diff = None if pub is None or mean is None else mean - pub
-            line += [cell(pub), *numbers, cell(diff), cell(stats["pub_in_ci"])]
-        line.append(r.missing or "")
+            evaluated, protocol = r.measured_with.get(c.dataset or "", ("", ""))
+            on = f"{evaluated}, protocol {protocol or 'none'}" if r.measured_with else ""
+            line += [cell(pub), *numbers, cell(_diff(r, c)), cell(stats["pub_in_ci"]), on]
+        line += [measured_with_text(r), " ".join(board.overrides), r.missing or ""]
         if with_protocols:
             line.append(json.dumps(r.protocols) if r.protocols else "")
         writer.writerow(line)
