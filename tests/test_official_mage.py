@@ -7,9 +7,12 @@ by our encoder (checkpoint=...) and decoder (pretrained=true, no slots: plain MA
 On the same weights and inputs the test compares, to 1e-5:
 
 - the encoder output on all visible ids (the slot branch, and a generation step's input);
-- the masked pass of `forward_encoder` (its own mask draw, replayed on ours);
+- the masked pass of `forward_encoder`: its own mask draw, given to our whole model as
+  `TokenMasks` through the public `encoder.use_masks` (no private method);
 - the decoder logits of that pass and of one generation step (all [MASK] and partly
-  known ids), and the label-smoothed masked loss.
+  known ids), and the label-smoothed masked loss;
+- the VQGAN decode of the ids: unclamped (`clamp=False`) as the official one, and our
+  default clamped to [0, 1].
 
 The official code needs a few things this environment lacks; the test stands them in
 without copying code: `omegaconf` (OmegaConf.load returns the tiny VQGAN config),
@@ -38,7 +41,8 @@ from torch import nn
 
 from ocl_bench.compose import build_model
 from ocl_bench.config import load_raw, resolve
-from ocl_bench.contracts import Progress, TokenState
+from ocl_bench.contracts import Batch, Progress
+from ocl_bench.encoders.mage import TokenMasks
 
 REPO = os.environ.get("OCL_BENCH_MAGE_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -163,37 +167,38 @@ def test_encoder_decoder_and_loss_match_the_official_mage(pair) -> None:
         official.mask_token_label,
     )
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = Batch(images=images)
     with torch.no_grad():
-        # the masked pass: the official draw, replayed on ours
+        # the masked pass: the official draw, replayed on ours through the public API
+        # (TokenMasks takes the official float masks; their class-token column dropped)
         torch.manual_seed(2)
         np.random.seed(2)
         latent, gt, drop, hidden = official.forward_encoder(images)
         logits = official.forward_decoder(latent, drop, hidden)
         loss = official.forward_loss(gt, logits, hidden)
-        ids = enc.token_ids(images)
+        masks = TokenMasks(masked=hidden[:, 1:], dropped=drop[:, 1:])
+        with enc.use_masks(masks):
+            out = ours(batch)
+        ids = out.features.token_ids
         assert torch.equal(ids, gt) and len(ids.unique()) > 4
-        state = torch.full_like(ids, int(TokenState.VISIBLE), dtype=torch.uint8)
-        state[hidden[:, 1:].bool()] = int(TokenState.MASKED)
-        state[drop[:, 1:].bool()] = int(TokenState.DROPPED)
-        encoded, kept = enc.masked_pass(ids, state)
-        assert torch.allclose(encoded, latent, atol=1e-5)
-        masked = state != int(TokenState.VISIBLE)
-        our_logits = dec.decode(encoded, kept, masked, None)[0]
-        assert torch.allclose(our_logits, logits, atol=1e-5)
+        assert 0 < int(masks.dropped.sum()) < int(masks.masked.sum())
+        assert torch.allclose(out.features.masked_tokens, latent, atol=1e-5)
+        assert torch.equal(out.decoding.predicted, hidden[:, 1:].bool())
+        assert torch.allclose(out.decoding.logits, logits[:, 1:, :CODEBOOK], atol=1e-5)
 
-        # our loss through the objective, on the official logits' codebook columns
-        from ocl_bench.contracts import Batch, Features, ModelOutput, Slots, TokenPrediction
-
-        out = ModelOutput(
-            features=Features(tokens=encoded, grid=enc.grid),
-            slots=Slots(slots=torch.zeros(3, 1, 1), attn=torch.zeros(3, 1, 1)),
-            decoding=TokenPrediction(
-                logits=our_logits[:, 1:, :CODEBOOK], target_ids=ids, predicted=masked
-            ),
-        )
+        # MAGE's loss: our objective on our output
         objective = cfg.objectives[0].cls(cfg.objectives[0].params)
-        ce = objective(out, Batch(images=images), Progress(0, 1))["token_cross_entropy"]
+        ce = objective(out, batch, Progress(0, 1))["token_cross_entropy"]
         assert torch.allclose(ce, loss, atol=1e-5)
+
+        # the VQGAN decode of these ids: the official one does not clamp, ours with
+        # clamp=False equals it; by default ours is clamped to [0, 1]
+        grid = ids.view(3, 16, 16)
+        z_q = official.vqgan.quantize.get_codebook_entry(ids.reshape(-1), shape=(3, 16, 16, 32))
+        decoded = official.vqgan.decode(z_q)
+        assert decoded.min() < 0 or decoded.max() > 1  # the case where the two differ
+        assert torch.allclose(enc.tokenizer.decode(grid, clamp=False), decoded, atol=1e-5)
+        assert torch.allclose(enc.tokenizer.decode(grid), decoded.clamp(0, 1), atol=1e-5)
 
         # one generation step, from all [MASK] and from partly known ids
         for known in (0, 100):
