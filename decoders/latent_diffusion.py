@@ -9,7 +9,9 @@ here are listed in ../shared/reference/diffusion-and-glass.md, section 1:
   `encoder_hidden_states`, in place of CLIP text embeddings;
 - images in [-1, 1] -> frozen AutoencoderKL -> `latent_dist.sample()` x `scaling_factor`;
 - DDPM training: uniform timesteps in [0, 1000), noise added by the scheduler, target by
-  its `prediction_type` (SD 2.1: v_prediction), MSE (objectives/denoising.py);
+  its `prediction_type` (SD 2.1: v_prediction), MSE (objectives/denoising.py); the step's
+  latents, noise and timesteps can be passed to `forward` instead of drawn (its docstring
+  gives the draw order);
 - the UNet is frozen (StableLSD; `train_unet=true` fine-tunes it), only slot attention and
   the slot projection train;
 - the decoder has no masks: object discovery scores the grouping's last-iteration slot
@@ -304,13 +306,34 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         return posterior.sample() * self.scaling_factor
 
     # training ----------------------------------------------------------------------------
-    def forward(self, slots: Slots, features: Features, batch: Batch) -> Denoising:
+    def forward(
+        self,
+        slots: Slots,
+        features: Features,
+        batch: Batch,
+        *,
+        latents: Tensor | None = None,
+        noise: Tensor | None = None,
+        timesteps: Tensor | None = None,
+    ) -> Denoising:
+        """One denoising training step's prediction and target.
+
+        The step's random inputs can be given instead of drawn (to reproduce another
+        code's step exactly; `diffusion_inputs` says what is drawn when not given):
+        `latents` [B, C, h, w], the scaled VAE latents z x scaling_factor (the VAE is then
+        not run); `noise`, the same shape; `timesteps` long [B] in [0, T). Each one not
+        given is drawn from the global RNG, in this order: the condition dropout (training
+        with cond_drop_prob > 0 only), the VAE posterior sample, `noise` =
+        randn_like(latents), `timesteps` = randint(0, T, (B,)). StableLSD's train_lsd.py
+        draws in the same order, but its latents are channels-last on CPU, so randn_like
+        there fills another memory order: pass its noise to get its step.
+        """
         cond = self.condition(slots.slots)
         if self.training and self.params.cond_drop_prob > 0:
             cond = diffusion.drop_conditions(cond, self.null_embedding, self.params.cond_drop_prob)
-        latents = self.encode_latents(batch.images)
-        noise = torch.randn_like(latents)
-        t = diffusion.sample_timesteps(self.scheduler, latents.shape[0], latents.device)
+        if latents is None:
+            latents = self.encode_latents(batch.images)
+        noise, t = diffusion_inputs(self.scheduler, latents, noise, timesteps)
         noisy = diffusion.noisy_latents(self.scheduler, latents, noise, t)
         prediction = self.denoise(noisy, t, cond)
         target = diffusion.training_target(self.scheduler, latents, noise, t)
@@ -360,6 +383,33 @@ class LatentDiffusionDecoder(nn.Module, Plugin):
         )
         images = self.vae.decode(latents / self.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def diffusion_inputs(
+    scheduler: Any, latents: Tensor, noise: Tensor | None, timesteps: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(noise, timesteps) of a training step: the given ones, checked against `latents`,
+    else drawn from the global RNG, noise first (randn_like(latents)), then timesteps
+    (uniform in [0, num_train_timesteps)). Shared by latent_diffusion and slotdiffusion."""
+    if noise is None:
+        noise = torch.randn_like(latents)
+    elif noise.shape != latents.shape:
+        raise ValueError(
+            f"noise has shape {tuple(noise.shape)}, the latents {tuple(latents.shape)}"
+        )
+    n = scheduler.config.num_train_timesteps
+    if timesteps is None:
+        timesteps = diffusion.sample_timesteps(scheduler, latents.shape[0], latents.device)
+    else:
+        if timesteps.shape != (latents.shape[0],) or timesteps.is_floating_point():
+            raise ValueError(
+                f"timesteps must be integers of shape ({latents.shape[0]},), got "
+                f"{timesteps.dtype} {tuple(timesteps.shape)}"
+            )
+        if timesteps.numel() and (timesteps.min() < 0 or timesteps.max() >= n):
+            raise ValueError(f"timesteps must lie in [0, {n}), got {timesteps.tolist()}")
+        timesteps = timesteps.long().to(latents.device)
+    return noise.to(latents.device, latents.dtype), timesteps
 
 
 def _autocast_dtype(device: torch.device) -> str | None:

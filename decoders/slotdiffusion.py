@@ -14,7 +14,9 @@ as the official recipe trains them:
    `z_scale_factor`, SDF ldm.py:40) with the slots as the cross-attention context directly
    (no projection, context_dim = slot size, SDF ddpm.py:330-357); DDPM with T = 1000 and
    the LDM "linear" schedule 0.0015 -> 0.0195 (= diffusers `scaled_linear`), epsilon
-   prediction, MSE (the `denoising` objective).
+   prediction, MSE (the `denoising` objective). `forward` takes the step's latents, noise
+   and timesteps instead of drawing them (its docstring gives the draw order: noise, then
+   t; the official loss draws t, then noise).
 
 UNet sizes (SDF sa_ldm_dino_coco_params-res224.py `unet_dict`): model_channels 128,
 channel_mult (1, 2, 3, 4) -> widths (128, 256, 384, 512), 2 res-blocks per level,
@@ -55,9 +57,9 @@ from ocl_bench.decoders.diffusion import (
     noisy_latents,
     prediction_type,
     sample_latents,
-    sample_timesteps,
     training_target,
 )
+from ocl_bench.decoders.latent_diffusion import diffusion_inputs
 from ocl_bench.errors import ConfigError, DataError
 from ocl_bench.feature_cache import FeatureCache, sample_ids
 from ocl_bench.hookspecs import hookimpl
@@ -92,7 +94,8 @@ class SlotDiffusionParams:
     vqvae: str = param(
         "",
         "trained VQ-VAE for stage 'diffusion': a stage-1 run directory ('@slotdiffusion-"
-        "vqvae-coco' in a grid), a checkpoint file, or 'random' (tests only)",
+        "vqvae-coco' in a grid), a checkpoint file, 'imported' (the run's checkpoint holds "
+        "it: ocl-bench import slotdiffusion) or 'random' (tests only)",
     )
     tiny: bool = param(False, "tiny VQ-VAE and UNet (CPU tests); ignores the size params")
     vq_channels: int = param(64, "VQ-VAE base width (official ch 64)", ge=1)
@@ -222,8 +225,11 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
         self.null_slots = nn.Parameter(torch.randn(dims.num_slots, dims.slot_dim) * 0.02)
 
     def _load_vqvae(self, source: str) -> None:
-        if source == "random":
-            return  # the official code's silent fallback, made explicit (tests, stand-ins)
+        if source in ("random", "imported"):
+            # random: the official code's silent fallback, made explicit (tests, stand-ins);
+            # imported: the run's own checkpoint holds the VQ-VAE (ocl-bench import
+            # slotdiffusion), loaded over this init with the rest of the model
+            return
         if not source:
             raise ConfigError(
                 "decoder.vqvae: SlotDiffusion's diffusion stage needs its trained VQ-VAE: give "
@@ -310,18 +316,40 @@ class SlotDiffusionDecoder(nn.Module, Plugin):
         out = self.unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype))
         return out.sample
 
-    def forward(self, slots: Slots, features: Features, batch: Batch) -> Denoising:
+    def forward(
+        self,
+        slots: Slots,
+        features: Features,
+        batch: Batch,
+        *,
+        latents: Tensor | None = None,
+        noise: Tensor | None = None,
+        timesteps: Tensor | None = None,
+    ) -> Denoising:
+        """Stage 2: one denoising training step's epsilon prediction and target (stage 1:
+        the VQ-VAE's reconstruction and losses; the keywords are then refused).
+
+        The step's random inputs can be given instead of drawn: `latents` [B, C, h, w], what
+        the UNet denoises (the VQ-VAE's pre-quantisation latents / z_scale_factor; the
+        VQ-VAE is then not run), `noise` of the same shape, `timesteps` long [B] in [0, T).
+        Each one not given is drawn from the global RNG in this order: `noise` =
+        randn_like(latents), then `timesteps` = randint(0, T, (B,)), then the null-slot
+        dropout (training with null_dropout > 0 only). SlotDiffusion's LDM.loss_function
+        draws t first, then the noise: pass them to reproduce its step.
+        """
         images = batch.images
         if self.unet is None:  # stage 1: the VQ-VAE alone
+            if latents is not None or noise is not None or timesteps is not None:
+                raise ConfigError("decoder.stage='vqvae' has no diffusion step to give inputs")
             recon, losses = self.vqvae.autoencode(images)
             zeros = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
             extras = {f"{TOKENIZER_LOSS}{k}": v for k, v in losses.items()}
             return Denoising(
                 prediction=recon, target=images, timesteps=zeros, kind="sample", extras=extras
             )
-        latents = self.latents(images)
-        noise = torch.randn_like(latents)
-        t = sample_timesteps(self.scheduler, latents.shape[0], latents.device)
+        if latents is None:
+            latents = self.latents(images)
+        noise, t = diffusion_inputs(self.scheduler, latents, noise, timesteps)
         noisy = noisy_latents(self.scheduler, latents, noise, t)
         context = slots.slots
         if self.training and self.params.null_dropout > 0:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import safe_open
 
@@ -25,6 +27,7 @@ from ocl_bench.decoders.latent_diffusion import (
 )
 from ocl_bench.errors import DataError
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
 from ocl_bench.store import ResultStore
 from ocl_bench.tasks import fid as fidlib
 from tests.test_cli_errors import cli, user_error
@@ -524,3 +527,46 @@ def test_generate_equals_diffusers_stable_diffusion_pipeline(scale: float) -> No
             output_type="pt",
         ).images
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_given_latents_noise_and_timesteps_replace_the_draws_in_the_documented_order() -> None:
+    dec = _decoder()
+    slots, feats, batch = _inputs()
+    torch.manual_seed(5)
+    drawn = dec(slots, feats, batch)
+    # forward's documented order: VAE posterior sample, randn_like(latents), randint(0, T)
+    torch.manual_seed(5)
+    latents = dec.encode_latents(batch.images)
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (2,))
+    given = dec(slots, feats, batch, latents=latents, noise=noise, timesteps=t)
+    assert torch.equal(drawn.timesteps, t) and torch.equal(given.timesteps, t)
+    assert torch.equal(drawn.extras["latents"], latents)
+    assert torch.equal(drawn.prediction, given.prediction)
+    assert torch.equal(drawn.target, given.target)
+
+
+def test_given_noise_and_timesteps_give_train_lsd_loss() -> None:
+    """train_lsd.py: noisy = add_noise(z, eps, t); v = alpha_t eps - sigma_t z;
+    loss = mse(unet(noisy, t, slots).float(), v.float()), with alpha_t^2 = alpha_bar_t."""
+    dec = _decoder()
+    slots, feats, batch = _inputs()
+    g = torch.Generator().manual_seed(9)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    noise = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([3, 871])
+    out = dec(slots, feats, batch, latents=latents, noise=noise, timesteps=t)
+    loss = DenoisingLoss(DenoisingParams())(SimpleNamespace(decoding=out), None)["denoising"]
+    ab = _alpha_bar(t)[:, None, None, None]
+    noisy = ab.sqrt() * latents + (1 - ab).sqrt() * noise
+    v = ab.sqrt() * noise - (1 - ab).sqrt() * latents
+    with torch.no_grad():
+        pred = dec.unet(noisy, t, encoder_hidden_states=dec.condition(slots.slots)).sample
+    expected = F.mse_loss(pred.float(), v.float())
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="noise has shape"):
+        dec(slots, feats, batch, latents=latents, noise=noise[:, :3])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1000\)"):
+        dec(slots, feats, batch, latents=latents, timesteps=torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="must be integers"):
+        dec(slots, feats, batch, latents=latents, timesteps=torch.tensor([0.5, 1.0]))

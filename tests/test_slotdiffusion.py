@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ocl_bench import checkpoint
@@ -305,3 +306,53 @@ def test_a_stage_one_run_without_a_vqvae_is_refused(tmp_path) -> None:
     (ckpt / checkpoint.DONE_FILE).write_text("1")
     with pytest.raises(DataError, match="holds no SlotDiffusion VQ-VAE"):
         tiny_decoder(vqvae=str(tmp_path / "run"))
+
+
+def _ldm_sqrt_alphas_bar(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SlotDiffusion's DDPM.register_schedule, 'linear' (LDM): betas = linspace(sqrt(0.0015),
+    sqrt(0.0195), 1000) ** 2 in float64; buffers sqrt(alphas_bar), sqrt(1 - alphas_bar)."""
+    betas = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64) ** 2
+    ab = torch.cumprod(1 - betas, 0)
+    return ab.sqrt().float()[t], (1 - ab).sqrt().float()[t]
+
+
+def test_given_noise_and_timesteps_give_the_official_ldm_loss() -> None:
+    """LDM.loss_function: t = randint(0, T, (B,)), then noise = randn_like(x0);
+    x_t = sqrt_alphas_bar[t] x0 + sqrt_one_minus_alphas_bar[t] noise;
+    loss = mse(unet(x_t, t, context=slots), noise)."""
+    torch.manual_seed(0)
+    dec = tiny_decoder().eval()
+    s = slots()
+    images = torch.rand(2, 3, 32, 32)
+    x0 = dec.latents(images)
+    torch.manual_seed(4)  # the official order: t first, then the noise
+    t = torch.randint(0, 1000, (2,))
+    noise = torch.randn_like(x0)
+    out = dec(s, None, Batch(images=images), noise=noise, timesteps=t)
+    loss = (out.prediction - out.target).pow(2).mean()  # the denoising objective's MSE
+    a, b = _ldm_sqrt_alphas_bar(t)
+    x_t = a[:, None, None, None] * x0 + b[:, None, None, None] * noise
+    with torch.no_grad():
+        expected = F.mse_loss(dec.unet(x_t, t, encoder_hidden_states=s.slots).sample, noise)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out.target, noise) and torch.equal(out.timesteps, t)
+
+
+def test_default_draws_are_noise_then_timesteps_and_given_latents_skip_the_vqvae() -> None:
+    torch.manual_seed(0)
+    dec = tiny_decoder().eval()
+    s, images = slots(), torch.rand(2, 3, 32, 32)
+    torch.manual_seed(6)
+    drawn = dec(s, None, Batch(images=images))
+    torch.manual_seed(6)
+    latents = dec.latents(images)  # deterministic: draws nothing
+    noise = torch.randn_like(latents)  # forward's documented order: noise, then t
+    t = torch.randint(0, 1000, (2,))
+    assert torch.equal(drawn.target, noise) and torch.equal(drawn.timesteps, t)
+    # given latents: the VQ-VAE is not run (images of the wrong size do not matter)
+    given = dec(
+        s, None, Batch(images=torch.zeros(2, 3, 4, 4)), latents=latents, noise=noise, timesteps=t
+    )
+    assert torch.equal(given.prediction, drawn.prediction)
+    with pytest.raises(ConfigError, match="no diffusion step"):
+        tiny_decoder(stage="vqvae")(s, None, Batch(images=images), noise=noise)
