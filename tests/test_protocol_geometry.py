@@ -159,11 +159,13 @@ def test_later_wins_gives_overlaps_to_the_later_annotation(coco_root: Path) -> N
     assert both.any()
     plain = coco(coco_root, crowd="drop")[0]
     assert torch.equal(plain["ignore_mask"], crop_wide(A11 & A12))  # SPOT: overlaps ignored
-    painted = coco(coco_root, crowd="drop", overlap_painting="later_wins")[0]
+    painted = coco(coco_root, crowd="drop", overlap_painting="later_wins", overlaps_ignored=False)[
+        0
+    ]
     assert painted["instance_masks"].shape[0] == 2
     assert torch.equal(painted["instance_masks"][0], crop_wide(A11 & ~A12))
     assert torch.equal(painted["instance_masks"][1], crop_wide(A12))
-    assert not painted["ignore_mask"].any()  # no overlap is left to ignore
+    assert not painted["ignore_mask"].any()  # every pixel is scored, as GLASS scores it
     # classes: the overlap takes category 1 (the later annotation), not the highest id 3
     assert painted["class_ids"].tolist() == plain["class_ids"].tolist() == [1, 3]
     assert torch.equal(painted["class_masks"][0], crop_wide(A12))
