@@ -44,6 +44,7 @@ from ocl_bench.config import (
     tomllib,
 )
 from ocl_bench.errors import ConfigError, DataError, UnknownPluginError, UserError
+from ocl_bench.protocol import apply_protocol
 from ocl_bench.registry import registry
 
 if TYPE_CHECKING:
@@ -760,9 +761,11 @@ def _needs(
     with `seed` (a grid of several seeds), the needed run takes the cell's seed too, so
     that the spread over seeds includes the spread of what the cell builds on."""
     needs = {}
+    # the needed run reads the data as the cell does, its protocol's settings included
+    dataset = apply_protocol(raw, registry())[0]["dataset"]
     for key, preset in _references(raw).items():
         dep = read_toml(preset)
-        dep["dataset"] = dict(raw["dataset"])
+        dep["dataset"] = dict(dataset)
         # As for rows: a stage param the needed run's plugin lacks (but a sibling has) is
         # not applied, so one set of tiny overrides serves a row and the run it needs.
         dep_raw = apply_overrides(dep, [o for o in overrides or [] if applies(dep, o)])
