@@ -92,11 +92,40 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_protocols(args: argparse.Namespace) -> int:
+    from ocl_bench.protocol import load_protocol, protocol_names
+
+    if args.name is None:
+        rows = []
+        for name in protocol_names():
+            protocol = load_protocol(name)
+            rows.append([name, ", ".join(protocol.datasets), protocol.summary])
+        print(tabulate(rows, headers=["protocol", "datasets", "summary"]))
+        return 0
+    protocol = load_protocol(args.name)
+    print(f"{protocol.name}: {protocol.summary}")
+    if protocol.follows:
+        print(f"follows: {protocol.follows}")
+    if protocol.test:
+        print(f"checked by: {protocol.test}")
+    for ds, rules in protocol.datasets.items():
+        print(f"\n[{ds}]" + (f"  follows: {rules.follows}" if rules.follows else ""))
+        for key, value in rules.dataset.items():
+            print(f"  dataset.{key} = {json.dumps(value)}")
+        for task, values in rules.tasks.items():
+            for key, value in values.items():
+                print(f"  tasks.{task}.{key} = {json.dumps(value)}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ocl_bench.evaluate import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.overrides, progress=not args.quiet)
-    _print_metrics(metrics, f"evaluated step {metrics['step']}")
+    metrics = evaluate_run(
+        args.run_dir, args.overrides, progress=not args.quiet, protocol=args.protocol
+    )
+    under = f" under protocol {metrics['protocol'] or 'none'}" if args.protocol is not None else ""
+    _print_metrics(metrics, f"evaluated step {metrics['step']}{under}")
     return 0
 
 
@@ -206,6 +235,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     import time
 
+    from ocl_bench.protocol import stored_protocol
     from ocl_bench.store import ResultStore
 
     if not Path(args.db).exists():
@@ -229,6 +259,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 c.grid or "",
                 c.label or "",
                 c.dataset,
+                stored_protocol(c.config),
                 status,
                 "" if ari is None else f"{ari:.3f}",
                 (c.error_line or "")[:100],
@@ -236,7 +267,17 @@ def _cmd_results(args: argparse.Namespace) -> int:
         )
     print(
         tabulate(
-            rows, headers=["config", "grid", "cell", "dataset", "status", "FG-ARI (dec)", "error"]
+            rows,
+            headers=[
+                "config",
+                "grid",
+                "cell",
+                "dataset",
+                "protocol",
+                "status",
+                "FG-ARI (dec)",
+                "error",
+            ],
         )
     )
     return 0
@@ -393,10 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the named run configs (official hyperparameters)")
     p.set_defaults(func=_cmd_presets)
 
+    p = sub.add_parser("protocols", help="list the evaluation protocols, or show one's settings")
+    p.add_argument("name", nargs="?", help="a protocol to show")
+    p.set_defaults(func=_cmd_protocols)
+
     p = sub.add_parser("eval", help="evaluate a run directory")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="dotted overrides of eval/tasks settings")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        help="re-score the run under this evaluation protocol ('' = none) into"
+        " RUN/protocols/NAME/, leaving the run's own metrics.json as it is",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("import", help="turn another code base's checkpoint into a run directory")

@@ -147,12 +147,12 @@ class RunConfig:
     protocol: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """The fully resolved config (every default filled in), with its protocol's name.
-        The name is recorded, not hashed: the hash covers the settings it expands to."""
+        """The fully resolved config (every default filled in), with its protocol's name
+        ('' = none). The name is recorded, not hashed: the hash covers the settings."""
         out = self._settings(to_dict)
-        if self.protocol:
-            out = {"seed": out.pop("seed"), "protocol": self.protocol, **out}
-        return out
+        # always present ('' = none), so a stored config without the key is one stored
+        # before protocols existed
+        return {"seed": out.pop("seed"), "protocol": self.protocol, **out}
 
     def _settings(self, flatten: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}

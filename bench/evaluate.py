@@ -15,11 +15,13 @@ import torch
 
 from ocl_bench import checkpoint
 from ocl_bench.compose import SlotModel, build_model, build_objectives
-from ocl_bench.config import RunConfig, load_config
+from ocl_bench.config import RunConfig, load_config, read_toml
 from ocl_bench.data import evaluation_dataset, make_dataset
 from ocl_bench.ema import apply_averaged
 from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 from ocl_bench.figures import mask_figure
+from ocl_bench.protocol import switch_protocol
+from ocl_bench.registry import registry
 from ocl_bench.runtime import resolve_device, seed_everything
 from ocl_bench.tasking import EvalContext, MetricRecord
 
@@ -154,6 +156,7 @@ def evaluate(
     metrics = {
         "step": step,
         "config_hash": cfg.digest(),
+        "protocol": cfg.protocol,
         "dataset": cfg.dataset.name,
         "split": cfg.eval.split,
         "seconds": round(time.time() - started, 3),
@@ -221,7 +224,27 @@ def validation_probe(
 
 
 def evaluate_run(
-    run_dir: str | Path, overrides: list[str] | None = None, progress: bool = True
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
+    """Evaluate a run directory into its metrics.json; with `protocol` (a protocol name, ''
+    for none), re-score its checkpoint under that evaluation protocol instead, into
+    RUN/protocols/NAME/ (metrics.json, config.toml, figures), leaving the run's own
+    results as they are."""
+    run_dir = Path(run_dir)
+    out_dir = run_dir
+    if protocol is not None:
+        config_path = run_dir / "config.toml"
+        if not config_path.is_file():
+            raise DataError(f"{run_dir} is not a run directory: {config_path} not found")
+        switch = switch_protocol(read_toml(config_path), protocol, registry())
+        overrides = [*switch, *(overrides or [])]
+        out_dir = run_dir / "protocols" / (Path(protocol).stem if protocol else "none")
+        out_dir.mkdir(parents=True, exist_ok=True)
     cfg, model, step = load_run(run_dir, overrides)
-    return evaluate(cfg, model, Path(run_dir), step, progress)
+    if protocol is not None:
+        (out_dir / "config.toml").write_text(cfg.to_toml())
+    metrics = evaluate(cfg, model, out_dir, step, progress)
+    return metrics

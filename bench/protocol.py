@@ -310,3 +310,12 @@ def check_protocol(protocol: Protocol, reg: Registry) -> None:
                         f"protocol '{protocol.name}' [{ds}.tasks.{task}]: '{key}' is not a"
                         f" param of task '{task}'"
                     )
+
+
+def stored_protocol(config: dict[str, Any]) -> str:
+    """The protocol a stored cell's config was evaluated under, as `ocl-bench results` shows
+    it: its name, 'none', or 'before protocols' for a config stored before they existed (its
+    settings are what it was measured with; a leaderboard row with the same hash names them)."""
+    if "protocol" not in config:
+        return "before protocols"
+    return str(config["protocol"]) or "none"

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from ocl_bench.config import STAGES, TOP_LEVEL, preset_names
+from ocl_bench.protocol import protocol_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,7 +48,7 @@ TOP_OPTIONAL = {"axes", "labels", "figure"}
 COLUMN_REQUIRED = {"key", "task", "dataset", "label", "scale"}
 COLUMN_OPTIONAL = {"masks", "metric"}
 ROW_REQUIRED = {"label", "overrides", "published"}
-ROW_OPTIONAL = {"notes", "preset", "dataset_overrides"}
+ROW_OPTIONAL = {"notes", "preset", "dataset_overrides", "protocol"}
 TASKS = {
     "object_discovery",
     "property_prediction",
@@ -266,6 +267,8 @@ def schema_problems(data: dict[str, Any], stem: str) -> list[str]:
             p += check_overrides(table, f"{where} dataset_overrides.{ds}", preset)
         if not isinstance(row.get("notes", ""), str):
             p.append(f"{where}: notes must be a string")
+        if "protocol" in row and row["protocol"] not in protocol_names():
+            p.append(f"{where}: unknown protocol {row['protocol']!r}")
         published = row["published"]
         if figure_board:
             if published != {}:
