@@ -45,6 +45,24 @@ def checkout_on_path(
         sys.modules.update(saved)
 
 
+@contextmanager
+def omegaconf_resolvers_restored() -> Iterator[None]:
+    """OmegaConf resolvers registered inside the block are cleared after it.
+
+    OCLF's ocl/cli/_config.py registers its resolvers on import, and registering a name twice
+    fails: a test importing it leaves the registry as it found it, so the next one can import
+    it again. OmegaConf lists resolvers only in a private registry, read here."""
+    from omegaconf import OmegaConf
+    from omegaconf.basecontainer import BaseContainer
+
+    before = set(BaseContainer._resolvers)
+    try:
+        yield
+    finally:
+        for name in set(BaseContainer._resolvers) - before:
+            OmegaConf.clear_resolver(name)
+
+
 def dino_hub_like_vit(img_size: int, embed_dim: int, depth: int, num_heads: int) -> nn.Module:
     """timm's ViT/16 with DINO's `prepare_tokens` and the same state_dict keys as the DINO
     hub model, which the official SPOT code calls."""

@@ -54,7 +54,7 @@ from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
 from ocl_bench.contracts import Batch, ModelOutput, Progress
 from ocl_bench.encoders.vit import IMAGENET_MEAN, IMAGENET_STD
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import checkout_on_path, omegaconf_resolvers_restored
 
 REPO = os.environ.get("OCL_BENCH_OCLF_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -156,9 +156,15 @@ def oclf() -> Iterator[Any]:
         _missing_modules_replaced(_stand_ins()),
         checkout_on_path(REPO, package="ocl"),
         checkout_on_path(REPO, package="routed"),
+        omegaconf_resolvers_restored(),
     ):
         import hydra.utils
-        import ocl.cli._config  # noqa: F401  (registers eval_lambda, when_testing)
+        from omegaconf import OmegaConf
+
+        # registers eval_lambda (the ff_mlp's hidden_dim), unless a test importing it before
+        # left them registered: a second registration fails
+        if not OmegaConf.has_resolver("eval_lambda"):
+            import ocl.cli._config  # noqa: F401
         import ocl.conditioning  # noqa: F401  (imported here, not inside the first test)
         import ocl.decoding  # noqa: F401
         import ocl.feature_extractors.timm  # noqa: F401
@@ -166,7 +172,6 @@ def oclf() -> Iterator[Any]:
         import ocl.perceptual_grouping  # noqa: F401
         import routed  # noqa: F401  (the configs' `routed.ocl...` targets; imports torchmetrics)
         from ocl.utils.routing import Combined
-        from omegaconf import OmegaConf
 
         yield types.SimpleNamespace(
             OmegaConf=OmegaConf, instantiate=hydra.utils.instantiate, Combined=Combined
