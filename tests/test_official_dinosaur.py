@@ -11,14 +11,14 @@ keys), instantiated with hydra.utils.instantiate into OCLF's routed classes and 
 ocl.utils.routing.Combined, as ocl.combined_model.CombinedModel runs `models`; the loss is
 its `losses.mse` (ReconstructionLoss) on that output.
 
-Only sizes are overridden (`_oclf_config`): a 2-block ViT/16 of width 32 at 64 px, registered
-with timm under a new name (TimmFeatureExtractor calls timm.create_model(model_name) and
-keeps the patch tokens of block `feature_level`, CLS dropped, final LayerNorm unused),
-feature_level 2 (the last block, as 12 of 12), 4 slots of 16 dims, 16 patches, the MLP
-decoder's [2048] * 3 as [24] * 3, the transformer's 4 layers x 8 heads as 2 x 4. Our
-presets get the same sizes as overrides. Every OCLF weight is moved away from its init
-(LayerNorms included), copied into our model through the key map in this file, and both
-get the same image and the same slot-initialisation noise (the same seed before each
+Only sizes and pretrained=false are overridden (`_oclf_config`): a 2-block ViT/16 of
+width 32 at 64 px, registered with timm under a new name (TimmFeatureExtractor calls
+timm.create_model(model_name) and keeps the patch tokens of block `feature_level`, CLS
+dropped, final LayerNorm unused), feature_level 2 (the last block, as 12 of 12), 4 slots of
+16 dims, 16 patches, the MLP decoder's [2048] * 3 as [24] * 3, the transformer's 4 layers x
+8 heads as 2 x 4. Our presets get the same sizes as overrides. Every OCLF weight is moved
+away from its init (LayerNorms included), copied into our model through the key map in this
+file, and both get the same image and the same slot-initialisation noise (the same seed before each
 forward; both draw one [B, K, D] normal sample, asserted equal).
 
 Compared, OCLF's output against ours: patch features, initial slots, slots, slot-attention
