@@ -2,7 +2,8 @@
 
 One implementation, one plugin name per pretrained model (the `PRETRAINED` table below).
 The encoder resizes the [0, 1] images to `image_size` (bicubic, antialiased), applies the
-ImageNet mean/std, runs the ViT up to `block` (later blocks are dropped), optionally
+ImageNet mean/std (or mean = std = 0.5 with `normalize = "half"`, what SlotDiffusion feeds
+DINO), runs the ViT up to `block` (later blocks are dropped), optionally
 applies the final LayerNorm, and drops the CLS and register tokens. `targets` are the
 same frozen tokens, what feature-reconstruction decoders (DINOSAUR) reproduce; with
 `finetune_from >= 0` the tokens come from the partly trainable encoder and the targets
@@ -46,6 +47,14 @@ from ocl_bench.weights import (
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# encoder.normalize -> (mean, std) per channel. "half" maps [0, 1] to [-1, 1]: SlotDiffusion's
+# loaders normalise with Normalize(0.5, 0.5) (img_based/datasets/coco_transforms.py,
+# voc_transforms.py) and its DINOEncoder runs ViTModel on those images unchanged
+# (video_based/models/dino.py), so its slot attention learned on tokens of such inputs.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 # Bumped whenever what the encoder computes from an image changes (invalidates caches).
 PREPROCESS = "resize-bicubic-antialias-clamp01|imagenet-mean-std|v1"
 
@@ -149,6 +158,12 @@ class ViTParams:
         "cache the frozen features on disk ($OCL_BENCH_CACHE or ~/.cache/ocl-bench/features), "
         "keyed by weights, settings and a hash of each input image",
     )
+    normalize: Literal["imagenet", "half"] = param(
+        "imagenet",
+        "input normalisation: 'imagenet' (the ImageNet mean/std DINO and DINOv2 were trained "
+        "with) or 'half' (mean = std = 0.5, images in [-1, 1]: what SlotDiffusion feeds DINO)",
+        since="0.2",
+    )
 
 
 def _embed(vit: nn.Module, x: Tensor) -> Tensor:
@@ -206,8 +221,9 @@ class ViTEncoder(nn.Module, Plugin):
                 blk.requires_grad_(True)
         self.grid = tuple(int(g) for g in vit.patch_embed.grid_size)
         self.dim = int(vit.embed_dim)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        mean, std = NORMALIZATIONS[p.normalize]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), False)
         self.cache = FeatureCache() if p.cache else None
         self._weights_hash: str | None = None
         self.train(self.training)
@@ -298,7 +314,7 @@ class ViTEncoder(nn.Module, Plugin):
         return dims
 
     def preprocess(self, images: Tensor) -> Tensor:
-        """[0, 1] images -> resized to image_size, ImageNet-normalised."""
+        """[0, 1] images -> resized to image_size, normalised (encoder.normalize)."""
         s = self.params.image_size
         x = images
         if tuple(x.shape[-2:]) != (s, s):
@@ -401,6 +417,7 @@ class ViTEncoder(nn.Module, Plugin):
             autocast=_autocast_dtype(device),
             # only when set, so fp32 caches written before the setting existed stay valid
             **({"frozen_precision": p.frozen_precision} if p.frozen_precision != "fp32" else {}),
+            **({"normalize": p.normalize} if p.normalize != "imagenet" else {}),
         )
 
 

@@ -25,6 +25,8 @@ PINNED = json.loads((Path(__file__).parent / "data" / "config_digests_0.1.json")
 _GLASS = "protocol glass: GLASS's COCO loader (cv2, 256-px masks, later-wins painting)"
 _DINOSAUR = "protocol dinosaur: OCLF's float-tensor resize without antialias, nearest-exact masks"
 _SD = "protocols slotdiffusion/slate: SlotDiffusion's cv2 loader, masks at the input size"
+# the slotdiffusion presets also feed DINO (x - 0.5) / 0.5 as SlotDiffusion's loaders do
+_SD_DINO = _SD + "; DINO input normalised with mean = std = 0.5 (encoder.normalize='half')"
 _LSD = "protocol stablelsd: GLASS's annotation rules at 256 px"
 _VQVAE = "the VQ-VAE stage reads COCO as its SlotDiffusion row does, under protocol slotdiffusion"
 _GLASS_ROWS = {
@@ -33,7 +35,7 @@ _GLASS_ROWS = {
     "DINOSAUR": _GLASS,
     "SA": _SD,
     "SLATE": _SD,
-    "SlotDiffusion": _SD,
+    "SlotDiffusion": _SD_DINO,
     "@slotdiffusion-vqvae": _VQVAE,
 }
 # board -> row label prefixes whose cells were meant to change, and why.
@@ -43,7 +45,7 @@ CHANGED: dict[str, dict[str, str]] = {
     **{b: _GLASS_ROWS for b in ("glass-fig-4a", "glass-fig-4a-slots")},
     "thesis-table-5-1": {
         "SLATE": _SD,
-        "SlotDiffusion": _SD,
+        "SlotDiffusion": _SD_DINO,
         "@slotdiffusion-vqvae": _VQVAE,
     },
 }
@@ -53,8 +55,8 @@ CHANGED_PRESETS: dict[str, str] = {
     "dinosaur-mlp-coco": _DINOSAUR,
     "dinosaur-transformer-coco": _DINOSAUR,
     "slate": _SD,
-    "slotdiffusion-coco": _SD,
-    "slotdiffusion-voc": _SD,
+    "slotdiffusion-coco": _SD_DINO,
+    "slotdiffusion-voc": _SD_DINO,
     "stablelsd": _LSD,
     "spot-voc": "protocol spot: SPOT's VOC loader counts label 255 as background",
 }

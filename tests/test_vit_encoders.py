@@ -163,6 +163,41 @@ def test_imagenet_normalisation_and_resize_are_applied(tmp_path: Path) -> None:
     )
 
 
+def _vit_input(enc, x: torch.Tensor) -> torch.Tensor:
+    """What reaches the ViT's patch embedding when `enc` encodes `x`."""
+    seen = []
+    hook = enc.vit.patch_embed.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        enc(Batch(images=x))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_half_normalisation_feeds_the_vit_x_minus_half_over_half(tmp_path: Path) -> None:
+    """SlotDiffusion's loaders give DINO (x - 0.5) / 0.5 (Normalize(0.5, 0.5)); the default
+    stays ImageNet's mean/std."""
+    ref = reference()
+    path = str(write(ref, tmp_path / "w.pth"))
+    x = images()
+    half = encoder(block=2, weights=path, normalize="half")
+    torch.testing.assert_close(_vit_input(half, x), (x - 0.5) / 0.5, rtol=0, atol=0)
+    default = encoder(block=2, weights=path)
+    assert default.params.normalize == "imagenet"
+    torch.testing.assert_close(_vit_input(default, x), (x - MEAN) / STD, rtol=0, atol=0)
+    with torch.no_grad():
+        expected = ref.forward_intermediates(
+            (x - 0.5) / 0.5, indices=[1], output_fmt="NLC", intermediates_only=True
+        )[0]
+    tokens = half(Batch(images=x)).tokens
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(tokens, default(Batch(images=x)).tokens, atol=1e-3)
+    # the SlotDiffusion presets set it; the other DINO presets keep ImageNet's
+    assert load_config("slotdiffusion-coco").encoder.params.normalize == "half"
+    assert load_config("slotdiffusion-voc").encoder.params.normalize == "half"
+    assert load_config("spot-coco").encoder.params.normalize == "imagenet"
+
+
 # --- frozen and fine-tuned --------------------------------------------------------------
 
 
@@ -474,6 +509,7 @@ def test_changing_block_or_weights_invalidates_the_cache(tmp_path: Path) -> None
         {"final_norm": True},
         {"weights": weights},
         {"image_size": 48},
+        {"normalize": "half"},
     ):
         changed = encoder(cache=True, **change)
         calls = counting(changed)
