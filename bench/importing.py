@@ -12,8 +12,11 @@ every importer gets it the same way:
 - sizes: `dim_of`, `indices_under` read sizes off the shapes;
 - keys: `check_keys` lists missing, unexpected and wrongly shaped keys; `load_strict` loads a
   mapped state_dict into the model with the same report;
-- protocol: `set_unless_overridden` applies the settings a method evaluates with (its image
-  resize, ...) wherever the user's overrides do not say otherwise;
+- settings: `set_unless_overridden` applies the model settings a file implies wherever the
+  user's overrides do not say otherwise; `name_protocol` names the evaluation protocol of
+  the method whose weights are imported (protocols/<name>.toml owns the dataset and task
+  settings it is scored with), unless an override names another (`protocol=NAME`, or
+  `protocol=` for none), and `protocol_note` says which one the run is scored under;
 - writing: `CheckpointImporter.import_run` builds the run directory (config.toml, import.json
   with the provenance, checkpoint/ at step 0) beside its destination and renames it into
   place only when everything succeeded, so a failed import leaves nothing behind. An
@@ -328,8 +331,9 @@ def set_unless_overridden(
     """Set each dotted key of `settings` in `raw` unless an override set it.
 
     For a plugin section (dataset, encoder, ...) the key is set only where that section's
-    plugin has the param, so a method's protocol can name settings some datasets or encoders
-    do not have. Returns the settings applied.
+    plugin has the param, so an importer can name settings some datasets or encoders do not
+    have. Returns the settings applied. (Evaluation settings are the protocol's: see
+    `name_protocol`.)
     """
     user = overridden_keys(overrides)
     reg = config_module.registry()
@@ -349,6 +353,34 @@ def set_unless_overridden(
         table[key] = value
         applied[dotted] = value
     return applied
+
+
+def name_protocol(raw: dict[str, Any], protocol: str, overrides: list[str]) -> None:
+    """Name `protocol` as the run's evaluation protocol unless the user's overrides name one.
+
+    The protocol's dataset and task settings are applied when the config resolves, so an
+    importer sets none of them itself; an override that contradicts one is refused there
+    (with `protocol=` the run is scored with the config's own settings instead).
+    """
+    if "protocol" not in overridden_keys(overrides):
+        raw["protocol"] = protocol
+
+
+def protocol_note(cfg: RunConfig, named: str) -> str:
+    """One line for import.json and the CLI: the protocol the imported run is scored under
+    (`named`: the protocol its config named, which need not cover its dataset)."""
+    if cfg.protocol:
+        where = cfg.protocol if cfg.protocol.endswith(".toml") else f"protocols/{cfg.protocol}.toml"
+        return (
+            f"scored under protocol '{cfg.protocol}' ({where}); "
+            "`ocl-bench eval RUN --protocol NAME` re-scores it under another"
+        )
+    if named:
+        return (
+            f"protocol '{named}' does not cover dataset '{cfg.dataset.name}': scored with "
+            "the config's own dataset and task settings"
+        )
+    return "scored under no protocol (protocol=''): the config's own dataset and task settings"
 
 
 # ------------------------------------------------------------------ writing
@@ -408,6 +440,8 @@ __all__ = [
     "load_strict",
     "make_importer",
     "module_prefixes_holding",
+    "name_protocol",
+    "protocol_note",
     "read_state_dict",
     "require_keys",
     "set_unless_overridden",

@@ -29,6 +29,10 @@ decoder_embed, decoder_blocks, decoder_norm, mlm_layer), as a run stores its fro
 modules. It holds only the slot attention, `slot_proj`, `decoder_pos_embed_learned` and
 buffers. Loading the run reads the file again and fails in one line naming it if it
 moved or its bytes changed.
+
+Evaluation protocol: the run names `protocol = "mage"` (protocols/mage.toml: the thesis's
+COCO evaluation, SPOT's at MAGE's 256-px input), applied when its dataset is COCO;
+`protocol=NAME` on the command line names another (`protocol=`: none).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from ocl_bench.importing import (
     file_sha256,
     indices_under,
     load_strict,
+    name_protocol,
+    protocol_note,
     read_state_dict,
 )
 from ocl_bench.params import param
@@ -150,6 +156,7 @@ def _run_config(
             "importer.num_heads=H"
         )
     raw = load_raw(None)
+    name_protocol(raw, "mage", overrides)
     raw["encoder"] = {
         "name": "mage_vitb16",
         "random_init": True,  # the weights come from the file
@@ -227,6 +234,7 @@ class MageImporter(CheckpointImporter):
         image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
         model = build_model(cfg, image_size)
         weights, notes = map_state(model, state)
+        notes.append(protocol_note(cfg, raw.get("protocol", "")))
         # by reference the model has read the file already; loading the mapping anyway
         # checks that it holds exactly what the file says
         load_strict(model, weights, f"the MAGE checkpoint {path}")

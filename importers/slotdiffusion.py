@@ -37,12 +37,17 @@ and eps (1e-6), the UNet's channels per head (`decoder.head_channels`, 32) and G
 groups (32). `decoder.null_slots` (ocl-bench's classifier-free-guidance null condition,
 unused at guidance 1 as the official sampler) keeps its init.
 
-Evaluation protocol (SlotDiffusion's test_seg.py on its COCO/VOC loaders): images and masks
-at 224 px (short side resized to 224, centre crop), the masks being the last slot-attention
-iteration's attention bilinearly upsampled to 224: the run gets `dataset.mask_size=224` and
-`tasks.object_discovery.mask_size=224` unless overridden (`importer.protocol=false` keeps the
-preset's). The preset already drops crowd annotations and ignores overlap pixels as the
-official loaders do.
+DINO's input: SlotDiffusion's loaders normalise images with mean = std = 0.5
+(datasets/coco_transforms.py, voc_transforms.py: Normalize(0.5, 0.5)) and feed them to DINO
+as they are (video_based/models/dino.py): the run sets `encoder.normalize = "half"`, as the
+presets do, so the imported slot attention sees the tokens it was trained on.
+
+Evaluation protocol: the run names `protocol = "slotdiffusion"` (protocols/slotdiffusion.toml:
+test_seg.py on SlotDiffusion's COCO/VOC loaders: cv2 short-side resize and centre crop, masks
+at the input size (mask_size 0 -> 224), crowd dropped, overlap pixels ignored, ...), applied
+when the config resolves; an override that contradicts it is refused. `protocol=NAME` on the
+command line names another (`protocol=` or `importer.protocol=false`: none, the preset's own
+dataset and task settings).
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ from ocl_bench.importing import (
     dim_of,
     indices_under,
     load_strict,
-    overridden_keys,
+    name_protocol,
+    protocol_note,
     read_state_dict,
     set_unless_overridden,
 )
@@ -124,8 +130,8 @@ class SlotDiffusionImporterParams:
     )
     protocol: bool = param(
         True,
-        "evaluate as SlotDiffusion's test_seg.py: dataset.mask_size and "
-        "tasks.object_discovery.mask_size 224 unless overridden; false keeps the preset's",
+        "name SlotDiffusion's evaluation protocol (protocol='slotdiffusion': test_seg.py, masks "
+        "at the input size) unless an override names one; false = protocol='' (none)",
     )
 
 
@@ -355,7 +361,9 @@ class SlotDiffusionImporter(CheckpointImporter):
         layout = inspect(state)
         check_grid(state)
         raw = load_raw(preset_for(path, self.params.preset))
+        name_protocol(raw, "slotdiffusion" if self.params.protocol else "", overrides)
         implied: dict[str, Any] = {
+            "encoder.normalize": "half",
             "grouping.num_slots": layout.num_slots,
             "grouping.slot_dim": layout.slot_dim,
             "grouping.mlp_hidden": layout.mlp_hidden,
@@ -379,15 +387,7 @@ class SlotDiffusionImporter(CheckpointImporter):
             "decoder.beta_start": layout.beta_start,
             "decoder.beta_end": layout.beta_end,
         }
-        if self.params.protocol:
-            implied["dataset.mask_size"] = 224
-        applied = set_unless_overridden(raw, implied, overrides)
-        task = raw.get("tasks", {}).get("object_discovery")
-        user = overridden_keys(overrides)
-        if self.params.protocol and isinstance(task, dict):
-            if "tasks.object_discovery.mask_size" not in user:
-                task["mask_size"] = 224
-                applied["tasks.object_discovery.mask_size"] = 224
+        set_unless_overridden(raw, implied, overrides)
         raw = apply_overrides(raw, overrides)
         cfg = resolve(raw)
         if layout.context_dim != cfg.grouping.params.slot_dim:
@@ -406,11 +406,7 @@ class SlotDiffusionImporter(CheckpointImporter):
         if not report.ok:
             raise DataError(f"{path} does not fit the run's model: {report.text()}")
         load_strict(model, {**current, **mapped}, f"the SlotDiffusion checkpoint {path}")
-        if "dataset.mask_size" in applied or "tasks.object_discovery.mask_size" in applied:
-            notes.append(
-                "SlotDiffusion's evaluation protocol: masks scored at 224 px "
-                "(importer.protocol=false keeps the preset's mask size)"
-            )
+        notes.append(protocol_note(cfg, raw.get("protocol", "")))
         summary = (
             f"SlotDiffusion: {layout.num_slots} slots x {layout.slot_dim}, UNet "
             f"{layout.unet_widths} x {layout.unet_layers}, VQ-VAE {layout.vq_channels} x "

@@ -27,10 +27,12 @@ decoder's attention heads (`decoder.num_heads`, official 6), the slot-attention 
 (`grouping.iterations`, official 3) and, for a stage-1 file, the number of slots
 (`grouping.num_slots`, required; Gaussian init has no per-slot tensor).
 
-Evaluation protocol. SPOT resizes images bilinearly (OCLF, and so the coco and voc plugins,
-bicubically): the run gets `dataset.interpolation=bilinear` wherever the dataset has that
-param and no override sets it (`importer.protocol=false` keeps the dataset's default), and
-the decoder evaluates with all 9 orders (`decoder.eval_order=all`, SPOT's README numbers).
+Evaluation protocol. The run names `protocol = "spot"` (protocols/spot.toml: eval_spot.py's
+COCO and VOC evaluation, bilinear PIL resize, 320-px masks, ...), which sets the dataset and
+task settings when the config resolves; an override that contradicts one of them is refused.
+`protocol=NAME` on the command line names another (`protocol=` or `importer.protocol=false`:
+none, the dataset plugins' defaults). The decoder evaluates with all 9 orders
+(`decoder.eval_order=all`, SPOT's README numbers).
 
 Encoder weights. The official encoder is DINO ViT-B/16 (`encoder.name`, default
 "dino_vitb16", the ViT plugin of encoders/vit.py). Its keys are timm's; they are copied
@@ -66,6 +68,8 @@ from ocl_bench.importing import (
     load_strict,
     make_importer,
     module_prefixes_holding,
+    name_protocol,
+    protocol_note,
     read_state_dict,
     require_keys,
     set_unless_overridden,
@@ -236,13 +240,14 @@ def check_layout(state: dict[str, Tensor], shapes: dict[str, tuple[int, ...] | N
     require_keys(state, shapes, LAYOUT_NAME)
 
 
-def _run_config(layout: SpotLayout, overrides: list[str]) -> dict[str, Any]:
-    """SPOT's run config for this layout, then the user's overrides."""
+def _run_config(layout: SpotLayout, overrides: list[str], protocol: str) -> dict[str, Any]:
+    """SPOT's run config for this layout under `protocol`, then the user's overrides."""
     if layout.num_orders not in (1, 9):
         raise DataError(f"bos_tokens has {layout.num_orders} orders; SPOT uses 1 or 9")
     if layout.ffn_dim % layout.dim:
         raise DataError(f"FFN size {layout.ffn_dim} is not a multiple of D={layout.dim}")
     raw = load_raw(None)
+    name_protocol(raw, protocol, overrides)
     raw["encoder"] = {"name": "dino_vitb16"}
     raw["grouping"] = {
         "name": "slot_attention",
@@ -378,8 +383,8 @@ def map_state(
 class SpotImporterParams:
     protocol: bool = param(
         True,
-        "evaluate as SPOT does: dataset.interpolation=bilinear where the dataset has it and "
-        "no override sets it; false keeps the dataset's default (coco, voc: bicubic, OCLF)",
+        "name SPOT's evaluation protocol (protocol='spot': bilinear resize, 320-px masks, ...) "
+        "unless an override names one; false = protocol='' (the dataset's defaults)",
     )
 
 
@@ -393,7 +398,7 @@ class SpotImporter(CheckpointImporter):
         state = read_checkpoint(path)
         layout, shapes = inspect(state)
         check_layout(state, shapes)
-        raw = _run_config(layout, overrides)
+        raw = _run_config(layout, overrides, "spot" if self.params.protocol else "")
         layout = replace(layout, num_slots=raw["grouping"]["num_slots"])
         encoder_name = raw["encoder"].get("name")
         reg = config_module.registry()
@@ -413,16 +418,9 @@ class SpotImporter(CheckpointImporter):
             implied["encoder.random_init"] = True
         if layout.has_second_encoder:
             implied["encoder.finetune_from"] = 8
-        if self.params.protocol:
-            implied["dataset.interpolation"] = "bilinear"
-        applied = set_unless_overridden(raw, implied, overrides)
-        notes = []
-        if "dataset.interpolation" in applied:
-            notes.append(
-                "SPOT's evaluation protocol: dataset.interpolation=bilinear (set "
-                "dataset.interpolation=bicubic for OCLF's, or importer.protocol=false)"
-            )
+        set_unless_overridden(raw, implied, overrides)
         cfg = resolve(raw)
+        notes = [protocol_note(cfg, raw.get("protocol", ""))]
         image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
         model = build_model(cfg, image_size)
         grid = getattr(model.decoder, "grid", None)

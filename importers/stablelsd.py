@@ -27,6 +27,16 @@ weights have the same shapes for any head count, only the computation splits the
 init_mlp the official module also holds the unused Gaussian parameters; they are dropped.
 tests/test_official_glass.py imports GLASS's own module, saves it with `save_pretrained` and
 checks that this importer's run gives its slots and attention.
+
+Evaluation protocol. A GLASS file names `protocol = "glass"` (protocols/glass.toml: GLASS's
+COCO loader geometry and eval_metrics.py), any other `protocol = "stablelsd"` (the preset's:
+LSD's input geometry with GLASS's ground truth and scoring). The importer tells GLASS's files
+by what only GLASS's code writes: its MultiHeadSTEVESA has an `init_mlp` argument, which
+`save_pretrained` records in config.json (it records every argument, defaults included), and
+its stage-2 checkpoints hold a fine-tuned `unet2dconditionmodel/` (LSD saves no UNet of that
+class). A GLASS file written by code without `init_mlp` cannot be told apart: import it with
+`protocol=glass`, or re-score the run with `ocl-bench eval RUN --protocol glass`.
+`protocol=NAME` on the command line always wins (`protocol=`: none).
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ from ocl_bench.importing import (
     ImportResult,
     check_keys,
     load_strict,
+    name_protocol,
+    protocol_note,
     read_state_dict,
     set_unless_overridden,
 )
@@ -95,6 +107,7 @@ class StableLSDLayout:
     truncation: str
     resolution: int
     unet: str  # the fine-tuned UNet file loaded, or ""
+    method: str = "stablelsd"  # or "glass": whose code wrote the file (`method_of`)
 
 
 def read_config(weights: Path) -> dict[str, Any]:
@@ -115,7 +128,14 @@ def read_config(weights: Path) -> dict[str, Any]:
     return config
 
 
-def layout_of(config: dict[str, Any], unet: str) -> StableLSDLayout:
+def method_of(config: dict[str, Any], weights: Path) -> str:
+    """'glass' for a file GLASS's code wrote (config.json records `init_mlp`, an argument
+    only GLASS's MultiHeadSTEVESA has; or a fine-tuned unet2dconditionmodel/ beside it,
+    which only GLASS stage 2 saves), else 'stablelsd'."""
+    return "glass" if "init_mlp" in config or _unet_file(weights) is not None else "stablelsd"
+
+
+def layout_of(config: dict[str, Any], unet: str, method: str = "stablelsd") -> StableLSDLayout:
     init = "shared_gaussian"
     if config.get("learnable_slot_init"):
         init = "learned_queries"
@@ -131,6 +151,7 @@ def layout_of(config: dict[str, Any], unet: str) -> StableLSDLayout:
         truncation="bi-level" if config.get("bi_level") else "none",
         resolution=int(config.get("input_resolution", 32)),
         unet=unet,
+        method=method,
     )
 
 
@@ -174,9 +195,10 @@ class StableLSDImporter(CheckpointImporter):
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         config = read_config(path)
         unet_file = _unet_file(path) if self.params.unet else None
-        layout = layout_of(config, str(unet_file or ""))
+        layout = layout_of(config, str(unet_file or ""), method_of(config, path))
         state = read_state_dict(path, WHAT)
         raw = load_raw("stablelsd")
+        name_protocol(raw, layout.method, overrides)
         implied = {
             "grouping.num_slots": layout.num_slots,
             "grouping.slot_dim": layout.slot_dim,
@@ -196,7 +218,14 @@ class StableLSDImporter(CheckpointImporter):
         image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
         model = build_model(cfg, image_size)
         mapped = map_state(state, layout)
-        notes = ["DINOv2 and the VAE are not in the checkpoint: their plugins load them"]
+        notes = [
+            "DINOv2 and the VAE are not in the checkpoint: their plugins load them",
+            "written by GLASS's code (init_mlp in config.json or a fine-tuned UNet beside it)"
+            if layout.method == "glass"
+            else "taken as StableLSD's (no init_mlp in config.json, no fine-tuned UNet); a "
+            "GLASS file of older code: protocol=glass scores it as GLASS does",
+            protocol_note(cfg, raw.get("protocol", "")),
+        ]
         if unet_file is not None:
             unet = read_state_dict(unet_file, "a diffusers UNet2DConditionModel state_dict")
             mapped.update({f"decoder.unet.{k}": v for k, v in unet.items()})

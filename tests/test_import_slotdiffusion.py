@@ -20,9 +20,10 @@ from ocl_bench.cli import main
 from ocl_bench.compose import build_model
 from ocl_bench.config import apply_overrides, load_raw, resolve
 from ocl_bench.contracts import Batch, Features
+from ocl_bench.data import make_dataset
 from ocl_bench.errors import DataError
 from ocl_bench.evaluate import load_run
-from ocl_bench.importing import make_importer
+from ocl_bench.importing import import_checkpoint, make_importer
 
 K, D, C = 3, 16, 32  # slots, slot size, DINO stand-in width
 TINY = [
@@ -191,8 +192,9 @@ def test_released_layout_imports_through_the_cli_and_loads_every_tensor(tmp_path
     assert (d.unet_widths, d.unet_attention, d.unet_layers) == ([16, 32], [False, True], 1)
     assert (d.vq_channels, d.vq_channel_mult, d.vq_codebook_size) == (8, [1, 2], 16)
     assert (d.beta_start, d.beta_end, d.vqvae, step) == (0.0015, 0.0195, "imported", 0)
-    task = next(t for t in cfg.tasks if t.name == "object_discovery")
-    assert task.params.mask_size == 224  # SlotDiffusion's test_seg
+    # DINO sees (x - 0.5) / 0.5, as SlotDiffusion's loaders feed it
+    assert cfg.encoder.params.normalize == "half"
+    assert cfg.protocol == ""  # the protocol covers COCO and VOC, not these shapes
     ours = model.state_dict()
     torch.testing.assert_close(ours["grouping.queries"], state["init_latents"][0])
     torch.testing.assert_close(
@@ -220,6 +222,36 @@ def test_released_layout_imports_through_the_cli_and_loads_every_tensor(tmp_path
         slots = model.grouping(Features(tokens=torch.randn(2, 16, C), grid=(4, 4)))
         pred = model.decoder(slots, None, Batch(images=torch.rand(2, 3, 32, 32)))
     assert pred.prediction.shape == (2, 3, 16, 16) and pred.prediction.isfinite().all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "protocol"), [([], "slotdiffusion"), (["importer.protocol=false"], "")]
+)
+def test_the_run_is_scored_under_the_slotdiffusion_protocol(tmp_path: Path, extra, protocol):
+    from tests.test_coco_voc import make_coco
+
+    root = make_coco(tmp_path / "coco")
+    state, _ = official_checkpoint()
+    path = tmp_path / "sa_ldm_dino_coco_params-res224.pth"
+    torch.save(state, path)
+    shapes = ("dataset.name=", "dataset.image_size=", "dataset.val_size=")
+    coco = ["dataset.name=coco", f"dataset.root={root}", "dataset.image_size=32"]
+    overrides = [*coco, *(o for o in TINY if not o.startswith(shapes)), *extra]
+    result = import_checkpoint("slotdiffusion", path, tmp_path / "run", overrides)
+    cfg, _, _ = load_run(tmp_path / "run")  # as config.toml records it
+    assert result.config.protocol == cfg.protocol == protocol
+    assert cfg.encoder.params.normalize == "half"
+    task = next(t for t in cfg.tasks if t.name == "object_discovery")
+    if not protocol:  # the preset's own settings: the coco plugin's 320-px masks
+        assert cfg.dataset.params.mask_size == 320
+        return
+    # test_seg.py: masks at the input size (mask_size 0), cv2 geometry, crowd dropped,
+    # overlap pixels ignored, the background not scored
+    d = cfg.dataset.params
+    assert (d.mask_size, d.resize_library, d.crowd, d.overlaps_ignored) == (0, "cv2", "drop", True)
+    assert (task.params.mask_size, task.params.background_segment) == (0, False)
+    assert make_dataset(cfg.dataset, cfg.eval.split).mask_size == (32, 32)
+    assert any("protocol 'slotdiffusion'" in note for note in result.notes)
 
 
 def _unet_key_inverse(official: str) -> str:

@@ -148,13 +148,16 @@ def test_glass_bbox_checkpoint_imports_through_the_cli(tmp_path) -> None:
 def test_learned_queries_and_a_fine_tuned_unet(tmp_path) -> None:
     state = official_state(learnable=True)
     weights = write_checkpoint(tmp_path / "ckpt", state, learnable_slot_init=True, bi_level=True)
-    plain = make_importer("stablelsd").convert(weights, TINY).model
+    before = make_importer("stablelsd").convert(weights, TINY)
+    assert before.layout.method == "stablelsd"  # no init_mlp, no fine-tuned UNet: LSD's file
+    plain = before.model
     unet = {k: v + 1.0 for k, v in plain.decoder.unet.state_dict().items()}  # "fine-tuned"
     (tmp_path / "ckpt" / "unet2dconditionmodel").mkdir()
     save_file(
         unet, tmp_path / "ckpt" / "unet2dconditionmodel" / "diffusion_pytorch_model.safetensors"
     )
     result = make_importer("stablelsd").convert(weights, TINY)
+    assert result.layout.method == "glass"  # only GLASS stage 2 saves a fine-tuned UNet
     g = result.config.grouping.params
     assert (g.init, g.truncation) == ("learned_queries", "bi-level")
     torch.testing.assert_close(result.model.grouping.queries, state["slot_mu"][0])
@@ -163,6 +166,45 @@ def test_learned_queries_and_a_fine_tuned_unet(tmp_path) -> None:
     kept = make_importer("stablelsd", {"unet": False}).convert(weights, TINY).model
     first = next(iter(unet))
     assert not torch.equal(kept.decoder.unet.state_dict()[first], unet[first])
+
+
+def _on_coco(root: Path) -> list[str]:
+    """TINY on a tiny COCO (tests/test_coco_voc.py), where the protocols apply."""
+    shapes = ("dataset.name=", "dataset.image_size=", "dataset.val_size=")
+    rest = [o for o in TINY if not o.startswith(shapes)]
+    return ["dataset.name=coco", f"dataset.root={root}", "dataset.image_size=32", *rest]
+
+
+@pytest.mark.parametrize(
+    ("glass_file", "extra", "protocol", "resize_library"),
+    [
+        (True, [], "glass", "cv2"),  # init_mlp in config.json: GLASS's code wrote it
+        (False, [], "stablelsd", "pil"),  # LSD's: GlobDataset's PIL geometry
+        (False, ["protocol=glass"], "glass", "cv2"),  # re-scored as GLASS does
+    ],
+)
+def test_the_run_names_the_protocol_of_the_code_that_wrote_the_file(
+    tmp_path, glass_file, extra, protocol, resize_library
+) -> None:
+    from tests.test_coco_voc import make_coco
+
+    root = make_coco(tmp_path / "coco")
+    config = {"init_mlp": False} if glass_file else {}  # save_pretrained records defaults
+    weights = write_checkpoint(tmp_path / "ckpt", official_state(), **config)
+    out = tmp_path / "run"
+    StableLSDImporter(StableLSDImporter.Params()).import_run(
+        weights, out, [*_on_coco(root), *extra]
+    )
+    cfg, _, _ = load_run(out)  # as config.toml records it
+    assert cfg.protocol == protocol
+    d = cfg.dataset.params
+    # both score GLASS's COCO ground truth at 256 px with the background as a segment
+    assert (d.mask_size, d.crowd, d.overlap_painting) == (256, "drop", "later_wins")
+    assert d.resize_library == resize_library
+    task = next(t for t in cfg.tasks if t.name == "object_discovery")
+    assert (task.params.mask_size, task.params.background_segment) == (256, True)
+    notes = json.loads((out / "import.json").read_text())["notes"]
+    assert any(f"protocol '{protocol}'" in n for n in notes)
 
 
 def test_num_heads_becomes_the_grouping_heads(tmp_path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,11 @@ from ocl_bench.registry import registry
 from tests.test_coco_voc import make_coco
 from tests.test_spot import HEADS, IMAGE, K, official_state, with_tiny_dino, write_official
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 __all__ = ["with_tiny_dino"]  # a fixture used below
 
 # Tiny SPOT import: the test encoder, the sizes the shapes do not record, small evaluation.
@@ -42,12 +48,8 @@ SPOT_OVERRIDES = [
 
 
 def _coco_overrides(root: Path) -> list[str]:
-    return [
-        "dataset.name=coco",
-        f"dataset.root={root}",
-        f"dataset.image_size={IMAGE}",
-        f"dataset.mask_size={IMAGE}",
-    ]
+    # no mask size: the imported run's protocol (spot: 320) owns it
+    return ["dataset.name=coco", f"dataset.root={root}", f"dataset.image_size={IMAGE}"]
 
 
 def _one_error_line(err: str) -> str:
@@ -97,6 +99,7 @@ def test_spot_checkpoint_imports_and_evaluates_on_coco(tmp_path, with_tiny_dino,
     assert "SPOT stage-2 checkpoint" in out and f"{K} slots" in out
     cfg, model, step = load_run(run)
     assert step == 0 and cfg.dataset.name == "coco" and cfg.decoder.name == "spot_ar"
+    assert cfg.protocol == "spot" and 'protocol = "spot"' in (run / "config.toml").read_text()
     provenance = json.loads((run / "import.json").read_text())
     assert provenance["format"] == "spot" and provenance["layout"]["stage"] == 2
     assert provenance["sha256"] == checkpoint_sha256(path)
@@ -116,32 +119,59 @@ def checkpoint_sha256(path: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("extra", "expected"),
+    ("extra", "protocol", "interpolation", "mask_size"),
     [
-        ([], "bilinear"),  # SPOT's protocol, although the coco plugin defaults to bicubic
-        (["dataset.interpolation=bicubic"], "bicubic"),  # the user's override wins
-        (["importer.protocol=false"], "bicubic"),  # the dataset plugin's default
+        # SPOT's protocol: bilinear (the coco plugin defaults to bicubic), 320-px masks
+        ([], "spot", "bilinear", 320),
+        # the user names another protocol: OCLF's DINOSAUR evaluation
+        (["protocol=dinosaur"], "dinosaur", "bicubic", 320),
+        # no protocol: the user's own settings, or the dataset plugin's defaults
+        (["protocol=", "dataset.interpolation=bicubic", "dataset.mask_size=24"], "", "bicubic", 24),
+        (["importer.protocol=false"], "", "bicubic", 320),
     ],
 )
-def test_spot_import_evaluates_with_bilinear_resize_unless_overridden(
-    tmp_path, with_tiny_dino, extra, expected
+def test_spot_import_names_spot_protocol_unless_overridden(
+    tmp_path, with_tiny_dino, extra, protocol, interpolation, mask_size
 ) -> None:
     root = make_coco(tmp_path / "coco")
     path = write_official(tmp_path / "spot.pt", official_state(stage=1))
     overrides = [*SPOT_OVERRIDES, *_coco_overrides(root), *extra]
     result = import_checkpoint("spot", path, tmp_path / "run", overrides)
-    assert result.config.dataset.params.interpolation == expected
-    cfg, _, _ = load_run(tmp_path / "run")
-    assert cfg.dataset.params.interpolation == expected
-    assert any("bilinear" in note for note in result.notes) == (expected == "bilinear")
+    cfg, _, _ = load_run(tmp_path / "run")  # as config.toml records it
+    for c in (result.config, cfg):
+        assert c.protocol == protocol
+        assert c.dataset.params.interpolation == interpolation
+        assert c.dataset.params.mask_size == mask_size
+    task = next(t for t in cfg.tasks if t.name == "object_discovery")
+    assert task.params.mask_size == (mask_size if protocol else 0)
+    if protocol == "spot":  # eval_spot.py scores the foreground only, with class masks
+        assert (task.params.background_segment, task.params.class_masks) == (False, True)
+        assert cfg.dataset.params.resize_library == "pil"
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert recorded.get("protocol", "") == protocol
+    assert any(f"protocol '{protocol}'" in note for note in result.notes) == bool(protocol)
 
 
-def test_protocol_skips_datasets_without_the_param(tmp_path, with_tiny_dino) -> None:
+def test_an_override_contradicting_the_protocol_is_refused(tmp_path, with_tiny_dino) -> None:
+    root = make_coco(tmp_path / "coco")
+    path = write_official(tmp_path / "spot.pt", official_state(stage=1))
+    overrides = [*SPOT_OVERRIDES, *_coco_overrides(root), "dataset.interpolation=bicubic"]
+    with pytest.raises(
+        ConfigError, match="dataset.interpolation = 'bicubic' contradicts protocol 'spot'"
+    ):
+        import_checkpoint("spot", path, tmp_path / "run", overrides)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_the_protocol_does_not_cover_is_scored_under_none(
+    tmp_path, with_tiny_dino
+) -> None:
     path = write_official(tmp_path / "spot.pt", official_state(stage=1))
     overrides = [*SPOT_OVERRIDES, f"dataset.image_size={IMAGE}", "dataset.val_size=4"]
     result = import_checkpoint("spot", path, tmp_path / "run", overrides)
-    assert result.config.dataset.name == "shapes"
+    assert result.config.dataset.name == "shapes" and result.config.protocol == ""
     assert "interpolation" not in result.config.raw["dataset"]
+    assert any("protocol 'spot' does not cover dataset 'shapes'" in n for n in result.notes)
 
 
 # ------------------------------------------------------------------ bad files
@@ -293,6 +323,30 @@ def _mage_run(tmp_path: Path, reference: bool) -> tuple[Path, Path, dict]:
     torch.manual_seed(11)  # the slot attention and slot_proj the file does not hold
     import_checkpoint("mage", path, run, [*MAGE_OVERRIDES, *flag])
     return path, run, read_state_dict(path, "MAGE checkpoint")
+
+
+def test_mage_import_names_the_mage_protocol_unless_overridden(tmp_path) -> None:
+    from tests.test_mage import write_official
+
+    root = make_coco(tmp_path / "coco")
+    path = tmp_path / "mage-tiny.pth"
+    write_official(path)
+    coco = [
+        *MAGE_OVERRIDES[:2],
+        "dataset.name=coco",
+        f"dataset.root={root}",
+        "dataset.image_size=32",
+    ]
+    result = import_checkpoint("mage", path, tmp_path / "run", coco)
+    cfg, _, _ = load_run(tmp_path / "run")
+    assert result.config.protocol == cfg.protocol == "mage"
+    # the thesis's COCO evaluation: SPOT's loader (no overlap painting, 320-px masks)
+    assert (cfg.dataset.params.mask_size, cfg.dataset.params.overlap_painting) == (320, "none")
+    task = next(t for t in cfg.tasks if t.name == "object_discovery")
+    assert (task.params.mask_size, task.params.background_segment) == (320, False)
+    assert any("protocol 'mage'" in note for note in result.notes)
+    other = import_checkpoint("mage", path, tmp_path / "glass", [*coco, "protocol=glass"])
+    assert other.config.protocol == "glass" and other.config.dataset.params.mask_size == 256
 
 
 def test_mage_import_by_reference_stores_the_files_hash_not_its_weights(tmp_path) -> None:

@@ -218,7 +218,11 @@ def test_saved_checkpoint_imports_as_a_run_with_the_official_outputs(
     official = _official(official_sa_class, init_mlp=True, seed=11, out_size=32)
     official.save_pretrained(tmp_path / "ckpt" / "multiheadstevesa")
     weights = tmp_path / "ckpt" / "multiheadstevesa" / "diffusion_pytorch_model.safetensors"
-    StableLSDImporter(StableLSDImporter.Params()).import_run(weights, tmp_path / "run", TINY)
+    result = StableLSDImporter(StableLSDImporter.Params()).import_run(
+        weights, tmp_path / "run", TINY
+    )
+    # GLASS's save_pretrained records init_mlp, so the run names GLASS's protocol
+    assert result.layout.method == "glass"
     _, model, _ = load_run(tmp_path / "run")
     tokens, grid = _tokens(12)
     boxes = torch.tensor([[[2.0, 4.0, 20.0, 30.0]]] * B)  # pixels of 32-px shapes images

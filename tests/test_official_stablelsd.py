@@ -198,6 +198,26 @@ def _tokens(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, tokens.transpose(1, 2).reshape(B, D, SIDE, SIDE)  # raster -> [B, D, h, w]
 
 
+def test_its_saved_slot_attention_is_not_taken_for_glass(official_sa_class, tmp_path) -> None:
+    """LSD's own save_pretrained writes no init_mlp (GLASS's does), so `ocl-bench import
+    stablelsd` names the stablelsd protocol for it (importers/stablelsd.py `method_of`)."""
+    from ocl_bench.importers.stablelsd import method_of, read_config
+
+    official = official_sa_class(
+        num_iterations=ITERS,
+        num_slots=K,
+        num_heads=1,
+        input_size=D,
+        out_size=WIDTH,
+        slot_size=D,
+        mlp_hidden_size=D,
+        input_resolution=SIDE,
+    )
+    official.save_pretrained(tmp_path / "ckpt" / "multiheadstevesa")
+    weights = tmp_path / "ckpt" / "multiheadstevesa" / "diffusion_pytorch_model.safetensors"
+    assert method_of(read_config(weights), weights) == "stablelsd"
+
+
 def test_slot_attention_and_conditioning_match_the_official_code(models) -> None:
     official, sa, dec = models["official"], models["sa"], models["dec"]
     tokens, grid = _tokens(2)
