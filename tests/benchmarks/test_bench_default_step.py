@@ -3,7 +3,9 @@
 The old path is the default run as it was before it was made cheap (a 64-channel CNN, a
 128-wide MLP decoder, batch 16) with every sample drawn again at every step. The printed
 ratios (old / new CPU time of this process per step and per image, measured in
-alternation) are what show a regression; absolute times differ between machines.
+alternation) are what show a regression; absolute times differ between machines. Each
+fails below its floor (STEP_FLOOR, IMAGE_FLOOR: the README and bench/configs/default.toml
+state them), whether or not benchmarks are enabled: the body runs at the real sizes.
 
     OMP_NUM_THREADS=1 python -m pytest tests/benchmarks/test_bench_default_step.py \
         --benchmark-enable -s
@@ -30,6 +32,10 @@ OLD_DEFAULT = [
     "decoder.hidden=128",
     "train.batch_size=16",
 ]
+# Least old / new CPU time per step and per image (measured 3.90x and 1.95x on a loaded
+# 2-core machine). The previous default's batch is twice today's, so per image = per step / 2.
+STEP_FLOOR = 3.0
+IMAGE_FLOOR = 1.5
 
 
 def _trainer(overrides: list[str], warm: bool) -> Callable[[], float]:
@@ -89,5 +95,5 @@ def test_default_step_against_old_path(benchmark) -> None:
         f" ms CPU: {ratio:.2f}x faster per step, {per_image:.2f}x per image"
     )
     assert loss == loss and loss < first * 2  # finite and not exploding
-    # The default step must stay well below the old one (measured about 4x per step).
-    assert ratio > 2
+    assert ratio >= STEP_FLOOR, f"old / new per step {ratio:.2f}x < {STEP_FLOOR}x"
+    assert per_image >= IMAGE_FLOOR, f"old / new per image {per_image:.2f}x < {IMAGE_FLOOR}x"

@@ -10,7 +10,8 @@ regression shows as a ratio, not as an absolute time that differs between machin
 With OCL_BENCH_SPOT_REPO pointing at a checkout of github.com/gkakogeorgiou/spot (it
 needs einops) a third benchmark times the official code's step at the same sizes, its
 encoder built as DINO's hub model computes (timm's ViT with explicit attention), and
-prints both ratios; the target is >= 2x with the cache warm.
+prints both ratios. Each ratio the README states has a floor here (FLOORS): the
+benchmark fails below it.
 
     OMP_NUM_THREADS=1 OCL_BENCH_SPOT_REPO=/tmp/spot python -m pytest \
         tests/benchmarks/test_bench_spot_step.py --benchmark-enable -s
@@ -55,6 +56,15 @@ TINY_DECODER = {"spot-coco": ["decoder.num_heads=2"], "dinosaur-mlp-coco": ["dec
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 SPOT_REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
+# The floors the README states, as (baseline, step) -> least baseline / step CPU time.
+# Measured on a loaded 2-core machine (slot-attention benchmark 113 ms): official / cached
+# 2.27x, official / uncached 1.24x; uncached / cached 1.93x for SPOT, 1.43x for DINOSAUR.
+FLOORS = {
+    ("official", "cached"): 1.8,
+    ("official", "uncached"): 0.9,
+    ("uncached", "cached", "spot-coco"): 1.6,
+    ("uncached", "cached", "dinosaur-mlp-coco"): 1.2,
+}
 
 
 def _skip_unless_enabled(benchmark) -> None:
@@ -104,15 +114,18 @@ def _images(size: int) -> torch.Tensor:
     return torch.rand(BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def _report(benchmark, medians: dict[str, float], baseline: str) -> None:
+def _report(benchmark, medians: dict[str, float], baseline: str) -> dict[str, float]:
+    """Print and record baseline / step for every other step; returns those ratios."""
+    ratios = {}
     info = benchmark.extra_info
     info["shape"] = f"B={BATCH}, {SIZE} px, ViT-B/16 frozen, 7 slots"
     info["torch_threads"] = torch.get_num_threads()
     for name, seconds in medians.items():
         info[f"{name}_cpu_s"] = seconds
         if name != baseline:
-            info[f"{baseline}_over_{name}"] = medians[baseline] / seconds
+            ratios[name] = info[f"{baseline}_over_{name}"] = medians[baseline] / seconds
             print(f"\n{baseline} / {name} step CPU time: {medians[baseline] / seconds:.2f}x")
+    return ratios
 
 
 @pytest.mark.parametrize("preset", ["spot-coco", "dinosaur-mlp-coco"])
@@ -124,7 +137,9 @@ def test_step_cached_vs_uncached(benchmark, preset: str, tmp_path, monkeypatch) 
     uncached = training_step(preset, [], images)
     medians = interleaved({"uncached": uncached, "cached": cached}, rounds=3)
     benchmark.pedantic(cached, rounds=3, iterations=1)
-    _report(benchmark, medians, "uncached")
+    ratio = _report(benchmark, medians, "uncached")["cached"]
+    floor = FLOORS[("uncached", "cached", preset)]
+    assert ratio >= floor, f"{preset}: uncached / cached {ratio:.2f}x, below the {floor}x floor"
 
 
 def _official_spot(repo: str) -> nn.Module:
@@ -191,7 +206,10 @@ def test_spot_step_against_the_official_code(benchmark, tmp_path, monkeypatch) -
     uncached = training_step("spot-coco", [], images)
     medians = interleaved({"official": official, "uncached": uncached, "cached": cached}, 3)
     benchmark.pedantic(cached, rounds=3, iterations=1)
-    _report(benchmark, medians, "official")
+    ratios = _report(benchmark, medians, "official")
+    for name, ratio in ratios.items():
+        floor = FLOORS[("official", name)]
+        assert ratio >= floor, f"official / {name} {ratio:.2f}x, below the {floor}x floor"
 
 
 def test_cached_step_equals_uncached_step(tmp_path, monkeypatch) -> None:
