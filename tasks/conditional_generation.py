@@ -19,10 +19,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from ocl_bench.contracts import GenerativeDecoder, Slots, recombine_slots
 from ocl_bench.errors import DataError
@@ -33,6 +29,22 @@ from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
 from ocl_bench.tasks import fid as fidlib
 
 FID_MODES = ("required", "if_available", "off")
+
+
+def peak_signal_noise_ratio(*args: Any, **kwargs: Any) -> Tensor:
+    # imported on use: torchmetrics' image package takes seconds to import, and every
+    # `ocl-bench` command discovers this plugin
+    from torchmetrics.functional.image import peak_signal_noise_ratio as psnr
+
+    return psnr(*args, **kwargs)
+
+
+def structural_similarity_index_measure(*args: Any, **kwargs: Any) -> Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    return ssim(*args, **kwargs)
+
+
 SSIM_KERNEL = 11  # torchmetrics' (and Wang et al.'s) Gaussian window, sigma 1.5
 
 

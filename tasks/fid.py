@@ -29,9 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
-from cleanfid.inception_torchscript import InceptionV3W
-from cleanfid.resize import make_resizer
 from torch import Tensor, nn
 
 from ocl_bench.errors import DataError
@@ -285,10 +282,12 @@ def weights_sha256(file: Path) -> str:
     return file_sha256(file)
 
 
-class InceptionExtractor(InceptionV3W):
+class InceptionExtractor(nn.Module):
     """clean-fid's InceptionV3W on a local file, never downloading.
 
-    At 299 px the forward is clean-fid's own. Any other side >= 75 (tests use small
+    At 299 px the forward is clean-fid's own (InceptionV3W.forward on these attributes;
+    clean-fid is imported on use, since importing it takes seconds and every `ocl-bench`
+    command discovers the task that uses it). Any other side >= 75 (tests use small
     images) runs the same layers but averages the last feature map globally instead of
     with pool2's fixed 8x8 window; at 299 the two are the same number.
     """
@@ -305,7 +304,9 @@ class InceptionExtractor(InceptionV3W):
     def forward(self, x: Tensor) -> Tensor:
         """float[B,3,R,R] in [0, 255], already resized -> float[B,2048]."""
         if tuple(x.shape[-2:]) == (CLEANFID_RESOLUTION, CLEANFID_RESOLUTION):
-            return super().forward(x)
+            from cleanfid.inception_torchscript import InceptionV3W
+
+            return InceptionV3W.forward(self, x)
         return self.pooled_features(x)
 
     @torch.no_grad()
@@ -370,6 +371,8 @@ def load_extractor(file: Path) -> InceptionExtractor:
 def clean_resize(images: Tensor, resolution: int) -> Tensor:
     """float[B,3,H,W] in [0, 1] -> float[B,3,R,R] in [0, 255] as clean-fid reads a PNG:
     quantised to uint8, then PIL bicubic per channel in float."""
+    from cleanfid.resize import make_resizer
+
     resize = make_resizer("PIL", False, "bicubic", (resolution, resolution))
     quantised = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     arrays = quantised.permute(0, 2, 3, 1).cpu().numpy()
@@ -411,6 +414,8 @@ def frechet_distance(mu: np.ndarray, sigma: np.ndarray, features: np.ndarray) ->
     mu_f = features.mean(axis=0)
     if n > d:
         sigma_f = np.cov(features, rowvar=False)
+        from cleanfid.fid import frechet_distance as cleanfid_frechet_distance
+
         return float(cleanfid_frechet_distance(mu_f, sigma_f, mu, sigma))
     y = (features - mu_f) / np.sqrt(n - 1)  # sigma_f = y.T @ y
     gram = y @ sigma @ y.T

