@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import tomllib
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # (height, width): long sides 640*320/427 = 479.6 and 500*320/333 = 480.5 truncate and round
 # differently; 361, 457, 353 give odd crop offsets; one tall, one square.
@@ -22,6 +27,7 @@ COCO_SIZES = [(427, 640), (480, 361), (333, 500), (301, 457), (500, 353), (250, 
 VOC_SIZES = [(375, 500), (500, 353), (333, 500), (281, 417)]
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
 
 
 def picture(rng: np.random.Generator, height: int, width: int) -> Image.Image:
@@ -163,3 +169,17 @@ def segments(masks: object, scored: object) -> list[bytes]:
         if m.any():
             out.append(m.numpy().tobytes())
     return sorted(out)
+
+
+def protocol_dataset_settings(protocol: str, dataset: str) -> dict[str, Any]:
+    """The [DATASET.dataset] table of protocols/PROTOCOL.toml: the settings a test gives our
+    dataset to follow that protocol."""
+    with open(PROTOCOLS / f"{protocol}.toml", "rb") as f:
+        return tomllib.load(f)[dataset]["dataset"]
+
+
+def normalized(image: Tensor) -> Tensor:
+    """Our [0, 1] image after ImageNet's Normalize, as the official loaders return theirs."""
+    import torch
+
+    return (image - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]

@@ -16,61 +16,28 @@ pixel for pixel, and the instance and class segments the metrics score.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any
-
-import pytest
-import tomllib
-import torch
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
-from tests.official_checkout import checkout_on_path
-from tests.official_protocol_data import MEAN, STD, segments, write_coco
+from tests import test_official_spot_protocol as spot
+from tests.official_protocol_data import protocol_dataset_settings, write_coco
 
-REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "datasets.py").is_file(),
-    reason="set OCL_BENCH_SPOT_REPO to a checkout of github.com/gkakogeorgiou/spot",
-)
-PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "mage.toml"
+# the SPOT protocol test's checkout switch, its fixture (SPOT's datasets.py) and its comparison
+pytestmark = spot.pytestmark
+spot_datasets = spot.spot_datasets
 IMAGE, MASK = 256, 320  # MAGE's 16 x 16 VQGAN tokens; SPOT's val_mask_size
 
 
-@pytest.fixture(scope="module")
-def spot_datasets() -> Any:
-    pytest.importorskip("pycocotools")
-    # SPOT's module is named `datasets`, as is Hugging Face's: imported in isolation
-    with checkout_on_path(REPO, package="datasets"):
-        import datasets
-    return datasets
-
-
 def test_coco_at_256_equals_spots_loader(tmp_path: Path, spot_datasets) -> None:
-    with open(PROTOCOL, "rb") as f:
-        settings = tomllib.load(f)["coco"]["dataset"]
+    settings = protocol_dataset_settings("mage", "coco")
     root = write_coco(tmp_path / "coco")
     theirs = spot_datasets.COCO2017(str(root), split="val", image_size=IMAGE, mask_size=MASK)
     ours = CocoDataset(CocoParams(root=str(root), image_size=IMAGE, **settings), split="val")
     assert len(ours) == len(theirs) == 6
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     cat_list = spot_datasets.COCO2017.CAT_LIST
     overlap_seen = 0
     for i in range(len(ours)):
-        image, inst, cls, ignore = theirs[i]
         sample = ours[i]
         assert sample["image"].shape == (3, IMAGE, IMAGE)
-        torch.testing.assert_close((sample["image"] - mean) / std, image, atol=1e-6, rtol=0)
-        ignore = ignore[0].bool()
-        assert torch.equal(sample["ignore_mask"], ignore), f"image {i}: ignore mask"
-        overlap_seen += int(ignore.any())
-        scored = ~ignore
-        spot_instances = [inst == v for v in inst.unique().tolist() if v != 0]
-        assert segments(sample["instance_masks"], scored) == segments(spot_instances, scored)
-        spot_classes = {cat_list[v]: cls == v for v in cls.unique().tolist() if v != 0}
-        our_classes = dict(zip(sample["class_ids"].tolist(), sample["class_masks"]))
-        for cat in set(spot_classes) | set(our_classes):
-            a = segments([our_classes.get(cat, torch.zeros_like(scored))], scored)
-            b = segments([spot_classes.get(cat, torch.zeros_like(scored))], scored)
-            assert a == b, f"image {i}: class {cat}"
+        overlap_seen += spot.assert_coco_sample_equals_spots(sample, theirs[i], cat_list, i)
     assert overlap_seen >= 4

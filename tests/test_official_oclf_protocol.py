@@ -49,14 +49,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 from PIL import Image
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.datasets.voc import VocDataset, VocParams
 from tests.official_checkout import checkout_on_path
-from tests.official_protocol_data import MEAN, STD, write_coco, write_voc
+from tests.official_protocol_data import (
+    normalized,
+    protocol_dataset_settings,
+    write_coco,
+    write_voc,
+)
 
 REPO = os.environ.get("OCL_BENCH_OCLF_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -64,7 +68,6 @@ pytestmark = pytest.mark.skipif(
     reason="set OCL_BENCH_OCLF_REPO to a checkout of "
     "github.com/amazon-science/object-centric-learning-framework",
 )
-PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "dinosaur.toml"
 BRIDGING = Path(REPO) / "configs" / "evaluation" / "projects" / "bridging"
 IMAGE = 224  # the ccrop configs' Resize(224) + CenterCrop(224)
 
@@ -190,15 +193,6 @@ def _run(stages: list[Any], sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _settings(name: str) -> dict[str, Any]:
-    with open(PROTOCOL, "rb") as f:
-        return tomllib.load(f)[name]["dataset"]
-
-
-def _normalized(image: torch.Tensor) -> torch.Tensor:
-    return (image - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-
-
 def _by_value(masks: torch.Tensor) -> list[tuple[int, bytes]]:
     """(value, mask bytes) of OCLF's dense masks [K,H,W] (value = category), empty ones left
     out as its metrics leave them out."""
@@ -236,13 +230,15 @@ def test_coco_ccrop_equals_oclfs_preprocessing(tmp_path: Path, oclf: Any) -> Non
     nocrowd.write_text(json.dumps(data))
     stages = _eval_transforms(oclf, ["_preprocessing_coco.yaml"], ["metrics_coco_ccrop.yaml"])
 
-    params = CocoParams(root=str(root), image_size=IMAGE, **_settings("coco"))
+    params = CocoParams(
+        root=str(root), image_size=IMAGE, **protocol_dataset_settings("dinosaur", "coco")
+    )
     ours = CocoDataset(params, split="val")
     overlaps = 0
     for i, info in enumerate(data["images"]):
         theirs = _run(stages, _coco_shard_sample(oclf, root, nocrowd, info["id"]))
         sample = ours[i]
-        torch.testing.assert_close(_normalized(sample["image"]), theirs["image"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(normalized(sample["image"]), theirs["image"], atol=1e-6, rtol=0)
         inst = theirs["instance_mask"]
         assert inst.shape[-2:] == (320, 320)
         assert _ours(sample["instance_masks"], sample["labels"]) == _by_value(inst), i
@@ -285,12 +281,14 @@ def test_voc_ccrop_equals_oclfs_preprocessing(tmp_path: Path, oclf: Any) -> None
             "metrics_voc2012_masks_ccrop.yaml",
         ],
     )
-    params = VocParams(root=str(root), image_size=IMAGE, **_settings("voc"))
+    params = VocParams(
+        root=str(root), image_size=IMAGE, **protocol_dataset_settings("dinosaur", "voc")
+    )
     ours = VocDataset(params, split="val")
     for i, image_id in enumerate(ours.ids):
         theirs = _run(stages, _voc_shard_sample(root, image_id))
         sample = ours[i]
-        torch.testing.assert_close(_normalized(sample["image"]), theirs["image"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(normalized(sample["image"]), theirs["image"], atol=1e-6, rtol=0)
         ignore = theirs["ignore_mask"]
         assert ignore.shape == (1, 320, 320) and ignore.any()
         assert torch.equal(sample["ignore_mask"], ignore[0].bool()), i
@@ -314,5 +312,5 @@ def test_default_geometry_is_not_oclfs(tmp_path: Path, oclf: Any) -> None:
     ours = VocDataset(VocParams(root=str(root), image_size=IMAGE), split="val")
     theirs = _run(stages, _voc_shard_sample(root, ours.ids[0]))
     sample = ours[0]
-    assert (_normalized(sample["image"]) - theirs["image"]).abs().max() > 0.05
+    assert (normalized(sample["image"]) - theirs["image"]).abs().max() > 0.05
     assert _ours(sample["instance_masks"], sample["labels"]) != _by_value(theirs["instance_mask"])

@@ -24,20 +24,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import torch
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.datasets.voc import VocDataset, VocParams
 from tests.official_checkout import checkout_on_path
-from tests.official_protocol_data import MEAN, STD, segments, write_coco, write_voc
+from tests.official_protocol_data import (
+    normalized,
+    protocol_dataset_settings,
+    segments,
+    write_coco,
+    write_voc,
+)
 
 REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
 pytestmark = pytest.mark.skipif(
     not REPO or not (Path(REPO) / "datasets.py").is_file(),
     reason="set OCL_BENCH_SPOT_REPO to a checkout of github.com/gkakogeorgiou/spot",
 )
-PROTOCOL = Path(__file__).resolve().parents[1] / "protocols" / "spot.toml"
 IMAGE, MASK = 224, 320  # eval_spot.py: --val_image_size 224, --val_mask_size 320
 
 
@@ -50,39 +54,39 @@ def spot_datasets() -> Any:
     return datasets
 
 
-def protocol_settings(name: str) -> dict[str, Any]:
-    with open(PROTOCOL, "rb") as f:
-        return tomllib.load(f)[name]["dataset"]
-
-
-def normalized(image: torch.Tensor) -> torch.Tensor:
-    return (image - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+def assert_coco_sample_equals_spots(
+    sample: dict[str, Any], theirs: tuple[torch.Tensor, ...], cat_list: list[int], i: int
+) -> bool:
+    """Our COCO sample `i` against SPOT's (image, instance map, class map, ignore mask): the
+    image to 1e-6 after Normalize, the ignore mask pixel for pixel, the instance and class
+    segments the metrics score. Returns whether SPOT ignores any pixel (an overlap)."""
+    image, inst, cls, ignore = theirs
+    torch.testing.assert_close(normalized(sample["image"]), image, atol=1e-6, rtol=0)
+    ignore = ignore[0].bool()
+    assert torch.equal(sample["ignore_mask"], ignore), f"image {i}: ignore mask"
+    scored = ~ignore
+    spot_instances = [inst == v for v in inst.unique().tolist() if v != 0]
+    assert segments(sample["instance_masks"], scored) == segments(spot_instances, scored)
+    spot_classes = {cat_list[v]: cls == v for v in cls.unique().tolist() if v != 0}
+    our_classes = dict(zip(sample["class_ids"].tolist(), sample["class_masks"]))
+    for cat in set(spot_classes) | set(our_classes):
+        a = segments([our_classes.get(cat, torch.zeros_like(scored))], scored)
+        b = segments([spot_classes.get(cat, torch.zeros_like(scored))], scored)
+        assert a == b, f"image {i}: class {cat}"
+    return bool(ignore.any())
 
 
 def test_coco_ground_truth_and_image_equal_spots_loader(tmp_path: Path, spot_datasets) -> None:
     root = write_coco(tmp_path / "coco")
     theirs = spot_datasets.COCO2017(str(root), split="val", image_size=IMAGE, mask_size=MASK)
-    params = CocoParams(root=str(root), image_size=IMAGE, **protocol_settings("coco"))
-    ours = CocoDataset(params, split="val")
+    settings = protocol_dataset_settings("spot", "coco")
+    ours = CocoDataset(CocoParams(root=str(root), image_size=IMAGE, **settings), split="val")
     assert len(ours) == len(theirs) == 6
     cat_list = spot_datasets.COCO2017.CAT_LIST
     crowd_seen = overlap_seen = 0
     for i in range(len(ours)):
-        image, inst, cls, ignore = theirs[i]
         sample = ours[i]
-        torch.testing.assert_close(normalized(sample["image"]), image, atol=1e-6, rtol=0)
-        ignore = ignore[0].bool()
-        assert torch.equal(sample["ignore_mask"], ignore), f"image {i}: ignore mask"
-        overlap_seen += int(ignore.any())
-        scored = ~ignore
-        spot_instances = [inst == v for v in inst.unique().tolist() if v != 0]
-        assert segments(sample["instance_masks"], scored) == segments(spot_instances, scored)
-        spot_classes = {cat_list[v]: cls == v for v in cls.unique().tolist() if v != 0}
-        our_classes = dict(zip(sample["class_ids"].tolist(), sample["class_masks"]))
-        for cat in set(spot_classes) | set(our_classes):
-            a = segments([our_classes.get(cat, torch.zeros_like(scored))], scored)
-            b = segments([spot_classes.get(cat, torch.zeros_like(scored))], scored)
-            assert a == b, f"image {i}: class {cat}"
+        overlap_seen += assert_coco_sample_equals_spots(sample, theirs[i], cat_list, i)
         crowd_seen += int((sample["labels"] == 1).sum().item() >= 2)  # person + crowd
     assert overlap_seen >= 4 and crowd_seen >= 2  # the cases the data was written for
 
@@ -102,7 +106,7 @@ def test_coco_default_params_differ_from_spot_only_in_interpolation(
 def test_voc_ground_truth_and_image_equal_spots_loader(tmp_path: Path, spot_datasets) -> None:
     root = write_voc(tmp_path / "VOC2012")
     theirs = spot_datasets.PascalVOC(str(root), split="val", image_size=IMAGE, mask_size=MASK)
-    params = VocParams(root=str(root), image_size=IMAGE, **protocol_settings("voc"))
+    params = VocParams(root=str(root), image_size=IMAGE, **protocol_dataset_settings("spot", "voc"))
     ours = VocDataset(params, split="val")
     assert len(ours) == len(theirs) == 4
     for i in range(len(ours)):
