@@ -63,6 +63,18 @@ def omegaconf_resolvers_restored() -> Iterator[None]:
             OmegaConf.clear_resolver(name)
 
 
+def multihead_stevesa(repo: str) -> type:
+    """MultiHeadSTEVESA from src/models/slot_attn.py of a GLASS or latent-slot-diffusion
+    checkout (GLASS's is LSD's with init_mlp added); the test is skipped without einops.
+    distinctipy, which only utils.random_colors (visualisation) uses, is stubbed."""
+    import pytest
+
+    pytest.importorskip("einops")
+    with checkout_on_path(repo, stubs=("distinctipy",)):
+        from src.models.slot_attn import MultiHeadSTEVESA
+    return MultiHeadSTEVESA
+
+
 def dino_hub_like_vit(img_size: int, embed_dim: int, depth: int, num_heads: int) -> nn.Module:
     """timm's ViT/16 with DINO's `prepare_tokens` and the same state_dict keys as the DINO
     hub model, which the official SPOT code calls."""

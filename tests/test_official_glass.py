@@ -53,7 +53,7 @@ from ocl_bench.tasks.object_discovery import (
     score_batch,
     with_background,
 )
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import multihead_stevesa
 
 REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -67,11 +67,7 @@ close = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def official_sa_class() -> type:
-    pytest.importorskip("einops")
-    # distinctipy: only used by utils.random_colors (visualisation), never called here
-    with checkout_on_path(REPO, stubs=("distinctipy",)):
-        from src.models.slot_attn import MultiHeadSTEVESA
-    return MultiHeadSTEVESA
+    return multihead_stevesa(REPO)
 
 
 def _official(cls: type, init_mlp: bool, seed: int, out_size: int = 24) -> torch.nn.Module:

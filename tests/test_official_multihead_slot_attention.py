@@ -23,7 +23,7 @@ import torch
 
 from ocl_bench.contracts import Batch, Features
 from ocl_bench.importing import make_importer
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import multihead_stevesa
 from tests.test_import_stablelsd import TINY
 
 REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
@@ -37,10 +37,7 @@ close = dict(rtol=1e-5, atol=1e-5)
 
 @pytest.fixture(scope="module")
 def official_sa_class() -> type:
-    pytest.importorskip("einops")
-    with checkout_on_path(REPO, stubs=("distinctipy",)):
-        from src.models.slot_attn import MultiHeadSTEVESA
-    return MultiHeadSTEVESA
+    return multihead_stevesa(REPO)
 
 
 def _imported(cls: type, heads: int, tmp_path: Path) -> tuple[torch.nn.Module, torch.nn.Module]:

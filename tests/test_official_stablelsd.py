@@ -54,7 +54,7 @@ from ocl_bench.decoders.latent_diffusion import (
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
 from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import multihead_stevesa
 
 REPO = os.environ.get("OCL_BENCH_LSD_REPO", "")
 pytestmark = pytest.mark.skipif(
@@ -66,11 +66,22 @@ B, K, D, SIDE, ITERS, WIDTH, IMAGE = 2, 4, 32, 4, 3, 24, 32
 
 @pytest.fixture(scope="module")
 def official_sa_class() -> type:
-    pytest.importorskip("einops")
-    # distinctipy: only used by utils.random_colors (visualisation), never called here
-    with checkout_on_path(REPO, stubs=("distinctipy",)):
-        from src.models.slot_attn import MultiHeadSTEVESA
-    return MultiHeadSTEVESA
+    return multihead_stevesa(REPO)
+
+
+def _official_sa(cls: type, **extra: Any) -> nn.Module:
+    """LSD's MultiHeadSTEVESA at this file's sizes (one head, as its configs)."""
+    return cls(
+        num_iterations=ITERS,
+        num_slots=K,
+        num_heads=1,
+        input_size=D,
+        out_size=WIDTH,
+        slot_size=D,
+        mlp_hidden_size=D,
+        input_resolution=SIDE,
+        **extra,
+    )
 
 
 def _move_away(module: nn.Module, seed: int) -> None:
@@ -89,17 +100,7 @@ def _move_away(module: nn.Module, seed: int) -> None:
 def models(official_sa_class) -> dict[str, Any]:
     """The official slot attention and ocl-bench's slot attention + decoder on its weights."""
     torch.manual_seed(1)
-    official = official_sa_class(
-        num_iterations=ITERS,
-        num_slots=K,
-        num_heads=1,
-        input_size=D,
-        out_size=WIDTH,
-        slot_size=D,
-        mlp_hidden_size=D,
-        input_resolution=SIDE,
-        epsilon=1e-6,
-    )
+    official = _official_sa(official_sa_class, epsilon=1e-6)
     _move_away(official, 11)
     official.eval()
     torch.manual_seed(0)
@@ -203,16 +204,7 @@ def test_its_saved_slot_attention_is_not_taken_for_glass(official_sa_class, tmp_
     stablelsd` names the stablelsd protocol for it (importers/stablelsd.py `method_of`)."""
     from ocl_bench.importers.stablelsd import method_of, read_config
 
-    official = official_sa_class(
-        num_iterations=ITERS,
-        num_slots=K,
-        num_heads=1,
-        input_size=D,
-        out_size=WIDTH,
-        slot_size=D,
-        mlp_hidden_size=D,
-        input_resolution=SIDE,
-    )
+    official = _official_sa(official_sa_class)
     official.save_pretrained(tmp_path / "ckpt" / "multiheadstevesa")
     weights = tmp_path / "ckpt" / "multiheadstevesa" / "diffusion_pytorch_model.safetensors"
     assert method_of(read_config(weights), weights) == "stablelsd"
