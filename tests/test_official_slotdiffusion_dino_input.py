@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims
+from ocl_bench.contracts import Dims
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.encoders.vit import ENCODERS
 from tests import test_official_slotdiffusion_protocol as loaders
+from tests.test_vit_encoders import _vit_input
 
 # the loader test's checkout switch and fixtures (SlotDiffusion's dataset modules, the COCO)
 pytestmark = loaders.pytestmark
@@ -35,16 +36,6 @@ TINY_VIT = [
     "encoder.num_heads=2",
     f"encoder.image_size={SIZE}",
 ]
-
-
-def _vit_input(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    seen = []
-    hook = encoder.vit.patch_embed.register_forward_pre_hook(lambda _, a: seen.append(a[0]))
-    try:
-        encoder(Batch(images=images))
-    finally:
-        hook.remove()
-    return seen[0]
 
 
 def test_the_preset_feeds_dino_what_slotdiffusion_feeds_it(sdf, coco_root: Path) -> None:
