@@ -21,7 +21,6 @@ Under plain pytest (`--benchmark-disable`) each body runs once at tiny sizes, as
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from ocl_bench.contracts import Batch, Dims, Features, Slots
 from ocl_bench.decoders.slate import SlateDecoder, SlateParams
 from ocl_bench.params import build_params
+from tests.benchmarks.timing import interleaved_cpu_seconds
 
 B, K, DS = 8, 7, 192
 PUBLISHED = {"vocab_size": 4096, "d_model": 192, "num_layers": 8, "num_heads": 4}
@@ -50,13 +50,7 @@ def _decoder(full: bool, train: bool) -> tuple[SlateDecoder, int]:
 def _min_cpu_seconds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Least CPU seconds of each step over `rounds`, timed A, B, A, B, ... so that a
     machine shared with other jobs slows both alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            began = time.process_time()
-            step()
-            times[name].append(time.process_time() - began)
-    return {name: min(v) for name, v in times.items()}
+    return {name: min(v) for name, v in interleaved_cpu_seconds(steps, rounds).items()}
 
 
 def test_slate_decoding_step(benchmark) -> None:

@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
 from ocl_bench.contracts import Batch, Progress
 from ocl_bench.train import clip_gradients, make_optimizer
+from tests.benchmarks.timing import interleaved_cpu_seconds
 from tests.official_checkout import dino_hub_like_vit
 
 BATCH, SIZE = 8, 224
@@ -101,12 +101,7 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str
     machine measures the neighbours too."""
     for step in steps.values():
         step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            began = time.process_time()
-            step()
-            times[name].append(time.process_time() - began)
+    times = interleaved_cpu_seconds(steps, rounds)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
