@@ -9,13 +9,28 @@ set aside and put back, so the tests run in any order in one process.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
+import pytest
 from torch import Tensor, nn
+
+
+def checkout_from_env(var: str, marker: str, url: str) -> tuple[str, pytest.MarkDecorator]:
+    """(the checkout path in environment variable `var`, or "", and a skip mark for a test
+    module): the tests are skipped, with a message naming `var` and the repository at `url`,
+    unless `var` names a folder holding the file `marker` (a path inside the checkout)."""
+    repo = os.environ.get(var, "")
+    mark = pytest.mark.skipif(
+        not repo or not (Path(repo) / marker).is_file(),
+        reason=f"set {var} to a checkout of {url}",
+    )
+    return repo, mark
 
 
 def _take_package(name: str) -> dict[str, types.ModuleType]:
@@ -67,8 +82,6 @@ def multihead_stevesa(repo: str) -> type:
     """MultiHeadSTEVESA from src/models/slot_attn.py of a GLASS or latent-slot-diffusion
     checkout (GLASS's is LSD's with init_mlp added); the test is skipped without einops.
     distinctipy, which only utils.random_colors (visualisation) uses, is stubbed."""
-    import pytest
-
     pytest.importorskip("einops")
     with checkout_on_path(repo, stubs=("distinctipy",)):
         from src.models.slot_attn import MultiHeadSTEVESA

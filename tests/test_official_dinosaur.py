@@ -38,7 +38,6 @@ first (OCLF uses it as an attribute, which timm >= 0.9 no longer sets on import)
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from collections.abc import Iterator
@@ -54,12 +53,15 @@ from ocl_bench.compose import build_model, build_objectives
 from ocl_bench.config import load_config
 from ocl_bench.contracts import Batch, ModelOutput, Progress
 from ocl_bench.encoders.vit import IMAGENET_MEAN, IMAGENET_STD
-from tests.official_checkout import checkout_on_path, omegaconf_resolvers_restored
+from tests.official_checkout import (
+    checkout_from_env,
+    checkout_on_path,
+    omegaconf_resolvers_restored,
+)
 
-REPO = os.environ.get("OCL_BENCH_OCLF_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "ocl" / "decoding.py").is_file(),
-    reason="set OCL_BENCH_OCLF_REPO to a checkout of "
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_OCLF_REPO",
+    "ocl/decoding.py",
     "github.com/amazon-science/object-centric-learning-framework",
 )
 DINOSAUR = Path(REPO) / "configs" / "experiment" / "projects" / "bridging" / "dinosaur"

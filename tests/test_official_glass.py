@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
-import os
 import types
 from pathlib import Path
 
@@ -53,12 +52,10 @@ from ocl_bench.tasks.object_discovery import (
     score_batch,
     with_background,
 )
-from tests.official_checkout import multihead_stevesa
+from tests.official_checkout import checkout_from_env, multihead_stevesa
 
-REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "src" / "models" / "slot_attn.py").is_file(),
-    reason="set OCL_BENCH_GLASS_REPO to a checkout of github.com/visinf/glass",
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_GLASS_REPO", "src/models/slot_attn.py", "github.com/visinf/glass"
 )
 B, K, D, SIDE, ITERS = 4, 5, 32, 4, 3
 IMAGE = 64  # our images (and masks); GLASS's boxes are pixels of its 256-px images

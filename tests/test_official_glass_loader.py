@@ -37,7 +37,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +54,12 @@ from ocl_bench.tasks.object_discovery import (
     masks_to_pred,
     score_batch,
 )
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import checkout_from_env, checkout_on_path
 from tests.test_coco_voc import _compressed_rle, _uncompressed_rle
 from tests.test_official_glass import SCRIPT_TO_OURS, _script_metrics
 
-REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "src" / "eval" / "eval_datasets" / "coco_eval.py").is_file(),
-    reason="set OCL_BENCH_GLASS_REPO to a checkout of github.com/visinf/glass",
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_GLASS_REPO", "src/eval/eval_datasets/coco_eval.py", "github.com/visinf/glass"
 )
 SLOTS = 7  # GLASS's COCO slots
 VIT_MEAN = np.array([0.485, 0.456, 0.406])

@@ -15,7 +15,6 @@ eval.py reduces to masks) within 1e-5, also with GLASS's `num_objs` masking.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -23,13 +22,11 @@ import torch
 
 from ocl_bench.contracts import Batch, Features
 from ocl_bench.importing import make_importer
-from tests.official_checkout import multihead_stevesa
+from tests.official_checkout import checkout_from_env, multihead_stevesa
 from tests.test_import_stablelsd import TINY
 
-REPO = os.environ.get("OCL_BENCH_GLASS_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "src" / "models" / "slot_attn.py").is_file(),
-    reason="set OCL_BENCH_GLASS_REPO to a checkout of github.com/visinf/glass",
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_GLASS_REPO", "src/models/slot_attn.py", "github.com/visinf/glass"
 )
 B, K, D, S, SIDE, ITERS, OUT = 3, 4, 32, 16, 4, 3, 32  # tokens D (TINY's encoder), slots S
 close = dict(rtol=1e-5, atol=1e-5)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import types
 from collections.abc import Iterator
@@ -54,7 +53,7 @@ from PIL import Image
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.datasets.voc import VocDataset, VocParams
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import checkout_from_env, checkout_on_path
 from tests.official_protocol_data import (
     normalized,
     protocol_dataset_settings,
@@ -62,10 +61,9 @@ from tests.official_protocol_data import (
     write_voc,
 )
 
-REPO = os.environ.get("OCL_BENCH_OCLF_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "ocl" / "preprocessing.py").is_file(),
-    reason="set OCL_BENCH_OCLF_REPO to a checkout of "
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_OCLF_REPO",
+    "ocl/preprocessing.py",
     "github.com/amazon-science/object-centric-learning-framework",
 )
 BRIDGING = Path(REPO) / "configs" / "evaluation" / "projects" / "bridging"

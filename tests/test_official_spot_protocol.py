@@ -19,7 +19,6 @@ and voc datasets, with the dataset settings of protocols/spot.toml, must give:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.datasets.voc import VocDataset, VocParams
-from tests.official_checkout import checkout_on_path
+from tests.official_checkout import checkout_from_env, checkout_on_path
 from tests.official_protocol_data import (
     normalized,
     protocol_dataset_settings,
@@ -37,10 +36,8 @@ from tests.official_protocol_data import (
     write_voc,
 )
 
-REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "datasets.py").is_file(),
-    reason="set OCL_BENCH_SPOT_REPO to a checkout of github.com/gkakogeorgiou/spot",
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_SPOT_REPO", "datasets.py", "github.com/gkakogeorgiou/spot"
 )
 IMAGE, MASK = 224, 320  # eval_spot.py: --val_image_size 224, --val_mask_size 320
 

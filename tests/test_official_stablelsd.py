@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +53,10 @@ from ocl_bench.decoders.latent_diffusion import (
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
 from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
-from tests.official_checkout import multihead_stevesa
+from tests.official_checkout import checkout_from_env, multihead_stevesa
 
-REPO = os.environ.get("OCL_BENCH_LSD_REPO", "")
-pytestmark = pytest.mark.skipif(
-    not REPO or not (Path(REPO) / "src" / "models" / "slot_attn.py").is_file(),
-    reason="set OCL_BENCH_LSD_REPO to a checkout of github.com/JindongJiang/latent-slot-diffusion",
+REPO, pytestmark = checkout_from_env(
+    "OCL_BENCH_LSD_REPO", "src/models/slot_attn.py", "github.com/JindongJiang/latent-slot-diffusion"
 )
 B, K, D, SIDE, ITERS, WIDTH, IMAGE = 2, 4, 32, 4, 3, 24, 32
 
