@@ -518,7 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_results)
 
-    p = sub.add_parser("compare", help="paired difference of two stored rows: interval and p-value")
+    p = sub.add_parser(
+        "compare",
+        help="paired difference of two stored rows over their shared seeds: paired t interval,"
+        " p-value, verdict (3+ seeds) and the seeds a difference of that size needs",
+    )
     p.add_argument("db", help="results database")
     p.add_argument("row_a", help="a config-hash prefix or a cell label (all its seeds)")
     p.add_argument("row_b", help="the row A is compared with")

@@ -1,10 +1,12 @@
 """What a grid's leaderboard concludes: which of its differences the stored data resolves.
 
 The rows of one column are ranked by their mean, and each row is compared with the next
-one down by `ocl-bench compare`'s paired test (bench.compare.compare_rows: the paired
-difference over shared seeds and images, its 95% bootstrap interval and the sign-flip
-p-value). Neighbours in the ranking are enough to state the order the data supports;
-every sentence is built from the stored numbers, so the conclusion changes with them.
+one down by `ocl-bench compare`'s seed-level test (bench.compare.compare_rows: the paired
+Student's t over the per-seed values of their shared seeds, resolved only with at least 3
+seeds; the exact sign-flip p over seeds and a within-seed hierarchical bootstrap are shown
+beside it, never deciding). An unresolved step says about how many seeds a difference of
+its size would need. Neighbours in the ranking are enough to state the order the data
+supports; every sentence is built from the stored numbers, so it changes with them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from ocl_bench.boards import Column
 from ocl_bench.compare import RowComparison, compare_rows
 from ocl_bench.errors import UserError
+from ocl_bench.stats import MIN_SEEDS
 from ocl_bench.store import ResultStore
 
 __all__ = ["RankedRow", "conclude", "conclusion_lines"]
@@ -27,7 +30,7 @@ class RankedRow:
 
 
 def conclude(
-    store: ResultStore, rows: list[RankedRow], column: Column, resamples: int = 10_000
+    store: ResultStore, rows: list[RankedRow], column: Column, resamples: int = 4000
 ) -> list[tuple[RankedRow, RankedRow, RowComparison]]:
     """(higher row, lower row, their paired comparison) for each pair of neighbours in
     the column's ranking (best first; FID-like columns rank lowest first)."""
@@ -56,32 +59,57 @@ def conclusion_lines(
     """One sentence per compared pair, then the order the resolved pairs support."""
     if not pairs:
         return []
-    lines = []
-    for better, worse, comparison in pairs:
-        r = comparison.result
-        seeds = len(comparison.seeds)
-        verdict = "resolved" if comparison.resolved else "not resolved"
-        lines.append(
-            f"{better.label} vs {worse.label}: {column.label} difference "
-            f"{r.difference * column.scale:+.2f}, 95% CI [{r.ci_low * column.scale:+.2f}, "
-            f"{r.ci_high * column.scale:+.2f}], p = {r.p_value:.2g} over {comparison.pairs} "
-            f"pairs ({comparison.unit}, {seeds} seed{'s' if seeds != 1 else ''}): {verdict}"
-        )
+    lines = [_sentence(better, worse, comparison, column) for better, worse, comparison in pairs]
     chain = [pairs[0][0].label]
     for better, worse, comparison in pairs:
         if chain[-1] != better.label:  # a pair between them could not be compared
             chain += ["|", better.label]
         chain += [_relation(comparison, column), worse.label]
     lines.append(
-        f"Order on {column.label} the data supports ('>' resolved, '~' not resolved): "
-        + " ".join(chain)
+        f"Order on {column.label} the data supports ('>' resolved over seeds, '~' not "
+        "resolved): " + " ".join(chain)
     )
-    if any(len(comparison.seeds) == 1 for _, _, comparison in pairs):
+    if any(comparison.result.n < MIN_SEEDS for _, _, comparison in pairs):
         lines.append(
-            "One seed: these intervals cover the evaluated images, not training with another "
-            "seed; `ocl-bench grid --seeds N` adds seeds and the comparisons pair over them."
+            f"Fewer than {MIN_SEEDS} shared seeds never resolve a difference: the training "
+            "seed is the unit of replication, and the images of one seed are all scored by "
+            "the same trained models, so they measure the test set, not training again; "
+            f"`ocl-bench grid --seeds {MIN_SEEDS}` (or more) adds seeds."
         )
     return lines
+
+
+def _sentence(
+    better: RankedRow, worse: RankedRow, comparison: RowComparison, column: Column
+) -> str:
+    """One compared pair: the seed-level difference, interval and p-values, the
+    within-seed view beside it, and the verdict (with why not, and the seeds it needs)."""
+    r = comparison.result
+    scale = column.scale
+    seeds = f"{r.n} seed{'s' if r.n != 1 else ''}"
+    if r.n < 2:
+        test = "over 1 seed: no interval or test over seeds"
+    else:
+        test = (
+            f"95% CI [{r.ci_low * scale:+.2f}, {r.ci_high * scale:+.2f}] (p = {r.p_value:.2g}, "
+            f"paired t over {seeds}; sign-flip p = {r.sign_flip_p:.2g})"
+        )
+    text = (
+        f"{better.label} vs {worse.label}: {column.label} difference "
+        f"{r.difference * scale:+.2f}, {test}"
+    )
+    if comparison.within is not None:
+        w = comparison.within
+        text += (
+            f"; within-seed view (descriptive) [{w.ci_low * scale:+.2f}, "
+            f"{w.ci_high * scale:+.2f}] over {w.images} images"
+        )
+    if comparison.resolved:
+        return text + ": resolved"
+    why = comparison.reason()
+    if r.n >= 2:  # one seed has no SD to plan from: the reason already says so
+        why += f"; {comparison.needed_text(scale, digits=2)}"
+    return f"{text}: not resolved ({why})"
 
 
 def _relation(comparison: RowComparison, column: Column) -> str:

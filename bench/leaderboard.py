@@ -32,15 +32,24 @@ from ocl_bench.config import RunConfig, read_toml
 from ocl_bench.errors import ConfigError, UnknownPluginError, UserError
 from ocl_bench.protocol import evaluated_dataset, load_protocol
 from ocl_bench.registry import registry
-from ocl_bench.stats import Summary, resolved, summarize
+from ocl_bench.stats import MIN_SEEDS, Summary, separated, summarize
 from ocl_bench.store import Cell, ResultStore
 
 FORMATS = ("md", "csv", "html", "json")
 # Under a table whose rows have several seeds: what "±" and "n" mean.
 SPREAD_NOTE = (
     "Measured: mean ± half-width of the 95% confidence interval of the mean over the row's"
-    " n seeds (Student's t below 20 seeds, else bootstrap); (in CI) / (outside CI): whether"
-    " the published number lies inside it."
+    " n training seeds (Student's t below 20 seeds, else bootstrap); (in CI) / (outside CI):"
+    " whether the published number lies inside it. A row with n = 1 shows its value alone:"
+    " one seed has no seed interval."
+)
+# Where a one-seed row's interval over its images is drawn (the HTML chart; json
+# `within_seed`): what that interval is and is not.
+WITHIN_SEED_NOTE = (
+    "A row with one seed is drawn with the 95% interval over its evaluated images: a"
+    " within-seed interval. All its images are scored by the same trained model, so it says"
+    " how the test images vary, not how training with another seed would; it is never a"
+    " seed interval, and it never marks a row best."
 )
 # Under a table with a measured column: what a bold (marked) cell means, and when none is.
 # A diff that would compare numbers measured on another dataset or under another protocol.
@@ -52,9 +61,10 @@ COMPARABLE_NOTE = (
 )
 MARK_NOTE = (
     "Bold (best in json/csv): the column's best row (lowest FID, else highest), marked only"
-    " where its mean lies outside the runner-up's 95% interval (over seeds; with one seed,"
-    " over the stored per-image values). No mark: the lead is within that interval, or a"
-    " row has no interval to judge it by."
+    " where the seeds support it: the best and the runner-up both have 2 or more seeds and"
+    " neither mean lies inside the other's 95% seed interval, or their paired comparison"
+    f" over at least {MIN_SEEDS} shared seeds is resolved (as in the Conclusion). A row with"
+    " one seed is never marked. No mark: the lead is within the seeds' uncertainty."
 )
 __all__ = ["Leaderboard", "leaderboard_dir", "list_leaderboards", "load_leaderboard", "render"]
 
@@ -73,6 +83,14 @@ class Leaderboard:
     # The board's `[figure]` (ocl_bench.board_figures draws it) and `axes`, as written.
     figure: dict[str, Any] = field(default_factory=dict)
     axes: dict[str, list[Any]] = field(default_factory=dict)
+    # The results database the rows were measured from: best_rows pairs the two leading
+    # rows' seeds in it. None without one (then only their seed intervals can mark).
+    store: ResultStore | None = field(default=None, repr=False, compare=False)
+    # best_rows' seed-level comparisons, (column, row, row) -> resolved in the column's
+    # direction: each is computed once however often the board is rendered.
+    seed_verdicts: dict[tuple[str, int, int], bool] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def runnable(self) -> int:
@@ -114,6 +132,7 @@ def load_leaderboard(
         list(overrides or []),
         figure=dict(spec.get("figure", {})),
         axes=dict(spec.get("axes", {})),
+        store=store.store,
     )
 
 
@@ -340,6 +359,7 @@ def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Lead
     board = Leaderboard(
         grid.name, spec.get("title", grid.name), {"document": str(path.name)}, columns, rows
     )
+    board.store = store.store
     if store.store is not None and columns:
         board.conclusion = _conclusion(store.store, rows, columns[0])
     return board
@@ -356,44 +376,82 @@ def _conclusion(store: ResultStore, rows: list[Row], column: Column) -> list[str
     return conclusion_lines(conclude(store, ranked, column), column) if len(ranked) > 1 else []
 
 
-def judged(spread: Spread | None) -> Summary | None:
-    """The summary a row's column is compared by: over its seeds, or with one seed over its
-    stored per-image values; None when it has no interval (one value, nothing per image)."""
-    if spread is None:
+def seed_interval(spread: Spread | None) -> Summary | None:
+    """A row's column summarised over its seeds (2 or more), None with one seed: the
+    interval a best mark may rest on."""
+    if spread is None or spread.n < 2 or spread.ci_low is None or spread.ci_high is None:
         return None
-    if spread.n > 1 and spread.ci_low is not None and spread.ci_high is not None:
-        std = math.nan if spread.std is None else spread.std
-        method = spread.method or "bootstrap"
-        return Summary(spread.mean, std, spread.n, spread.ci_low, spread.ci_high, method)
-    if spread.images is not None and spread.images.n > 1:
+    std = math.nan if spread.std is None else spread.std
+    method = spread.method or "student t"
+    return Summary(spread.mean, std, spread.n, spread.ci_low, spread.ci_high, method)
+
+
+def judged(spread: Spread | None) -> Summary | None:
+    """The interval a row's column is drawn with: over its seeds, or with one seed the
+    within-seed interval over its stored per-image values (WITHIN_SEED_NOTE); None when it
+    has neither. Only the seed interval counts towards a best mark (best_rows)."""
+    seeds = seed_interval(spread)
+    if seeds is not None:
+        return seeds
+    if spread is not None and spread.images is not None and spread.images.n > 1:
         return spread.images
     return None
 
 
 def best_rows(board: Leaderboard) -> dict[str, int]:
     """Column key -> index of the row marked best: the best mean in the column's direction,
-    only when it is resolved against the runner-up (bench.stats.resolved). A column where a
-    measured row has no interval, or with fewer than two measured rows, has no mark."""
+    marked only where the seeds support its lead over the runner-up (MARK_NOTE): both
+    have 2 or more seeds and their seed intervals keep each other's means out
+    (bench.stats.separated), or their seed-level paired comparison in the board's database
+    resolves (bench.compare.compare_rows, 3 or more shared seeds). One-seed rows are never
+    marked: an interval over one seed's images is within-seed."""
     marks = {}
     for col in board.columns:
-        measured = []
-        for i, row in enumerate(board.rows):
-            spread = row.spreads.get(col.key)
-            if spread is None or math.isnan(spread.mean):
-                continue
-            summary = judged(spread)
-            if summary is None:
-                measured = []  # one row cannot be placed: the column is not judged
-                break
-            measured.append((i, summary))
+        measured = [
+            (i, row.spreads[col.key])
+            for i, row in enumerate(board.rows)
+            if col.key in row.spreads and not math.isnan(row.spreads[col.key].mean)
+        ]
         if len(measured) < 2:
             continue
         sign = -1.0 if col.higher_is_better else 1.0
         ranked = sorted(measured, key=lambda item: sign * item[1].mean)
-        (best, lead), (_, runner_up) = ranked[0], ranked[1]
-        if resolved(lead, runner_up, higher_is_better=col.higher_is_better):
+        (best, lead), (second, runner_up) = ranked[0], ranked[1]
+        lead_seeds, runner_up_seeds = seed_interval(lead), seed_interval(runner_up)
+        if lead_seeds is None or runner_up_seeds is None:
+            continue  # a one-seed row on either side: nothing over seeds to judge by
+        if separated(lead_seeds, runner_up_seeds) or _paired_resolved(board, col, best, second):
             marks[col.key] = best
     return marks
+
+
+def _paired_resolved(board: Leaderboard, col: Column, best: int, second: int) -> bool:
+    """Whether the seed-level paired comparison of the best and runner-up rows (their
+    shared seeds in the board's database) resolves the best as better. False without a
+    database, with fewer than MIN_SEEDS seeds on a side, or when the rows cannot be found
+    by their own seed's cell (a row stored under other seeds only)."""
+    rows = board.rows
+    seeds = min(rows[best].spreads[col.key].n, rows[second].spreads[col.key].n)
+    if board.store is None or seeds < MIN_SEEDS:
+        return False
+    key = (col.key, best, second)
+    if key not in board.seed_verdicts:
+        from ocl_bench.compare import compare_rows
+
+        ds = col.dataset or ""
+        hash_a, hash_b = rows[best].config_hashes.get(ds), rows[second].config_hashes.get(ds)
+        verdict = False
+        if hash_a and hash_b:
+            try:
+                found = compare_rows(
+                    board.store, hash_a, hash_b, col.task, col.metric, col.masks, within=False
+                )
+            except UserError:
+                found = None
+            if found is not None and found.resolved:
+                verdict = (found.result.difference > 0) == col.higher_is_better
+        board.seed_verdicts[key] = verdict
+    return board.seed_verdicts[key]
 
 
 def marked_cells(board: Leaderboard) -> set[tuple[int, int]]:
@@ -586,7 +644,8 @@ def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, A
     interval, the seeds, and whether the published number lies in the interval (null
     when there is no interval or no published number)."""
     if spread is None:
-        return dict.fromkeys(("mean", "std", "ci_low", "ci_high", "n", "seeds", "pub_in_ci"))
+        keys = ("mean", "std", "ci_low", "ci_high", "n", "seeds", "pub_in_ci", "within_seed")
+        return dict.fromkeys(keys)
     return {
         "mean": spread.mean,
         "std": spread.std,
@@ -596,6 +655,23 @@ def _stats_fields(spread: Spread | None, published: float | None) -> dict[str, A
         "seeds": spread.seeds,
         "method": spread.method,
         "pub_in_ci": spread.contains(published),
+        "within_seed": _within_seed_fields(spread),
+    }
+
+
+def _within_seed_fields(spread: Spread) -> dict[str, Any] | None:
+    """A one-seed row's interval over its stored images, named as what it is (json): a
+    within-seed interval, never the seed interval (ci_low/ci_high stay null)."""
+    images = spread.images
+    if spread.n != 1 or images is None or images.n < 2:
+        return None
+    return {
+        "mean": images.mean,
+        "ci_low": images.ci_low,
+        "ci_high": images.ci_high,
+        "images": images.n,
+        "method": images.method,
+        "note": WITHIN_SEED_NOTE,
     }
 
 

@@ -41,7 +41,8 @@ def _png(data: bytes, alt: str, css: str = "") -> str:
 
 def column_chart(board: Leaderboard, column: Column, best: int | None) -> Figure | None:
     """One column's chart: each measured row's mean with its 95% interval as an error bar
-    (over seeds, or with one seed over its images; a bare point when it has none), the
+    (over seeds, or with one seed the within-seed interval over its images, as the page's
+    note says; a bare point when it has none), the
     marked row filled red; None when no row is measured. Rows read top to bottom as in the
     table. A matplotlib Figure without pyplot, so no global figure state is touched."""
     from matplotlib.figure import Figure
@@ -157,10 +158,13 @@ def leaderboard_html(
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
-    from ocl_bench.leaderboard import MARK_NOTE, SPREAD_NOTE, protocol_notes
+    from ocl_bench.leaderboard import MARK_NOTE, SPREAD_NOTE, WITHIN_SEED_NOTE, protocol_notes
 
     several_seeds = any(s.n > 1 for r in board.rows for s in r.spreads.values())
     spread_note = f"<p class='spread'>{html.escape(SPREAD_NOTE)}</p>" if several_seeds else ""
+    # the charts draw a one-seed row with its per-image interval: say it is within-seed
+    if any(s.n == 1 and s.images is not None for r in board.rows for s in r.spreads.values()):
+        spread_note += f"<p class='within-seed'>{html.escape(WITHIN_SEED_NOTE)}</p>"
     if any(r.spreads for r in board.rows):
         spread_note += f"<p class='marks'>{html.escape(MARK_NOTE)}</p>"
     notes = protocol_notes(board)

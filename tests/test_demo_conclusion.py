@@ -4,6 +4,7 @@ the ranking of its first column are resolved, and the order that follows."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ GRID = """
 name = "tiny-conclusion"
 columns = ["fg_ari"]
 masks = "decoder"
-seeds = 2
+seeds = 3
 [axes]
 "decoder.hidden" = [8, 16, 32]
 [labels."decoder.hidden"]
@@ -26,17 +27,21 @@ seeds = 2
 """
 
 
-def _store_grid(tmp_path: Path, shift: dict[int, float], grid: str = GRID) -> tuple[Path, Path]:
-    """The grid's cells stored with per-image FG-ARI: row mean = base + shift[hidden]."""
+def _store_grid(
+    tmp_path: Path, shift: dict[int, float], grid: str = GRID, seed_sd: float = 0.005
+) -> tuple[Path, Path]:
+    """The grid's cells stored with per-image FG-ARI: a seed's images (shared by every
+    row) + shift[hidden] + that row's seed effect (SD `seed_sd`) + image noise."""
     path = tmp_path / "g.toml"
     path.write_text(grid)
     db = tmp_path / "r.sqlite"
     store = ResultStore(db)
     rng = np.random.default_rng(0)
-    base = {seed: rng.uniform(0.3, 0.7, size=64) for seed in (0, 1)}
+    base = {seed: rng.uniform(0.3, 0.7, size=64) for seed in range(8)}
     for cell in load_grid(path).cells:
         cfg = cell.config
-        values = base[cfg.seed] + shift[cfg.decoder.params.hidden] + rng.normal(0, 0.01, 64)
+        effect = shift[cfg.decoder.params.hidden] + rng.normal(0, seed_sd)
+        values = base[cfg.seed] + effect + rng.normal(0, 0.01, 64)
         digest = cfg.digest()
         store.start(
             Cell(digest, cfg.to_dict(), {}, "shapes", "val", cfg.seed, "running", "g", cell.label)
@@ -54,16 +59,18 @@ def _store_grid(tmp_path: Path, shift: dict[int, float], grid: str = GRID) -> tu
 
 
 def test_a_clear_lead_is_resolved_and_a_tie_is_not(tmp_path: Path) -> None:
-    path, db = _store_grid(tmp_path, {8: 0.0, 16: 0.002, 32: 0.08})
+    path, db = _store_grid(tmp_path, {8: 0.0, 16: 0.0, 32: 0.08})
     board = load_leaderboard(path, db)
     assert len(board.conclusion) == 3
-    wide, medium = board.conclusion[0], board.conclusion[1]
-    assert wide.startswith("wide vs medium") and wide.endswith(": resolved")
-    assert medium.startswith("medium vs narrow") and medium.endswith(": not resolved")
-    assert "2 seeds" in wide and "128 pairs" in wide
-    assert board.conclusion[2].endswith("wide > medium ~ narrow")
+    lead, tie = board.conclusion[0], board.conclusion[1]
+    assert lead.startswith("wide vs ") and lead.endswith(": resolved")
+    assert "paired t over 3 seeds" in lead and "within-seed view (descriptive)" in lead
+    assert "over 192 images" in lead
+    assert ": not resolved (the seed-level interval includes 0; about " in tie
+    assert re.search(r"about \d+ seeds would resolve [+-]\d", tie)  # what its size needs
+    assert re.search(r"wide > (medium ~ narrow|narrow ~ medium)$", board.conclusion[2])
     text = render(board, "md")
-    assert "Conclusion:\n- wide vs medium" in text
+    assert f"Conclusion:\n- {lead}" in text
     assert json.loads(render(board, "json"))["conclusion"] == board.conclusion
     assert "<section class='conclusion'>" in render(board, "html")
 
@@ -76,15 +83,29 @@ def test_the_conclusion_follows_the_data(tmp_path: Path) -> None:
     assert all(line.endswith(": resolved") for line in board.conclusion[:2])
 
 
-def test_one_seed_says_what_its_intervals_leave_out(tmp_path: Path) -> None:
+def test_seed_luck_inside_each_seed_is_not_resolved(tmp_path: Path) -> None:
+    # No real difference between the rows, but each cell's seed effect (SD 5 points) moves
+    # all 64 of its images together: the images alone would look decisive, the seeds not.
+    path, db = _store_grid(tmp_path, {8: 0.0, 16: 0.0, 32: 0.0}, seed_sd=0.05)
+    board = load_leaderboard(path, db)
+    assert not any(line.endswith(": resolved") for line in board.conclusion[:2])
+    assert board.conclusion[2].endswith("~ " + board.conclusion[1].split(" vs ")[1].split(":")[0])
+
+
+def test_fewer_than_three_seeds_never_resolve_and_say_why(tmp_path: Path) -> None:
     path, db = _store_grid(tmp_path, {8: 0.0, 16: 0.002, 32: 0.08})
-    two_seeds = load_leaderboard(path, db).conclusion
-    single = tmp_path / "single"
-    single.mkdir()
-    path, db = _store_grid(single, {8: 0.0, 16: 0.002, 32: 0.08}, GRID.replace("seeds = 2", ""))
-    one_seed = load_leaderboard(path, db).conclusion
-    assert "1 seed)" in one_seed[0] and one_seed[-1].startswith("One seed:")
-    assert not any(line.startswith("One seed:") for line in two_seeds)
+    three_seeds = load_leaderboard(path, db).conclusion
+    for seeds, phrase in (("seeds = 2", "paired t over 2 seeds"), ("", "over 1 seed: no interval")):
+        where = tmp_path / (seeds or "single").replace(" = ", "")
+        where.mkdir()
+        grid = GRID.replace("seeds = 3", seeds)
+        path, db = _store_grid(where, {8: 0.0, 16: 0.002, 32: 0.08}, grid)
+        lines = load_leaderboard(path, db).conclusion
+        assert phrase in lines[0] and ": not resolved (" in lines[0]
+        order = lines[-2].split(": ", 1)[1]
+        assert order.startswith("wide ~") and ">" not in order  # a clear lead, unresolved
+        assert lines[-1].startswith("Fewer than 3 shared seeds never resolve a difference")
+    assert not any(line.startswith("Fewer than 3") for line in three_seeds)
 
 
 def test_no_database_no_conclusion(tmp_path: Path) -> None:

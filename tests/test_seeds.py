@@ -340,7 +340,7 @@ def test_a_lead_inside_the_runner_ups_interval_is_not_marked(tmp_path: Path) -> 
     assert marks == {}
 
 
-def test_one_seed_rows_are_judged_by_their_per_image_interval(tmp_path: Path) -> None:
+def test_one_seed_rows_keep_a_within_seed_interval_but_are_never_marked(tmp_path: Path) -> None:
     path = tmp_path / "published.toml"
     path.write_text(BOARD.format(seeds=""))
     rows = read_rows(read_toml(path))
@@ -359,8 +359,12 @@ def test_one_seed_rows_are_judged_by_their_per_image_interval(tmp_path: Path) ->
     spread = board.rows[0].spreads["fg_ari"]
     assert spread.n == 1 and spread.images is not None and spread.images.n == 64
     assert spread.images.mean == pytest.approx(100 * images[rows[0].label].mean())
-    assert best_rows(board) == {"fg_ari": 0}
-    # the same means with nothing stored per image: no interval, so no mark
+    # 30 points apart and far outside each other's per-image intervals, but those are
+    # within-seed (one trained model each): one seed never earns a best mark
+    assert best_rows(board) == {}
+    stats = json.loads(render(board, "json"))["rows"][0]["stats"]["fg_ari"]
+    assert stats["ci_low"] is None and stats["within_seed"]["images"] == 64
+    assert stats["within_seed"]["ci_low"] == pytest.approx(spread.images.ci_low)
     assert best_rows(load_leaderboard(path, without)) == {}
 
 

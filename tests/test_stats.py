@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 
 from ocl_bench.stats import (
+    SeedTest,
     Summary,
     _percentile_interval,
     bootstrap_means,
+    hierarchical_interval,
     paired_difference,
-    resolved,
+    seed_difference,
+    seeds_needed,
+    separated,
     summarize,
 )
 
@@ -150,27 +154,103 @@ def test_unpaired_lengths_are_refused() -> None:
         paired_difference([1.0, 2.0], [1.0])
 
 
-def _summary(mean: float, low: float, high: float) -> Summary:
-    return Summary(mean, 0.1, 3, low, high, "bootstrap")
+def _summary(mean: float, low: float, high: float, n: int = 3) -> Summary:
+    return Summary(mean, 0.1, n, low, high, "student t")
 
 
-def test_resolved_needs_the_lead_outside_the_runner_up_interval() -> None:
+def test_separated_needs_each_mean_outside_the_others_interval() -> None:
     runner_up = _summary(0.50, 0.45, 0.55)
-    assert resolved(_summary(0.60, 0.58, 0.62), runner_up)
-    assert not resolved(_summary(0.54, 0.50, 0.58), runner_up)
-    assert not resolved(_summary(0.55, 0.50, 0.60), runner_up)  # on the edge: not outside
+    assert separated(_summary(0.60, 0.58, 0.62), runner_up)
+    assert not separated(_summary(0.54, 0.50, 0.58), runner_up)
+    assert not separated(_summary(0.55, 0.50, 0.60), runner_up)  # on the edge: not outside
+    # the lead's mean is outside the runner-up's narrow interval, but the lead's own wide
+    # interval holds the runner-up's mean: the seeds do not separate them
+    assert not separated(_summary(0.60, 0.40, 0.80), runner_up)
+    assert separated(_summary(30.0, 27.0, 33.0), _summary(25.0, 24.0, 26.0))  # either order
 
 
-def test_resolved_for_lower_is_better_metrics() -> None:
-    runner_up = _summary(30.0, 27.0, 33.0)  # an FID, say
-    assert resolved(_summary(25.0, 24.0, 26.0), runner_up, higher_is_better=False)
-    assert not resolved(_summary(28.0, 26.0, 30.0), runner_up, higher_is_better=False)
-    assert not resolved(_summary(25.0, 24.0, 26.0), runner_up)  # wrong direction
+def test_one_seed_is_never_separated() -> None:
+    one = _summary(0.9, 0.9, 0.9, n=1)
+    assert not separated(one, _summary(0.5, 0.45, 0.55))
+    assert not separated(_summary(0.9, 0.85, 0.95), one)
 
 
-def test_nan_is_never_resolved() -> None:
-    assert not resolved(summarize([]), _summary(0.5, 0.4, 0.6))
-    assert not resolved(_summary(0.9, 0.8, 1.0), summarize([]))
+def test_nan_is_never_separated() -> None:
+    assert not separated(summarize([]), _summary(0.5, 0.4, 0.6))
+    assert not separated(_summary(0.9, 0.8, 1.0), summarize([]))
+
+
+def test_seed_difference_is_scipys_paired_t() -> None:
+    from scipy.stats import ttest_rel
+
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(0.6, 0.1, size=5), rng.normal(0.5, 0.1, size=5)
+    found = seed_difference(a, b)
+    reference = ttest_rel(a, b)
+    low, high = reference.confidence_interval(0.95)
+    assert found.n == 5 and found.difference == pytest.approx(float(np.mean(a - b)))
+    assert found.p_value == pytest.approx(reference.pvalue, rel=1e-10)
+    assert (found.ci_low, found.ci_high) == pytest.approx((low, high), rel=1e-10)
+    assert found.sd == pytest.approx(float(np.std(a - b, ddof=1)))
+
+
+def test_the_verdict_needs_three_seeds_whatever_two_say() -> None:
+    # Two seeds that agree closely: the paired t with one degree of freedom gives p < 0.05,
+    # but one degree of freedom is no basis for a verdict.
+    two = seed_difference([0.80, 0.90], [0.50, 0.601])
+    assert two.p_value < 0.05 and two.ci_low > 0 and not two.resolved
+    three = seed_difference([0.80, 0.90, 0.85], [0.50, 0.601, 0.55])
+    assert three.resolved and three.p_value < 0.05
+    one = seed_difference([0.9], [0.1])
+    assert one.n == 1 and math.isnan(one.p_value) and math.isnan(one.sd) and not one.resolved
+
+
+def test_sign_flip_over_seeds_is_exact() -> None:
+    # Three positive differences: of the 8 sign patterns only all-plus and all-minus are as
+    # extreme, so p = 2/8; with six, 2/64.
+    assert seed_difference([0.61, 0.65, 0.70], [0.50, 0.52, 0.55]).sign_flip_p == 0.25
+    six = seed_difference(np.arange(6) + 1.0, np.zeros(6))
+    assert six.sign_flip_p == pytest.approx(2 / 64)
+
+
+def test_constant_seed_differences_have_no_spread() -> None:
+    found = seed_difference([0.7, 0.8, 0.9], [0.6, 0.7, 0.8])
+    assert found.sd == pytest.approx(0.0, abs=1e-12) and found.resolved
+    same = seed_difference([0.7, 0.8, 0.9], [0.7, 0.8, 0.9])
+    assert same == SeedTest(0.0, 0.0, 0.0, 1.0, 1.0, 3, 0.0)
+    assert not same.resolved
+
+
+def test_seeds_needed_matches_the_textbook_paired_t_sample_sizes() -> None:
+    # Two-sided paired t, alpha 0.05, 80% power (e.g. G*Power): effect size d/sd = 1 needs
+    # 10 pairs, 0.5 needs 34; a bigger SD needs more seeds, a zero difference none.
+    assert seeds_needed(1.0, 1.0) == 10
+    assert seeds_needed(0.05, 0.1) == 34
+    assert seeds_needed(3.0, 1.0) == 4
+    assert seeds_needed(10.0, 1.0) == 3  # never fewer than the verdict's minimum
+    assert seeds_needed(0.0, 1.0) is None and seeds_needed(1.0, math.nan) is None
+    assert seeds_needed(1.0, 0.0) == 3
+
+
+def test_hierarchical_interval_of_one_seed_is_the_image_bootstrap() -> None:
+    values = np.random.default_rng(12).normal(0.1, 0.2, size=200)
+    found = hierarchical_interval([values], resamples=4000)
+    plain = summarize(values, resamples=4000)
+    assert found.seeds == 1 and found.images == 200 and found.mean == pytest.approx(plain.mean)
+    assert found.ci_high - found.ci_low == pytest.approx(plain.ci_high - plain.ci_low, rel=0.1)
+
+
+def test_hierarchical_interval_widens_with_seed_to_seed_variation() -> None:
+    # The same image noise; seeds that disagree (their means +-0.3) widen the interval
+    # far past what the images alone give.
+    rng = np.random.default_rng(13)
+    noise = [rng.normal(0.0, 0.05, size=64) for _ in range(5)]
+    agree = hierarchical_interval([0.1 + e for e in noise])
+    shifts = [0.4, -0.2, 0.3, -0.3, 0.3]
+    disagree = hierarchical_interval([s + e for s, e in zip(shifts, noise)])
+    assert agree.ci_high - agree.ci_low < 0.03
+    assert disagree.ci_high - disagree.ci_low > 0.3
+    assert disagree.mean == pytest.approx(0.1, abs=0.02)
 
 
 @pytest.mark.parametrize("position", [0, 1, 2])
