@@ -68,7 +68,12 @@ def test_the_demo_grid_runs_its_cells_in_parallel_on_one_thread_each() -> None:
     demo = load_grid()
     assert demo.workers == 2
     cells = demo.cells
-    assert len(cells) % demo.workers == 0  # no worker idles through the last wave
+    # three training seeds per row, the fewest that can resolve a difference (issue 19);
+    # with three rows the ninth cell runs alone in the last wave
+    rows: dict[str, int] = {}
+    for cell in cells:
+        rows[cell.row] = rows.get(cell.row, 0) + 1
+    assert set(rows.values()) == {3}
     assert all(c.config.train.threads == 0 for c in cells)  # share_cores decides
 
 
