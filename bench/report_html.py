@@ -56,18 +56,18 @@ def column_chart(board: Leaderboard, column: Column, best: int | None) -> Figure
             continue
         summary = judged(spread)
         if summary is None:
-            points.append((i, row.label, spread.mean, 0.0, 0.0))
+            points.append((i, row.label, spread.mean, 0.0, 0.0, False))
         else:  # a percentile interval need not be symmetric about the mean
             low = max(0.0, summary.mean - summary.ci_low)
             high = max(0.0, summary.ci_high - summary.mean)
-            points.append((i, row.label, summary.mean, low, high))
+            points.append((i, row.label, summary.mean, low, high, spread.n == 1))
     if not points:
         return None
     fig = Figure(figsize=(5.5, 1.2 + 0.35 * len(points)), facecolor="white")
     ax = fig.add_subplot()
-    for y, (i, _, mean, low, high) in enumerate(points):
+    for y, (i, _, mean, low, high, within) in enumerate(points):
         marked = i == best
-        ax.errorbar(
+        bars = ax.errorbar(
             [mean],
             [y],
             xerr=[[low], [high]],
@@ -76,12 +76,17 @@ def column_chart(board: Leaderboard, column: Column, best: int | None) -> Figure
             markerfacecolor="tab:red" if marked else "white",
             capsize=3,
         )
-    ax.set_yticks(range(len(points)), [_short(p[1]) for p in points], fontsize=8)
+        if within:  # one seed: the interval is over its images, not over training seeds
+            bars[2][0].set_linestyle("--")
+    names = [_short(p[1]) + (" (1 seed)" if p[5] else "") for p in points]
+    ax.set_yticks(range(len(points)), names, fontsize=8)
     ax.set_ylim(len(points) - 0.5, -0.5)
     label = f"{column.label} [{column.dataset}]" if column.dataset else column.label
     better = "higher" if column.higher_is_better else "lower"
     ax.set_title(label, fontsize=9)
-    ax.set_xlabel(f"mean and 95% interval ({better} is better)", fontsize=8)
+    within = any(p[5] for p in points)
+    how = "over seeds; dashed: within one seed, over images" if within else "over seeds"
+    ax.set_xlabel(f"mean and 95% interval {how} ({better} is better)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig

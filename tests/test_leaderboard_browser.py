@@ -297,8 +297,13 @@ def test_column_chart_draws_each_rows_mean_and_interval() -> None:
     fig = column_chart(board, column, best=0)
     drawn = [x for bar in _error_bars(fig) for x in bar]
     assert drawn == pytest.approx([60.0, 57.0, 64.0, images.mean, images.ci_low, images.ci_high])
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["seeds", "one seed, per image"]
+    names = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert names == ["seeds", "one seed, per image (1 seed)"]
+    # the one-seed row's interval is over its images: drawn dashed and said so
+    styles = [c.lines[2][0].get_linestyle()[0][1] for c in fig.axes[0].containers]
+    assert styles[0] is None and styles[1] is not None
     assert "higher is better" in fig.axes[0].get_xlabel()
+    assert "dashed: within one seed" in fig.axes[0].get_xlabel()
     column.higher_is_better = False
     assert "lower is better" in column_chart(board, column, best=None).axes[0].get_xlabel()
     empty = Leaderboard("b", "", {}, [column], [rows[2]])
