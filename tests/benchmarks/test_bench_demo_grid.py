@@ -64,10 +64,8 @@ def slot_attention_ms(rounds: int = 12) -> float:
         torch.set_num_threads(threads)
 
 
-def test_demo_grid_within_budget_with_its_promises(
-    benchmark, request: pytest.FixtureRequest, tmp_path: Path
-) -> None:
-    if request.config.getoption("benchmark_disable"):
+def test_demo_grid_within_budget_with_its_promises(benchmark, tmp_path: Path) -> None:
+    if benchmark.disabled:
         pytest.skip("the demo grid takes ~10 min: run with --benchmark-enable")
     figure_before = slot_attention_ms()
     db, runs = tmp_path / "demo.sqlite", tmp_path / "runs"
