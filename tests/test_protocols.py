@@ -152,3 +152,13 @@ def test_every_packaged_protocol_names_real_params_and_its_evidence(name: str) -
     protocol = load_protocol(name)
     check_protocol(protocol, registry())
     assert protocol.follows or all(r.follows for r in protocol.datasets.values())
+
+
+def test_slate_is_slotdiffusions_evaluation_on_every_dataset_it_covers() -> None:
+    # SLATE released no COCO/VOC evaluation; the SLATE numbers the boards quote are
+    # SlotDiffusion's re-implementation, scored by SlotDiffusion's own loaders
+    slate, slotdiffusion = load_protocol("slate"), load_protocol("slotdiffusion")
+    assert set(slate.datasets) == set(slotdiffusion.datasets) == {"coco", "voc"}
+    for ds, rules in slate.datasets.items():
+        assert rules.dataset == slotdiffusion.datasets[ds].dataset
+        assert rules.tasks == slotdiffusion.datasets[ds].tasks
