@@ -179,6 +179,20 @@ def _sign_flip_means(
     return means, "monte carlo"
 
 
+def paired_differences(
+    a: Iterable[float] | np.ndarray, b: Iterable[float] | np.ndarray
+) -> np.ndarray:
+    """a[i] - b[i] over the pairs with no NaN on either side; unequal counts are an error."""
+    left = np.asarray(a, dtype=np.float64).ravel()
+    right = np.asarray(b, dtype=np.float64).ravel()
+    if left.shape != right.shape:
+        raise ValueError(
+            f"paired values need the same count on both sides, got {left.size} and {right.size}"
+        )
+    keep = ~(np.isnan(left) | np.isnan(right))
+    return left[keep] - right[keep]
+
+
 def paired_difference(
     a: Iterable[float] | np.ndarray,
     b: Iterable[float] | np.ndarray,
@@ -197,14 +211,7 @@ def paired_difference(
     estimated from `resamples` random patterns as (1 + hits) / (1 + resamples), so it is
     never 0. Pairs with a NaN on either side are dropped."""
     _check_confidence(confidence)
-    left = np.asarray(a, dtype=np.float64).ravel()
-    right = np.asarray(b, dtype=np.float64).ravel()
-    if left.shape != right.shape:
-        raise ValueError(
-            f"paired values need the same count on both sides, got {left.size} and {right.size}"
-        )
-    keep = ~(np.isnan(left) | np.isnan(right))
-    differences = left[keep] - right[keep]
+    differences = paired_differences(a, b)
     n = int(differences.size)
     if n == 0:
         nan = float("nan")
@@ -306,14 +313,7 @@ def seed_difference(
     paired Student's t interval and p-value, and the exact sign-flip p. Seeds with a NaN on
     either side are dropped."""
     _check_confidence(confidence)
-    left = np.asarray(a, dtype=np.float64).ravel()
-    right = np.asarray(b, dtype=np.float64).ravel()
-    if left.shape != right.shape:
-        raise ValueError(
-            f"paired values need the same count on both sides, got {left.size} and {right.size}"
-        )
-    keep = ~(np.isnan(left) | np.isnan(right))
-    d = left[keep] - right[keep]
+    d = paired_differences(a, b)
     n = int(d.size)
     nan = float("nan")
     if n == 0:
