@@ -10,11 +10,11 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from ocl_bench.errors import UserError
+from ocl_bench.api.errors import UserError
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from ocl_bench.registry import registry
+    from ocl_bench.run.registry import registry
 
     reg = registry()
     if args.action == "show":
@@ -64,10 +64,10 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ocl_bench import distributed
-    from ocl_bench.config import load_config
-    from ocl_bench.evaluate import evaluate
-    from ocl_bench.train import train
+    from ocl_bench.run import distributed
+    from ocl_bench.run.config import load_config
+    from ocl_bench.run.evaluate import evaluate
+    from ocl_bench.run.train import train
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -76,7 +76,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         distributed.teardown()
     if args.no_eval or not distributed.current().main:
         return 0
-    from ocl_bench.evaluate import load_run
+    from ocl_bench.run.evaluate import load_run
 
     cfg, model, step = load_run(args.out)
     metrics = evaluate(cfg, model, Path(args.out), step, progress=not args.quiet)
@@ -85,7 +85,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from ocl_bench.config import preset_names, preset_summary
+    from ocl_bench.run.config import preset_names, preset_summary
 
     rows = [[name, preset_summary(name)] for name in preset_names()]
     print(tabulate(rows, headers=["preset", "summary"]))
@@ -93,7 +93,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_protocols(args: argparse.Namespace) -> int:
-    from ocl_bench.protocol import load_protocol, protocol_names
+    from ocl_bench.run.protocol import load_protocol, protocol_names
 
     if args.name is None:
         rows = []
@@ -119,7 +119,7 @@ def _cmd_protocols(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ocl_bench.evaluate import evaluate_run
+    from ocl_bench.run.evaluate import evaluate_run
 
     metrics = evaluate_run(
         args.run_dir, args.overrides, progress=not args.quiet, protocol=args.protocol
@@ -139,8 +139,8 @@ IMPORT_OPTION_OVERRIDES = {
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from ocl_bench.importing import import_checkpoint
-    from ocl_bench.registry import registry
+    from ocl_bench.run.importing import import_checkpoint
+    from ocl_bench.run.registry import registry
 
     importers = [i for i in registry().infos if i.kind == "importer"]
     if args.list:
@@ -170,9 +170,10 @@ DEFAULT_DB = "runs/results.sqlite"
 def _cmd_grid(args: argparse.Namespace) -> int:
     import signal
 
-    from ocl_bench.grid import RUNNING_ELSEWHERE, load_grid, run_grid, status_detail
-    from ocl_bench.leaderboard import load_leaderboard, render
-    from ocl_bench.store import ResultStore
+    from ocl_bench.report.leaderboard import load_leaderboard
+    from ocl_bench.report.render import render
+    from ocl_bench.run.grid import RUNNING_ELSEWHERE, load_grid, run_grid, status_detail
+    from ocl_bench.run.store import ResultStore
 
     grid = load_grid(args.grid, args.overrides, args.seeds)
     db, runs = Path(args.db), Path(args.runs)
@@ -211,7 +212,7 @@ def _cmd_grid(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.grid is None or args.leaderboard:
-        from ocl_bench.grid import demo_grid_path
+        from ocl_bench.run.grid import demo_grid_path
 
         board = load_leaderboard(args.grid or demo_grid_path(), db, overrides=args.overrides)
         print(render(board, "md"))
@@ -219,8 +220,8 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ocl_bench.compare import compare_rows
-    from ocl_bench.store import ResultStore
+    from ocl_bench.report.compare import compare_rows
+    from ocl_bench.run.store import ResultStore
 
     if not Path(args.db).is_file():
         raise UserError(f"results database not found: {args.db}")
@@ -235,8 +236,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     import time
 
-    from ocl_bench.protocol import stored_protocol
-    from ocl_bench.store import ResultStore
+    from ocl_bench.run.protocol import stored_protocol
+    from ocl_bench.run.store import ResultStore
 
     if not Path(args.db).exists():
         raise UserError(f"results database not found: {args.db}")
@@ -284,7 +285,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
 
 def _cmd_slot_library(args: argparse.Namespace) -> int:
-    from ocl_bench.slot_library import build_library
+    from ocl_bench.run.slot_library import build_library
 
     library = build_library(
         args.run_dir,
@@ -308,9 +309,9 @@ def _cmd_slot_library(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate_dataset(args: argparse.Namespace) -> int:
-    from ocl_bench.config import parse_override
-    from ocl_bench.datasets.generate import Recipe, build
-    from ocl_bench.datasets.pseudo_masks import RefineSettings
+    from ocl_bench.datasets.generated.generate import Recipe, build
+    from ocl_bench.datasets.generated.pseudo_masks import RefineSettings
+    from ocl_bench.run.config import parse_override
 
     source_params = {}
     for text in args.overrides:
@@ -323,7 +324,7 @@ def _cmd_generate_dataset(args: argparse.Namespace) -> int:
             aggregate=args.aggregate,
         )
     except ValueError as err:
-        from ocl_bench.errors import ConfigError
+        from ocl_bench.api.errors import ConfigError
 
         raise ConfigError(str(err)) from None
     recipe = Recipe(
@@ -344,7 +345,7 @@ def _cmd_generate_dataset(args: argparse.Namespace) -> int:
     made = build(Path(args.out), recipe, progress=not args.quiet)
     print(f"{made} new items -> {args.out} (dataset.name=generated dataset.root={args.out})")
     if args.preview:
-        from ocl_bench.datasets.generate import preview
+        from ocl_bench.datasets.generated.generate import preview
 
         figure = preview(Path(args.out), args.preview)
         if figure is not None:
@@ -353,7 +354,8 @@ def _cmd_generate_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from ocl_bench.leaderboard import list_leaderboards, load_leaderboard, render
+    from ocl_bench.report.leaderboard import list_leaderboards, load_leaderboard
+    from ocl_bench.report.render import render
 
     db = Path(args.db)
     if args.list or not args.name:
@@ -369,8 +371,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_figure(args: argparse.Namespace) -> int:
-    from ocl_bench.board_figures import write_board_figure
-    from ocl_bench.leaderboard import load_leaderboard
+    from ocl_bench.report.board_figures import write_board_figure
+    from ocl_bench.report.leaderboard import load_leaderboard
 
     board = load_leaderboard(args.name, Path(args.db), overrides=args.overrides)
     if board.figure and not Path(args.db).is_file():  # a board without one says so first

@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Denoising, Dims, Features, Slots
-from ocl_bench.datasets.generate import tiny_unet_and_vae
+from ocl_bench.api.contracts import Batch, Denoising, Dims, Features, Slots
+from ocl_bench.api.diffusion import tiny_unet_and_vae
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.weights import hf_hub_cache_dir, state_sha256
 from ocl_bench.decoders import diffusion
-from ocl_bench.errors import DataError
-from ocl_bench.feature_cache import FeatureCache, sample_ids
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.weights import hf_hub_cache_dir, state_sha256
+from ocl_bench.run.feature_cache import FeatureCache, sample_ids
 
 SD_ENV = "OCL_BENCH_SD"
 SD_MODEL_ID = "stabilityai/stable-diffusion-2-1"

@@ -46,7 +46,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features, Slots, TokenPrediction, TokenState
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots, TokenPrediction, TokenState
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 from ocl_bench.encoders.mage import (
     MageBlock,
     MageEncoder,
@@ -55,11 +59,7 @@ from ocl_bench.encoders.mage import (
     load_part,
     resolve_mage_file,
 )
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.importing import read_state_dict
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.run.importing import read_state_dict
 
 DECODER_PREFIXES = (
     "decoder_embed.",

@@ -8,11 +8,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.layers import grid_coords, mlp, patchify, unpatchify
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.layers import grid_coords, mlp, patchify, unpatchify
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)

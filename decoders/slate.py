@@ -45,11 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features, Slots, TokenPrediction
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tokenizing import ImageTokenizer, build_tokenizer
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots, TokenPrediction
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.run.registry import build_tokenizer
 
 TOKENIZER_LOSS = "tokenizer_loss."  # extras keys the tokenizer_loss objective adds
 

@@ -50,8 +50,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from ocl_bench import checkpoint
-from ocl_bench.contracts import Batch, Denoising, Dims, Features, Slots
+from ocl_bench.api.contracts import Batch, Denoising, Dims, Features, Slots
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.weights import read_state_dict, state_sha256
 from ocl_bench.decoders.diffusion import (
     drop_conditions,
     noisy_latents,
@@ -60,13 +64,9 @@ from ocl_bench.decoders.diffusion import (
     training_target,
 )
 from ocl_bench.decoders.latent_diffusion import diffusion_inputs
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.feature_cache import FeatureCache, sample_ids
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tokenizing import build_tokenizer
-from ocl_bench.weights import read_state_dict, state_sha256
+from ocl_bench.run import checkpoint
+from ocl_bench.run.feature_cache import FeatureCache, sample_ids
+from ocl_bench.run.registry import build_tokenizer
 
 TOKENIZER_LOSS = "tokenizer_loss."  # extras keys the tokenizer_loss objective adds
 VQVAE_PREFIX = "decoder.vqvae."  # where a stage-1 run's model file holds the VQ-VAE

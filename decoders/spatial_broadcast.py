@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.layers import SoftPositionEmbed
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.layers import SoftPositionEmbed
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)

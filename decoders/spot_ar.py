@@ -66,10 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 # The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
 ORDER_NAMES = (

@@ -59,15 +59,16 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features, TokenState
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.feature_cache import FeatureCache
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.importing import check_keys, read_state_dict
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tokenizing import ImageTokenizer, build_tokenizer
-from ocl_bench.weights import file_sha256
+from ocl_bench.api.contracts import Batch, Dims, Features, TokenState
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.api.weights import file_sha256
+from ocl_bench.run.feature_cache import FeatureCache
+from ocl_bench.run.importing import check_keys, read_state_dict
+from ocl_bench.run.registry import build_tokenizer
 
 ENV_VAR = "OCL_BENCH_MAGE"
 # (embed_dim, depth, num_heads) of the released models (M:models_mage.py).

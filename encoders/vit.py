@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.feature_cache import FeatureCache, sample_ids
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.weights import (
+from ocl_bench.api.contracts import Batch, Dims, Features
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.weights import (
     cached_hf_file,
     hf_hub_cache_dir,
     read_state_dict,
@@ -44,6 +43,7 @@ from ocl_bench.weights import (
     strip_wrappers,
     torch_hub_checkpoint,
 )
+from ocl_bench.run.feature_cache import FeatureCache, sample_ids
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

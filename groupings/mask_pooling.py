@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.api.contracts import Dims, Features, Slots
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
 
 
 @dataclass(frozen=True)

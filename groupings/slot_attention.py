@@ -39,11 +39,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, Dims, Features, Slots
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.layers import mlp
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.layers import mlp
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)

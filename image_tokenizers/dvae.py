@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Progress
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.tokenizing import ImageTokenizer
-from ocl_bench.weights import read_state_dict, strict_load, strip_wrappers
+from ocl_bench.api.contracts import Progress
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.api.weights import read_state_dict, strict_load, strip_wrappers
 
 WEIGHTS_ENV = "OCL_BENCH_DVAE"
 

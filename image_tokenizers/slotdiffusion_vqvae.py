@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from diffusers import VQModel
 from torch import Tensor
 
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.tokenizing import ImageTokenizer
-from ocl_bench.weights import read_state_dict, strict_load
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.api.weights import read_state_dict, strict_load
 
 
 @dataclass(frozen=True)

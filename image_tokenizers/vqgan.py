@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.feature_cache import FeatureCache, sample_ids
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.tokenizing import ImageTokenizer
-from ocl_bench.weights import read_state_dict, state_sha256, strict_load, torch_hub_checkpoint
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.api.weights import read_state_dict, state_sha256, strict_load, torch_hub_checkpoint
+from ocl_bench.run.feature_cache import FeatureCache, sample_ids
 
 ENV_VAR = "OCL_BENCH_VQGAN"
 OFFICIAL_FILE = "vqgan_jax_strongaug.ckpt"

@@ -43,14 +43,15 @@ from typing import Any
 
 from torch import Tensor
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.data import make_dataset
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
 from ocl_bench.decoders.mage import DECODER_PREFIXES
 from ocl_bench.encoders.mage import ENCODER_PREFIXES, NUM_CLASS_IDS
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.importing import (
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.importing import (
     CheckpointImporter,
     ImportResult,
     dim_of,
@@ -61,7 +62,6 @@ from ocl_bench.importing import (
     protocol_note,
     read_state_dict,
 )
-from ocl_bench.params import param
 
 LAYOUT_NAME = "an official MAGE checkpoint (LTH14/mage: token_emb.*, blocks.*, decoder_*, vqgan.*)"
 TOKENIZER_PREFIX = "vqgan."

@@ -60,13 +60,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.data import make_dataset
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
 from ocl_bench.image_tokenizers.slotdiffusion_vqvae import official_to_diffusers
-from ocl_bench.importing import (
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.importing import (
     CheckpointImporter,
     ImportResult,
     check_keys,
@@ -78,7 +79,6 @@ from ocl_bench.importing import (
     read_state_dict,
     set_unless_overridden,
 )
-from ocl_bench.params import param
 
 WHAT = "a SlotDiffusion model checkpoint (sa_ldm_*_params-res*.pth)"
 UNET = "dm_decoder.model.diffusion_model."

@@ -54,13 +54,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ocl_bench import config as config_module
-from ocl_bench.compose import build_model
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.data import make_dataset
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.importing import (
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.run import config as config_module
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.importing import (
     CheckpointImporter,
     ImportResult,
     dim_of,
@@ -74,7 +75,6 @@ from ocl_bench.importing import (
     require_keys,
     set_unless_overridden,
 )
-from ocl_bench.params import param
 
 LAYOUT_NAME = "an official SPOT checkpoint layout (stage 1 or stage 2)"
 

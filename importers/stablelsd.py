@@ -48,12 +48,13 @@ from typing import Any
 
 from torch import Tensor
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.data import make_dataset
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.importing import (
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.importing import (
     CheckpointImporter,
     ImportResult,
     check_keys,
@@ -63,7 +64,6 @@ from ocl_bench.importing import (
     read_state_dict,
     set_unless_overridden,
 )
-from ocl_bench.params import param
 
 WHAT = "a StableLSD/GLASS slot-attention file (multiheadstevesa/diffusion_pytorch_model.*)"
 UNET_FOLDER = "unet2dconditionmodel"

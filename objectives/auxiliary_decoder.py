@@ -29,11 +29,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import build_params, param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import build_params, param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class AuxiliaryDecoder(nn.Module, Plugin):
         name = values.pop("name", None)
         if not isinstance(name, str) or not name:
             raise ConfigError("objectives.auxiliary_decoder.decoder: give its name (spot_ar)")
-        from ocl_bench.registry import registry
+        from ocl_bench.run.registry import registry
 
         self.decoder_cls = registry().get("decoder", name)
         if not issubclass(self.decoder_cls.output, ReconstructionOutput):

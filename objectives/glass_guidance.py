@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, Progress
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.matching import hungarian_match, mask_iou
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.matching import hungarian_match, mask_iou
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 NEEDS = {
     "pseudo_masks": {"batch.class_masks", "batch.ignore_mask", "batch.generated"},

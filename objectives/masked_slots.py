@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, Progress, TokenPrediction
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.slot_library import SlotLibrary, library_file, load_library
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress, TokenPrediction
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.run.slot_library import SlotLibrary, library_file, load_library
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class MaskedSlots(nn.Module, Plugin):
         if (where / "config.toml").is_file():
             self.run_dir = where
             if not library_file(where, p.centroids).is_file():
-                from ocl_bench.slot_library import build_library
+                from ocl_bench.run.slot_library import build_library
 
                 return build_library(where, p.centroids)
             return load_library(where, p.centroids)
@@ -137,7 +137,7 @@ class MaskedSlots(nn.Module, Plugin):
 
     @staticmethod
     def _start_from(model: nn.Module, run_dir: Path) -> None:
-        from ocl_bench.evaluate import load_run
+        from ocl_bench.run.evaluate import load_run
 
         _, trained, _ = load_run(run_dir)
         try:
@@ -157,7 +157,7 @@ class MaskedSlots(nn.Module, Plugin):
         if self.mask_slot is None:
             raise ConfigError("objective 'masked_slots' is not connected to a model")
         b, k, _ = slots.shape
-        from ocl_bench.slot_library import nearest_centroids
+        from ocl_bench.run.slot_library import nearest_centroids
 
         ids = nearest_centroids(slots.detach(), self.centroids)
         count = torch.randint(1, k + 1, (b, 1), device=slots.device)

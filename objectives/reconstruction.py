@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)

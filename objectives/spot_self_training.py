@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.contracts import Batch, ModelOutput, Progress
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.matching import hungarian_match, mask_overlap
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.matching import hungarian_match, mask_overlap
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class SpotSelfTraining(nn.Module, Plugin):
                     f" of preset '{params.teacher[1:]}', which only `ocl-bench grid` trains"
                     " first; run this config through a grid or give a run directory"
                 )
-            from ocl_bench.evaluate import load_run
+            from ocl_bench.run.evaluate import load_run
 
             _, teacher, _ = load_run(params.teacher)
         for p in teacher.parameters():

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ocl_bench.contracts import GenerativeDecoder, Slots, recombine_slots
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param, to_dict
-from ocl_bench.plugin import Plugin
-from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.contracts import GenerativeDecoder, Slots, recombine_slots
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param, to_dict
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
 from ocl_bench.tasks import fid as fidlib
 
 FID_MODES = ("required", "if_available", "off")
@@ -140,7 +140,7 @@ class ConditionalGeneration(Plugin):
 
         library = None
         if p.slot_library:
-            from ocl_bench.slot_library import load_library
+            from ocl_bench.run.slot_library import load_library
 
             library = load_library(p.slot_library)
         centroid_scores: dict[str, list[Any]] = {"psnr": [], "ssim": [], "features": []}
@@ -267,7 +267,7 @@ class ConditionalGeneration(Plugin):
         if figure_rows is not None and ctx.out_dir is not None:
             path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
             # imported here: discovering plugins imports every task module, and matplotlib is slow
-            from ocl_bench.figures import image_rows_figure
+            from ocl_bench.api.drawing import image_rows_figure
 
             figures.append(str(image_rows_figure(figure_rows, path)))
             if centroid_rows is not None:

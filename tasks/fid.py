@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ocl_bench.errors import DataError
-from ocl_bench.weights import file_sha256
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.weights import file_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "OCL_BENCH_INCEPTION"

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.errors import ConfigError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
 from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,

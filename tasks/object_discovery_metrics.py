@@ -26,8 +26,8 @@ mean over the non-NaN entries, as OCLF does.
   empty is 0. "Detected" means best IoU over slots strictly greater than 0.5.
 
 All counts come from one joint histogram of (image, slot, GT-membership bits) built with
-``torch.bincount`` (``ocl_bench.matching.label_overlap``), so the cost is a few passes over the
-pixels; only the Hungarian matching of mIoU (``ocl_bench.matching.hungarian_match``) loops over
+``torch.bincount`` (``ocl_bench.api.matching.label_overlap``), so the cost is a few passes over the
+pixels; only the Hungarian matching of mIoU (``ocl_bench.api.matching.hungarian_match``) loops over
 images (on a K x M matrix). The property probe and SPOT self-training share that module, so a
 slot-object IoU means the same thing everywhere.
 """
@@ -38,10 +38,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ocl_bench.matching import DEFAULT_HIST_BINS, Overlap, hungarian_match, label_overlap
+from ocl_bench.api.matching import (
+    DEFAULT_HIST_BINS,
+    Overlap,
+    hungarian_match,
+    label_overlap,
+    masks_to_pred,
+)
 
 __all__ = [
     "all_metrics",
@@ -58,20 +63,6 @@ METRIC_NAMES = ("fg_ari", "mbo", "miou", "corloc", "detection_rate")
 
 # Upper bound on histogram bins per pass; GT masks are processed in groups of as many bits as fit.
 _MAX_HIST_BINS = DEFAULT_HIST_BINS
-
-
-def masks_to_pred(soft_masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """Turn soft slot masks float[B,K,h,w] into slot indices long[B,H,W] at ``size=(H, W)``.
-
-    As in OCLF, masks are upsampled bilinearly (``align_corners=False``) *before* the argmax;
-    ties go to the lowest slot index. Computation happens in the dtype of ``soft_masks``.
-    """
-    if soft_masks.dim() != 4:
-        raise ValueError(f"soft_masks must be [B,K,h,w], got shape {tuple(soft_masks.shape)}")
-    size = (int(size[0]), int(size[1]))
-    if tuple(soft_masks.shape[-2:]) != size:
-        soft_masks = F.interpolate(soft_masks, size=size, mode="bilinear", align_corners=False)
-    return soft_masks.argmax(dim=1)
 
 
 def ignore_overlaps(gt: Tensor, ignore: Tensor | None = None) -> Tensor:

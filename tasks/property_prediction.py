@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.matching import hungarian_match, label_overlap
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.matching import hungarian_match, label_overlap
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
 from ocl_bench.tasks.object_discovery_metrics import masks_to_pred
 
 CATEGORY = "category"

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.contracts import TokenPrediction
-from ocl_bench.errors import DataError
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.contracts import TokenPrediction
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from ocl_bench.datasets.captions import Blip2Captioner, PromptSource, find_blip2  # noqa: E402
-from ocl_bench.errors import DataError  # noqa: E402
+from ocl_bench.api.errors import DataError  # noqa: E402
+from ocl_bench.datasets.generated.captions import Blip2Captioner, PromptSource, find_blip2  # noqa: E402
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -203,8 +203,8 @@ def test_resume_with_a_different_config_names_the_key(tmp_path: Path, trained_ru
 
 def _image_folder_config(tmp_path: Path, folder: Path) -> Path:
     """A run config on the image_folder dataset (unlabelled, so no tasks) pointing at `folder`."""
-    from ocl_bench.params import describe
-    from ocl_bench.registry import discover
+    from ocl_bench.api.params import describe
+    from ocl_bench.run.registry import discover
 
     params = describe(discover().get("dataset", "image_folder").Params)
     roots = [n for n in ("root", "path", "folder", "directory", "dir") if n in params]
@@ -334,7 +334,7 @@ def test_another_programs_sqlite_file_is_refused_not_extended(tmp_path: Path) ->
 
 
 def _results_database(path: Path, cells: int) -> None:
-    from ocl_bench.store import Cell, ResultStore
+    from ocl_bench.run.store import Cell, ResultStore
 
     store = ResultStore(path)
     for i in range(cells):

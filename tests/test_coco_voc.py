@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_api
 
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.params import describe
 from ocl_bench.datasets import DatasetParamError, collate_class_ids
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.datasets.voc import VocDataset, VocParams
-from ocl_bench.errors import DataError
-from ocl_bench.params import describe
-from ocl_bench.registry import discover
+from ocl_bench.run.registry import discover
 from ocl_bench.tasks.object_discovery_metrics import all_metrics, fg_ari, ignore_overlaps, mbo, miou
 
 H, W = 30, 40  # the wide picture (height, width)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ocl_bench.api.errors import UserError
 from ocl_bench.cli import main
-from ocl_bench.compare import compare_rows
-from ocl_bench.errors import UserError
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.compare import compare_rows
+from ocl_bench.run.store import Cell, ResultStore
 
 
 def _store_row(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ocl_bench.contracts import Batch
-from ocl_bench.train import CompiledOrEager, call_signature
+from ocl_bench.api.contracts import Batch
+from ocl_bench.run.train import CompiledOrEager, call_signature
 
 
 class NoisyModule(nn.Module):

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ocl_bench.compose import build_model, build_objectives, check_compatible
-from ocl_bench.config import RunConfig, load_raw, resolve
-from ocl_bench.contracts import Batch, ModelOutput, Progress
-from ocl_bench.errors import IncompatiblePluginsError
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.registry import PluginInfo, Registry, registry
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress
+from ocl_bench.api.errors import IncompatiblePluginsError
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.run.compose import build_model, build_objectives, check_compatible
+from ocl_bench.run.config import RunConfig, load_raw, resolve
+from ocl_bench.run.registry import PluginInfo, Registry, registry
 from tests.conftest import TINY_MODEL
 
 

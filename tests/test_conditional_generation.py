@@ -20,13 +20,13 @@ import torch
 from scipy import linalg
 from torch import nn
 
-from ocl_bench.compose import build_model, check_compatible
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
-from ocl_bench.data import make_dataset
-from ocl_bench.errors import DataError, IncompatiblePluginsError
-from ocl_bench.registry import registry
-from ocl_bench.tasking import EvalContext
+from ocl_bench.api.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
+from ocl_bench.api.errors import DataError, IncompatiblePluginsError
+from ocl_bench.api.tasking import EvalContext
+from ocl_bench.run.compose import build_model, check_compatible
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.registry import registry
 from ocl_bench.tasks import fid as fidlib
 from ocl_bench.tasks.conditional_generation import (
     ConditionalGeneration,

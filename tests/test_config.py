@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.config import (
+from ocl_bench.api.errors import ConfigError, DataError, UnknownPluginError
+from ocl_bench.run.config import (
     RunConfig,
     apply_overrides,
     default_text,
@@ -16,7 +17,6 @@ from ocl_bench.config import (
     resolve,
     tomllib,
 )
-from ocl_bench.errors import ConfigError, DataError, UnknownPluginError
 
 # The embedded default config's slot count, read from the file itself.
 DEFAULT_SLOTS = tomllib.loads(default_text())["grouping"]["num_slots"]
@@ -335,9 +335,9 @@ def test_every_numeric_param_declares_a_range() -> None:
     import dataclasses
     import typing
 
-    from ocl_bench.config import EvalSettings, TrainSettings
-    from ocl_bench.params import field_bounds
-    from ocl_bench.registry import registry
+    from ocl_bench.api.params import field_bounds
+    from ocl_bench.run.config import EvalSettings, TrainSettings
+    from ocl_bench.run.registry import registry
 
     owners = {"train": TrainSettings, "eval": EvalSettings}
     owners |= {f"{i.kind} {i.name}": i.cls.Params for i in registry().infos if i.cls is not None}
@@ -352,7 +352,7 @@ def test_every_numeric_param_declares_a_range() -> None:
 
 
 def test_param_refuses_a_default_outside_its_own_range() -> None:
-    from ocl_bench.params import param
+    from ocl_bench.api.params import param
 
     with pytest.raises(ValueError, match="out of range"):
         param(0, "slots", ge=1)
@@ -363,8 +363,8 @@ def test_param_refuses_a_default_outside_its_own_range() -> None:
 
 
 def test_range_is_described_for_plugins_show() -> None:
-    from ocl_bench.params import describe, range_text
-    from ocl_bench.registry import registry
+    from ocl_bench.api.params import describe, range_text
+    from ocl_bench.run.registry import registry
 
     params = describe(registry().get("grouping", "slot_attention").Params)
     assert params["num_slots"]["range"] == ">= 1"
@@ -376,7 +376,7 @@ def test_range_is_described_for_plugins_show() -> None:
 
 
 def test_fixed_length_tuple_params_coerce_each_value_with_its_own_type() -> None:
-    from ocl_bench.params import _coerce
+    from ocl_bench.api.params import _coerce
 
     assert _coerce([1, 2.5], tuple[float, float], "p") == (1.0, 2.5)
     assert _coerce(["a", 3], tuple[str, int], "p") == ("a", 3)

@@ -3,7 +3,7 @@ is pinned (tests/data/config_digests_0.1.json, written before evaluation protoco
 
 A cell whose hash changes no longer finds its stored result, so a change here must be a change
 of what the cell measures (its protocol, its recipe), listed in CHANGED with the reason; a new
-param declared with `since` keeps every hash (see ocl_bench.params.param).
+param declared with `since` keeps every hash (see ocl_bench.api.params.param).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.boards import list_leaderboards, load_grid
-from ocl_bench.config import load_config, preset_names
-from ocl_bench.params import hashed_dict, param, to_dict
+from ocl_bench.api.params import hashed_dict, param, to_dict
+from ocl_bench.run.boards import list_leaderboards, load_grid
+from ocl_bench.run.config import load_config, preset_names
 
 PINNED = json.loads((Path(__file__).parent / "data" / "config_digests_0.1.json").read_text())
 

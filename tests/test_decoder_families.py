@@ -6,9 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.compose import build_model, check_compatible
-from ocl_bench.config import RunConfig, load_raw, resolve
-from ocl_bench.contracts import (
+from ocl_bench.api.contracts import (
     Batch,
     Denoising,
     GenerativeDecoder,
@@ -18,11 +16,13 @@ from ocl_bench.contracts import (
     TokenPrediction,
     recombine_slots,
 )
-from ocl_bench.errors import IncompatiblePluginsError
+from ocl_bench.api.errors import IncompatiblePluginsError
+from ocl_bench.api.plugin import Plugin
 from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
 from ocl_bench.objectives.token_cross_entropy import TokenCrossEntropy, TokenCrossEntropyParams
-from ocl_bench.plugin import Plugin
-from ocl_bench.registry import PluginInfo, Registry, registry
+from ocl_bench.run.compose import build_model, check_compatible
+from ocl_bench.run.config import RunConfig, load_raw, resolve
+from ocl_bench.run.registry import PluginInfo, Registry, registry
 from tests.conftest import TINY_MODEL
 
 TINY = [*TINY_MODEL, "decoder.hidden=16"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ocl_bench.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.layers import patchify, unpatchify
 from ocl_bench.decoders.mlp import MLPDecoder, MLPDecoderParams
 from ocl_bench.decoders.spatial_broadcast import SpatialBroadcastDecoder, SpatialBroadcastParams
-from ocl_bench.layers import patchify, unpatchify
 
 
 def _inputs(b: int = 2, k: int = 3, d: int = 16, size: int = 32, grid: int = 8):

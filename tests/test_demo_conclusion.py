@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ocl_bench.grid import load_grid
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.grid import load_grid
+from ocl_bench.run.store import Cell, ResultStore
 
 GRID = """
 name = "tiny-conclusion"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.datasets.shapes import ShapesDataset
-from ocl_bench.errors import ConfigError
-from ocl_bench.grid import load_grid, share_cores
+from ocl_bench.run.grid import load_grid, share_cores
 
 P = ShapesDataset.Params
 
@@ -45,7 +45,7 @@ def test_a_caller_editing_its_sample_leaves_the_kept_one_intact() -> None:
 
 
 def test_the_cache_is_a_resumable_setting() -> None:
-    from ocl_bench.train import RESUMABLE_CHANGES
+    from ocl_bench.run.train import RESUMABLE_CHANGES
 
     assert ("dataset", "cache") in RESUMABLE_CHANGES
 

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots
 from ocl_bench.decoders.spot_ar import (
     DinosaurTransformerDecoder,
     DinosaurTransformerParams,
     SpotARParams,
 )
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.run.config import load_config
 from tests.test_presets import SMOKE
 
 D, DS, K, HEADS, LAYERS, G = 32, 16, 4, 4, 3, 4
@@ -282,7 +282,7 @@ def test_dinosaur_presets_use_the_oclf_values() -> None:
 
 
 def test_dinosaur_transformer_shrunk_trains_one_step(tmp_path) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     # the preset's pre_mlp_out = slot_dim, shrunk with it
     cfg = load_config("dinosaur-transformer-coco", [*SMOKE, "grouping.pre_mlp_out=16"])
@@ -297,7 +297,7 @@ def test_dinosaur_transformer_shrunk_trains_one_step(tmp_path) -> None:
 
 
 def test_dinosaur_mlp_shrunk_trains_one_step(tmp_path) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     over = [o for o in SMOKE if not o.startswith("decoder.")]
     cfg = load_config("dinosaur-mlp-coco", [*over, "grouping.pre_mlp_out=16", "decoder.hidden=32"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.compose import SlotModel, check_compatible
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims, Features
-from ocl_bench.errors import IncompatiblePluginsError
+from ocl_bench.api.contracts import Batch, Dims, Features
+from ocl_bench.api.errors import IncompatiblePluginsError
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
+from ocl_bench.run.compose import SlotModel, check_compatible
+from ocl_bench.run.config import load_config
 
 
 def _batch(objects: list[int], side: int = 8) -> Batch:

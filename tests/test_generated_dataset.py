@@ -13,12 +13,12 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ocl_bench.config import load_config  # noqa: E402
+from ocl_bench.api.errors import DataError, IncompatiblePluginsError  # noqa: E402
 from ocl_bench.datasets import generate  # noqa: E402
-from ocl_bench.datasets.captions import Prompt, PromptSource, classes_in  # noqa: E402
-from ocl_bench.datasets.generate import Recipe, build  # noqa: E402
-from ocl_bench.datasets.generated import GeneratedDataset, GeneratedParams  # noqa: E402
-from ocl_bench.errors import DataError, IncompatiblePluginsError  # noqa: E402
+from ocl_bench.datasets.generated.captions import Prompt, PromptSource, classes_in  # noqa: E402
+from ocl_bench.datasets.generated.dataset import GeneratedDataset, GeneratedParams  # noqa: E402
+from ocl_bench.datasets.generated.generate import Recipe, build  # noqa: E402
+from ocl_bench.run.config import load_config  # noqa: E402
 
 SOURCE = {"image_size": 32, "train_size": 6, "val_size": 4}
 RECIPE = Recipe(source_params=SOURCE, count=3, tiny=True, steps=2, guidance_scale=2.0)
@@ -108,7 +108,7 @@ def test_dataset_plugin_reads_pseudo_masks_and_serves_real_val_images(built):
 def test_guidance_on_pseudo_masks_needs_the_generated_dataset():
     guided = ["objectives.glass_guidance.weight=1.0", "grouping.num_slots=3"]
     with pytest.raises(IncompatiblePluginsError, match="batch.generated"):
-        from ocl_bench.compose import check_compatible
+        from ocl_bench.run.compose import check_compatible
 
         check_compatible(load_config(None, ["dataset.name=shapes", *guided]))
     check_compatible(load_config(None, ["dataset.name=generated", *guided]))

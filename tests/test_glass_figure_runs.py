@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.boards import load_grid
 from ocl_bench.cli import main
-from ocl_bench.store import ResultStore
+from ocl_bench.run.boards import load_grid
+from ocl_bench.run.store import ResultStore
 from tests.test_leaderboard_runs import GLASS
 
 BOARDS = Path(__file__).resolve().parents[1] / "leaderboards"

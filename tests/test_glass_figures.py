@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from ocl_bench.board_figures import plotted, write_board_figure
-from ocl_bench.boards import board_rows, check_spec, load_grid, read_rows, row_config
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.cli import main
-from ocl_bench.config import read_toml
-from ocl_bench.errors import ConfigError
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.board_figures import plotted, write_board_figure
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.boards import board_rows, check_spec, load_grid, read_rows, row_config
+from ocl_bench.run.config import read_toml
+from ocl_bench.run.store import Cell, ResultStore
 
 PP = "property_prediction"
 BOARDS = Path(__file__).resolve().parents[1] / "leaderboards"

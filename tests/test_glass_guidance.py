@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ocl_bench.contracts import Batch, Dims, Features, ModelOutput, Progress, ReconstructionOutput
+from ocl_bench.api.contracts import (
+    Batch,
+    Dims,
+    Features,
+    ModelOutput,
+    Progress,
+    ReconstructionOutput,
+)
 from ocl_bench.objectives.glass_guidance import (
     GlassGuidance,
     GuidanceParams,
@@ -12,7 +19,7 @@ from ocl_bench.objectives.glass_guidance import (
     guidance_loss,
     segments,
 )
-from ocl_bench.registry import registry
+from ocl_bench.run.registry import registry
 
 GRID = (8, 8)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import ocl_bench
-from ocl_bench.boards import load_grid
-from ocl_bench.config import load_config
+from ocl_bench.run.boards import load_grid
+from ocl_bench.run.config import load_config
 
 
 @pytest.mark.parametrize(("dataset", "slots", "steps"), [("coco", 7, 500_000), ("voc", 6, 250_000)])

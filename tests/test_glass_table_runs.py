@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 from ocl_bench.cli import main
-from ocl_bench.config import resolve
-from ocl_bench.datasets.generated import recipe_of
-from ocl_bench.grid import load_grid
-from ocl_bench.registry import registry
-from ocl_bench.store import ResultStore
+from ocl_bench.datasets.generated.dataset import recipe_of
+from ocl_bench.run.config import resolve
+from ocl_bench.run.grid import load_grid
+from ocl_bench.run.registry import registry
+from ocl_bench.run.store import ResultStore
 from tests.test_leaderboard_runs import GLASS
 
 # The GLASS rows' tiny overrides without the one that turns BLIP-2 captions into class

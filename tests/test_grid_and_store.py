@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.errors import ConfigError
-from ocl_bench.grid import _Heartbeat, load_grid, run_cell, run_grid, status_detail
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import SCHEMA, Cell, ResultStore, this_host
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.grid import _Heartbeat, load_grid, run_cell, run_grid, status_detail
+from ocl_bench.run.store import SCHEMA, Cell, ResultStore, this_host
 from tests.conftest import TINY as ALL_TINY
 from tests.conftest import write_old_store
 
@@ -310,7 +311,7 @@ def test_heartbeat_extends_a_lease_and_notices_a_takeover(tmp_path: Path) -> Non
 def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ocl_bench.train
+    import ocl_bench.run.train
 
     grid = load_grid(write_grid(tmp_path / "g.toml"), TINY)
     cell = grid.cells[0]
@@ -319,7 +320,7 @@ def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ocl_bench.train, "train", interrupted)
+    monkeypatch.setattr(ocl_bench.run.train, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_cell(cell, "tiny", runs, db, False)
     store = ResultStore(db)
@@ -330,7 +331,7 @@ def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ocl_bench.train, "train", broken)
+    monkeypatch.setattr(ocl_bench.run.train, "train", broken)
     assert run_cell(cell, "tiny", runs, db, False) == "failed"
     stored = store.get(digest)
     assert stored.status == "failed" and stored.error_line == "RuntimeError: disk full"

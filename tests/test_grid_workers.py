@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from ocl_bench.cli import main
-from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import Cell, ResultStore
 from tests.conftest import TINY as ALL_TINY
 
 # The grids below choose their own tasks; runs are a few steps on a few images.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from ocl_bench.api.errors import DataError
 from ocl_bench.datasets.image_folder import ImageFolderDataset
-from ocl_bench.errors import DataError
 
 P = ImageFolderDataset.Params
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from ocl_bench.api.contracts import Batch, Features
+from ocl_bench.api.errors import DataError
 from ocl_bench.cli import main
-from ocl_bench.compose import build_model
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.contracts import Batch, Features
-from ocl_bench.data import make_dataset
-from ocl_bench.errors import DataError
-from ocl_bench.evaluate import load_run
-from ocl_bench.importing import import_checkpoint, make_importer
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.evaluate import load_run
+from ocl_bench.run.importing import import_checkpoint, make_importer
 
 K, D, C = 3, 16, 32  # slots, slot size, DINO stand-in width
 TINY = [

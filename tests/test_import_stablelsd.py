@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ocl_bench.api.contracts import Batch, Features
+from ocl_bench.api.errors import DataError
 from ocl_bench.cli import main
-from ocl_bench.contracts import Batch, Features
-from ocl_bench.errors import DataError
-from ocl_bench.evaluate import load_run
 from ocl_bench.importers.stablelsd import StableLSDImporter
-from ocl_bench.importing import make_importer
+from ocl_bench.run.evaluate import load_run
+from ocl_bench.run.importing import make_importer
 
 D, S, K, SIDE, OUT = 32, 16, 3, 4, 32  # DINOv2 stand-in width, slot size, slots, grid, UNet width
 TINY = [

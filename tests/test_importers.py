@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from ocl_bench import checkpoint
+from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.cli import main
 from ocl_bench.datasets.segmentation import View, pil_nearest_indices, transform_maps
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.evaluate import load_run
 from ocl_bench.importers.spot import SpotImporter
-from ocl_bench.importing import import_checkpoint, read_state_dict
-from ocl_bench.registry import registry
+from ocl_bench.run import checkpoint
+from ocl_bench.run.evaluate import load_run
+from ocl_bench.run.importing import import_checkpoint, read_state_dict
+from ocl_bench.run.registry import registry
 from tests.test_coco_voc import make_coco
 from tests.test_spot import HEADS, IMAGE, K, official_state, with_tiny_dino, write_official
 

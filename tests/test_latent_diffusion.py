@@ -12,12 +12,9 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import safe_open
 
-from ocl_bench import checkpoint
+from ocl_bench.api.contracts import Batch, Dims, Features, Progress, Slots
+from ocl_bench.api.errors import DataError
 from ocl_bench.cli import main
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims, Features, Progress, Slots
-from ocl_bench.data import make_dataset
 from ocl_bench.decoders import diffusion
 from ocl_bench.decoders.latent_diffusion import (
     SD21_SCHEDULER,
@@ -25,10 +22,13 @@ from ocl_bench.decoders.latent_diffusion import (
     LatentDiffusionParams,
     tiny_models,
 )
-from ocl_bench.errors import DataError
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.objectives.denoising import DenoisingLoss, DenoisingParams
-from ocl_bench.store import ResultStore
+from ocl_bench.run import checkpoint
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import make_dataset
+from ocl_bench.run.store import ResultStore
 from ocl_bench.tasks import fid as fidlib
 from tests.test_cli_errors import cli, user_error
 

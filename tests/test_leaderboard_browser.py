@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.leaderboard import Leaderboard, load_leaderboard, marked_cells, render, table
+from ocl_bench.report.leaderboard import Leaderboard, load_leaderboard, marked_cells
+from ocl_bench.report.render import render, table
+from ocl_bench.run.grid import load_grid, run_grid
 from tests.conftest import TINY as ALL_TINY
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -282,9 +283,9 @@ def _error_bars(fig: Any) -> list[tuple[float, float, float]]:
 
 
 def test_column_chart_draws_each_rows_mean_and_interval() -> None:
-    from ocl_bench.boards import Column, Row, Spread
-    from ocl_bench.report_html import column_chart
-    from ocl_bench.stats import summarize
+    from ocl_bench.report.report_html import column_chart
+    from ocl_bench.report.stats import summarize
+    from ocl_bench.run.boards import Column, Row, Spread
 
     images = summarize([40.0, 50.0, 45.0, 55.0])
     rows = [

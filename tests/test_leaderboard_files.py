@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from ocl_bench.config import STAGES, TOP_LEVEL, preset_names
-from ocl_bench.protocol import protocol_names
+from ocl_bench.run.config import STAGES, TOP_LEVEL, preset_names
+from ocl_bench.run.protocol import protocol_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,8 +125,8 @@ def is_number(value: Any) -> bool:
 def wraps_column(overrides: dict[str, Any], preset: str | None = None) -> bool:
     """Whether a row switches (or its preset is) to a dataset built from the column's
     (`generated`: images generated from its prompts), whose own params it may then set."""
-    from ocl_bench.config import read_toml
-    from ocl_bench.registry import registry
+    from ocl_bench.run.config import read_toml
+    from ocl_bench.run.registry import registry
 
     name = overrides.get("dataset.name")
     if name is None and preset:
@@ -596,7 +596,7 @@ def test_samples_cover_every_table():
 
 
 def test_grid_columns_take_other_tasks_metrics_unscaled() -> None:
-    from ocl_bench.boards import grid_columns
+    from ocl_bench.run.boards import grid_columns
 
     cols = grid_columns({"columns": ["fg_ari", "conditional_generation.psnr"], "masks": "attn"})
     fg, psnr = cols
@@ -610,8 +610,8 @@ def test_grid_columns_take_other_tasks_metrics_unscaled() -> None:
 
 
 def test_demo_grid_measures_generation_for_its_pixel_decoders() -> None:
-    from ocl_bench.boards import demo_grid_path, grid_columns, load_grid
-    from ocl_bench.config import read_toml
+    from ocl_bench.run.boards import demo_grid_path, grid_columns, load_grid
+    from ocl_bench.run.config import read_toml
 
     grid = load_grid(demo_grid_path())
     for cell in grid.cells:
@@ -623,7 +623,7 @@ def test_demo_grid_measures_generation_for_its_pixel_decoders() -> None:
 
 
 def test_fid_columns_are_lower_is_better_and_others_higher() -> None:
-    from ocl_bench.boards import grid_columns, read_columns
+    from ocl_bench.run.boards import grid_columns, read_columns
 
     spec = {"columns": ["fg_ari", "conditional_generation.fid", "conditional_generation.psnr"]}
     assert [c.higher_is_better for c in grid_columns(spec)] == [True, False, True]
@@ -637,7 +637,7 @@ def test_fid_columns_are_lower_is_better_and_others_higher() -> None:
 
 
 def test_demo_grid_names_its_rows_and_keeps_its_config_hashes(tmp_path: Path) -> None:
-    from ocl_bench.boards import demo_grid_path, load_grid
+    from ocl_bench.run.boards import demo_grid_path, load_grid
 
     named = load_grid(demo_grid_path())
     assert list(dict.fromkeys(c.row for c in named.cells)) == [
@@ -665,7 +665,7 @@ LABELLED_GRID = """
 
 
 def test_grid_labels_name_some_values_and_seeds_keep_their_suffix(tmp_path: Path) -> None:
-    from ocl_bench.boards import load_grid
+    from ocl_bench.run.boards import load_grid
 
     path = tmp_path / "g.toml"
     path.write_text(
@@ -699,8 +699,8 @@ def test_grid_labels_name_some_values_and_seeds_keep_their_suffix(tmp_path: Path
 def test_bad_grid_labels_fail_in_one_line_naming_the_file(
     tmp_path: Path, labels: str, error: str
 ) -> None:
-    from ocl_bench.boards import load_grid
-    from ocl_bench.errors import ConfigError
+    from ocl_bench.api.errors import ConfigError
+    from ocl_bench.run.boards import load_grid
 
     path = tmp_path / "g.toml"
     text = LABELLED_GRID.format(labels=labels)

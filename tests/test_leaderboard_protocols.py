@@ -8,10 +8,11 @@ import io
 import json
 from pathlib import Path
 
-from ocl_bench.boards import read_rows, row_config
-from ocl_bench.config import read_toml
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.boards import read_rows, row_config
+from ocl_bench.run.config import read_toml
+from ocl_bench.run.store import Cell, ResultStore
 
 BOARD = """
 name = "generation"

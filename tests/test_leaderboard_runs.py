@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.cli import main
-from ocl_bench.config import load_config, read_toml
-from ocl_bench.errors import ConfigError
-from ocl_bench.grid import Grid, load_grid, run_grid
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import ResultStore
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.config import load_config, read_toml
+from ocl_bench.run.grid import Grid, load_grid, run_grid
+from ocl_bench.run.store import ResultStore
 from tests.test_presets import SMOKE
 
 # Every row's preset shrunk to seconds (the presets' smoke settings: shapes instead of
@@ -162,7 +163,7 @@ def test_a_failed_teacher_fails_its_student_with_the_reason(tmp_path) -> None:
 
 
 def test_an_unresolved_reference_outside_a_grid_is_a_clear_error(tmp_path) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     over = [*SPOT, "objectives.spot_self_training.teacher=@spot-coco"]
     cfg = load_config("spot-coco-stage2", over)

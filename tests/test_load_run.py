@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import ocl_bench
-from ocl_bench.compose import SlotModel, build_model, build_objectives
-from ocl_bench.config import load_config, load_raw, resolve
-from ocl_bench.contracts import Progress
-from ocl_bench.train import train
+from ocl_bench.api.contracts import Progress
+from ocl_bench.run.compose import SlotModel, build_model, build_objectives
+from ocl_bench.run.config import load_config, load_raw, resolve
+from ocl_bench.run.train import train
 from tests.test_thesis_stages import AUX, TINY_STAGE2, images
 
 TRAIN = [

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_raw, resolve
-from ocl_bench.contracts import Batch, Progress, TokenState
-from ocl_bench.errors import ConfigError, DataError, IncompatiblePluginsError
+from ocl_bench.api.contracts import Batch, Progress, TokenState
+from ocl_bench.api.errors import ConfigError, DataError, IncompatiblePluginsError
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_raw, resolve
 
 TOKENIZER = [
     "encoder.tokenizer.ch=8",
@@ -108,7 +108,7 @@ def official_shapes(
 
 
 def tiny_vqgan_state(codebook: int = 32) -> dict[str, torch.Tensor]:
-    from ocl_bench.tokenizing import build_tokenizer
+    from ocl_bench.run.registry import build_tokenizer
 
     torch.manual_seed(1)
     values = {"random_init": True, "ch": 8, "ch_mult": [1, 2], "n_embed": codebook}
@@ -134,16 +134,16 @@ def write_official(path: Path, codebook: int = 32, vqgan_codebook: int = 32) -> 
 
 
 def test_vit_b_modules_have_the_official_keys_and_shapes() -> None:
+    from ocl_bench.api.params import build_params
     from ocl_bench.decoders.mage import MageDecoder
     from ocl_bench.encoders.mage import MageEncoder
-    from ocl_bench.params import build_params
 
     official = official_shapes(768, 12, 768, 8, 256, 1024)
     assert len(official) == 265  # the reference's count of MAGE keys (433 - 168 vqgan.*)
     with torch.device("meta"):
         params = build_params(MageEncoder.Params, {"random_init": True}, "encoder")
         enc = MageEncoder(params)
-        dims = enc.output_dims(__import__("ocl_bench.contracts").contracts.Dims((256, 256)))
+        dims = enc.output_dims(__import__("ocl_bench.api.contracts").contracts.Dims((256, 256)))
         dims.slot_dim = 256
         dec = MageDecoder(build_params(MageDecoder.Params, {}, "decoder"), dims)
     ours = {
@@ -178,7 +178,7 @@ def test_official_checkpoint_loads_strictly_into_encoder_and_decoder(tmp_path: P
 
 
 def test_import_mage_writes_a_run_with_the_files_weights(tmp_path: Path) -> None:
-    from ocl_bench.importing import import_checkpoint
+    from ocl_bench.run.importing import import_checkpoint
 
     path = tmp_path / "mage-tiny.pth"
     state = write_official(path)
@@ -422,14 +422,14 @@ def test_vocabulary_mismatch_fails_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="vocabulary mismatch") as err:
         make_model(f"encoder.checkpoint={path}", *TOKENIZER)
     assert "\n" not in str(err.value)
-    from ocl_bench.importing import import_checkpoint
+    from ocl_bench.run.importing import import_checkpoint
 
     with pytest.raises(DataError, match="vocabulary mismatch"):
         import_checkpoint("mage", path, tmp_path / "run", ["importer.num_heads=2"])
 
 
 def test_wrong_or_missing_checkpoint_fails_in_one_line(tmp_path: Path, monkeypatch) -> None:
-    from ocl_bench.importing import import_checkpoint
+    from ocl_bench.run.importing import import_checkpoint
 
     monkeypatch.delenv("OCL_BENCH_MAGE", raising=False)
     with pytest.raises(DataError, match="mage-vitb-1600.pth") as err:
@@ -484,8 +484,8 @@ SHRUNK = [
 def test_thesis_stage1_shrunk_trains_and_stores_the_frozen_encoder_as_a_hash(tmp_path) -> None:
     from safetensors.torch import load_file
 
-    from ocl_bench.config import load_config
-    from ocl_bench.train import train
+    from ocl_bench.run.config import load_config
+    from ocl_bench.run.train import train
 
     cfg = load_config("thesis-stage1", SHRUNK)
     assert cfg.encoder.name == "mage_vitb16" and cfg.encoder.params.masking == "none"
@@ -513,7 +513,7 @@ def test_stage2_step_trains_decoder_and_slots_from_the_masked_loss(tmp_path) -> 
 
 
 def test_decoder_is_a_generative_decoder_with_its_sampling_protocol() -> None:
-    from ocl_bench.contracts import GenerativeDecoder
+    from ocl_bench.api.contracts import GenerativeDecoder
 
     model, _ = make_model(*RANDOM, "decoder.steps=20", "decoder.temperature=6.0")
     assert isinstance(model.decoder, GenerativeDecoder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ocl_bench.contracts import Dims, Features
+from ocl_bench.api.contracts import Dims, Features
 from ocl_bench.groupings.mask_pooling import MaskPooling, MaskPoolingParams, pool_tokens
 
 

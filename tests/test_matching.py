@@ -1,4 +1,4 @@
-"""ocl_bench.matching: IoU matrices and Hungarian matching shared by metrics, probe and SPOT."""
+"""ocl_bench.api.matching: IoU matrices and Hungarian matching shared by metrics, probe and SPOT."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.matching import hungarian_match, label_overlap, mask_iou, mask_overlap
+from ocl_bench.api.matching import hungarian_match, label_overlap, mask_iou, mask_overlap
 
 
 def _grid(*rows: str) -> torch.Tensor:

@@ -47,9 +47,9 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ocl_bench.datasets.captions import Prompt  # noqa: E402
-from ocl_bench.datasets.generate import Recipe, generate_item, tiny_pipeline  # noqa: E402
-from ocl_bench.datasets.pseudo_masks import (  # noqa: E402
+from ocl_bench.datasets.generated.captions import Prompt  # noqa: E402
+from ocl_bench.datasets.generated.generate import Recipe, generate_item, tiny_pipeline  # noqa: E402
+from ocl_bench.datasets.generated.pseudo_masks import (  # noqa: E402
     IGNORE,
     AttentionRecorder,
     RefineSettings,

@@ -49,10 +49,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, ModelOutput, Progress
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress
 from ocl_bench.encoders.vit import IMAGENET_MEAN, IMAGENET_STD
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
 from tests.official_checkout import (
     checkout_from_env,
     checkout_on_path,

@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.contracts import Batch, Dims, Features
+from ocl_bench.api.contracts import Batch, Dims, Features
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.importers.stablelsd import StableLSDLayout, map_state
 from ocl_bench.tasks.object_discovery import (
@@ -204,8 +204,8 @@ def test_saved_checkpoint_imports_as_a_run_with_the_official_outputs(
     official_sa_class, tmp_path
 ) -> None:
     """`ocl-bench import stablelsd` on the module's own save_pretrained folder."""
-    from ocl_bench.evaluate import load_run
     from ocl_bench.importers.stablelsd import StableLSDImporter
+    from ocl_bench.run.evaluate import load_run
     from tests.test_import_stablelsd import TINY
 
     official = _official(official_sa_class, init_mlp=True, seed=11, out_size=32)

@@ -48,7 +48,7 @@ from PIL import Image
 from pycocotools import mask as mask_api
 
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
-from ocl_bench.protocol import load_protocol
+from ocl_bench.run.protocol import load_protocol
 from ocl_bench.tasks.object_discovery import (
     ObjectDiscoveryParams,
     masks_to_pred,

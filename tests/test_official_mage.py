@@ -39,10 +39,10 @@ import pytest
 import torch
 from torch import nn
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_raw, resolve
-from ocl_bench.contracts import Batch, Progress
+from ocl_bench.api.contracts import Batch, Progress
 from ocl_bench.encoders.mage import TokenMasks
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_raw, resolve
 
 REPO = os.environ.get("OCL_BENCH_MAGE_REPO", "")
 pytestmark = pytest.mark.skipif(

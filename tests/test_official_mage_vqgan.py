@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ocl_bench.image_tokenizers.vqgan import OFFICIAL_FILE, VQGANTokenizer
-from ocl_bench.tokenizing import build_tokenizer
+from ocl_bench.run.registry import build_tokenizer
 
 REPO = os.environ.get("OCL_BENCH_MAGE_REPO", "")
 pytestmark = pytest.mark.skipif(

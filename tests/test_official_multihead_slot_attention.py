@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocl_bench.contracts import Batch, Features
-from ocl_bench.importing import make_importer
+from ocl_bench.api.contracts import Batch, Features
+from ocl_bench.run.importing import make_importer
 from tests.official_checkout import checkout_from_env, multihead_stevesa
 from tests.test_import_stablelsd import TINY
 

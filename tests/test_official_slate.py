@@ -23,9 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.contracts import Dims
+from ocl_bench.api.contracts import Dims
+from ocl_bench.api.params import build_params
 from ocl_bench.decoders.slate import SlateDecoder, SlateParams
-from ocl_bench.params import build_params
 
 REPO = os.environ.get("OCL_BENCH_SLATE_REPO", "")
 pytestmark = pytest.mark.skipif(

@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch import nn
 
+from ocl_bench.api.params import build_params
 from ocl_bench.image_tokenizers.slotdiffusion_vqvae import (
     SlotDiffusionVQVAE,
     SlotDiffusionVQVAEParams,
 )
-from ocl_bench.params import build_params
 
 REPO = os.environ.get("OCL_BENCH_SLOTDIFFUSION_REPO", "")
 pytestmark = pytest.mark.skipif(

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Dims
+from ocl_bench.api.contracts import Dims
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.encoders.vit import ENCODERS
+from ocl_bench.run.config import load_config
 from tests import test_official_slotdiffusion_protocol as loaders
 from tests.test_vit_encoders import _vit_input
 

@@ -23,10 +23,10 @@ import pytest
 import torch
 from torch import nn
 
-from ocl_bench.compose import build_objectives
-from ocl_bench.contracts import Batch, Progress
-from ocl_bench.evaluate import load_run
+from ocl_bench.api.contracts import Batch, Progress
 from ocl_bench.importers.spot import import_spot, inspect, map_state
+from ocl_bench.run.compose import build_objectives
+from ocl_bench.run.evaluate import load_run
 from tests.official_checkout import dino_hub_like_vit
 
 REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
@@ -186,8 +186,8 @@ def test_self_training_matching_and_loss_match_the_official(official) -> None:
 
 
 def test_cosine_schedule_matches_the_official(official) -> None:
-    from ocl_bench.config import load_config
-    from ocl_bench.train import lr_factor
+    from ocl_bench.run.config import load_config
+    from ocl_bench.run.train import lr_factor
 
     _, utils_spot = official
     steps, epochs, warmup_epochs = 600, 12, 2  # 50 iterations an epoch

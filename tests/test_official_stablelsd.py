@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocl_bench.contracts import Batch, Dims, Features, ModelOutput
+from ocl_bench.api.contracts import Batch, Dims, Features, ModelOutput
 from ocl_bench.decoders.latent_diffusion import (
     SD21_SCHEDULER,
     LatentDiffusionDecoder,

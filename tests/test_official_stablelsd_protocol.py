@@ -27,7 +27,7 @@ import pytest
 import tomllib
 import torch
 
-from ocl_bench.contracts import Dims
+from ocl_bench.api.contracts import Dims
 from ocl_bench.datasets.coco import CocoDataset, CocoParams
 from ocl_bench.decoders.latent_diffusion import LatentDiffusionDecoder, LatentDiffusionParams
 from tests.official_checkout import checkout_on_path

@@ -50,8 +50,8 @@ def test_plugins_load_beside_a_users_own_tasks_and_encoders(user_repo: Path, how
 def test_leaderboards_and_presets_come_with_the_package() -> None:
     """Found through the installed package, not a checkout's relative path."""
     import ocl_bench
-    from ocl_bench.config import preset_names
-    from ocl_bench.leaderboard import leaderboard_dir, list_leaderboards
+    from ocl_bench.report.leaderboard import leaderboard_dir, list_leaderboards
+    from ocl_bench.run.config import preset_names
 
     names = {p.stem for p in list_leaderboards()}
     assert {"shapes-demo", "thesis-table-5-1", "glass-table-3"} <= names

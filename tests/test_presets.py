@@ -9,9 +9,9 @@ import pytest
 from safetensors.torch import load_file
 
 import ocl_bench
+from ocl_bench.api.errors import DataError
 from ocl_bench.cli import main
-from ocl_bench.config import load_config, preset_names
-from ocl_bench.errors import DataError
+from ocl_bench.run.config import load_config, preset_names
 
 PRESETS = Path(ocl_bench.__file__).parent / "configs" / "presets"
 EXPECTED = {
@@ -164,7 +164,7 @@ def test_the_presets_command_lists_names_and_summaries(capsys) -> None:
 
 
 def test_spot_coco_shrunk_trains_one_step(tmp_path) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     cfg = load_config("spot-coco", SMOKE)
     assert cfg.dataset.name == "shapes" and "root" not in cfg.raw["dataset"]

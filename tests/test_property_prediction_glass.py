@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ocl_bench.compose import check_compatible
-from ocl_bench.config import load_config, load_raw, resolve
-from ocl_bench.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
-from ocl_bench.data import evaluation_dataset, make_dataset
-from ocl_bench.errors import ConfigError, DataError, IncompatiblePluginsError
-from ocl_bench.evaluate import evaluate
-from ocl_bench.registry import registry
-from ocl_bench.tasking import EvalContext
+from ocl_bench.api.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
+from ocl_bench.api.errors import ConfigError, DataError, IncompatiblePluginsError
+from ocl_bench.api.tasking import EvalContext
+from ocl_bench.run.compose import check_compatible
+from ocl_bench.run.config import load_config, load_raw, resolve
+from ocl_bench.run.data import evaluation_dataset, make_dataset
+from ocl_bench.run.evaluate import evaluate
+from ocl_bench.run.registry import registry
 from ocl_bench.tasks.property_prediction import PropertyPrediction, PropertyPredictionParams
 
 SHAPES = registry().get("dataset", "shapes")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ocl_bench.api.params import hashed_dict
 from ocl_bench.datasets import DatasetParamError
 from ocl_bench.datasets.coco import CocoParams
 from ocl_bench.datasets.segmentation import (
@@ -30,7 +31,6 @@ from ocl_bench.datasets.segmentation import (
     transform_maps,
 )
 from ocl_bench.datasets.voc import VocParams
-from ocl_bench.params import hashed_dict
 from tests.test_coco_voc import (
     A11,
     A12,

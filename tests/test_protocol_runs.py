@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.boards import read_rows, row_config
 from ocl_bench.cli import main
-from ocl_bench.config import load_config, read_toml
-from ocl_bench.evaluate import evaluate_run
-from ocl_bench.leaderboard import NOT_COMPARABLE, load_leaderboard, render
-from ocl_bench.store import Cell, ResultStore
-from ocl_bench.train import train
+from ocl_bench.report.leaderboard import NOT_COMPARABLE, load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.boards import read_rows, row_config
+from ocl_bench.run.config import load_config, read_toml
+from ocl_bench.run.evaluate import evaluate_run
+from ocl_bench.run.store import Cell, ResultStore
+from ocl_bench.run.train import train
 from tests.official_protocol_data import write_coco
 
 PROTOCOL = """

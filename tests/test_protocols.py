@@ -1,4 +1,4 @@
-"""Evaluation protocols (ocl_bench.protocol): a named bundle of dataset and task settings that a
+"""Evaluation protocols (ocl_bench.run.protocol): a named bundle of dataset and task settings that a
 run config names, applied when the config resolves, owning its keys, recorded in config.toml
 but not hashed, and swappable on a saved run (`ocl-bench eval RUN --protocol NAME`)."""
 
@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.config import apply_overrides, load_raw, resolve
-from ocl_bench.errors import ConfigError
-from ocl_bench.protocol import (
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.run.config import apply_overrides, load_raw, resolve
+from ocl_bench.run.protocol import (
     check_protocol,
     load_protocol,
     parse_protocol,
     protocol_names,
     switch_protocol,
 )
-from ocl_bench.registry import registry
+from ocl_bench.run.registry import registry
 
 STRICT = """
 summary = "a strict COCO evaluation"

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ocl_bench.datasets.generate import tiny_tokenizer  # noqa: E402
-from ocl_bench.datasets.pseudo_masks import (  # noqa: E402
+from ocl_bench.datasets.generated.generate import tiny_tokenizer  # noqa: E402
+from ocl_bench.datasets.generated.pseudo_masks import (  # noqa: E402
     IGNORE,
     AttentionRecorder,
     RecordingAttnProcessor,

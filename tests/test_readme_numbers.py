@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ocl_bench.config import load_config
+from ocl_bench.run.config import load_config
 from tests.benchmarks import test_bench_default_step, test_bench_slate, test_bench_spot_step
 
 if sys.version_info >= (3, 11):

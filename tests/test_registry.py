@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench import registry as registry_module
+from ocl_bench.api.errors import UnknownPluginError
+from ocl_bench.api.params import describe
 from ocl_bench.cli import main
-from ocl_bench.errors import UnknownPluginError
-from ocl_bench.params import describe
-from ocl_bench.registry import Registry, discover
+from ocl_bench.run import registry as registry_module
+from ocl_bench.run.registry import Registry, discover
 
 BUILTINS = {
     "shapes": "dataset",
@@ -126,7 +126,7 @@ def test_broken_plugin_shows_in_plugins_listing(
 ) -> None:
     ghost = md.EntryPoint(name="ghost", value="no_such_module_xyz", group="ocl_bench")
     _with_extra_entry_points(monkeypatch, ghost)
-    monkeypatch.setattr("ocl_bench.registry.registry", discover)
+    monkeypatch.setattr("ocl_bench.run.registry.registry", discover)
     assert main(["plugins", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["ghost"]["broken"] is True

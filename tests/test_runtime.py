@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Progress
-from ocl_bench.data import StepBatchSampler, make_dataset
-from ocl_bench.errors import ConfigError
-from ocl_bench.runtime import autocast, resolve_device
+from ocl_bench.api.contracts import Progress
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.runtime import autocast, resolve_device
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import StepBatchSampler, make_dataset
 from tests.conftest import TINY
 
 

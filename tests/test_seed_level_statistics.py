@@ -14,12 +14,18 @@ import pytest
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from ocl_bench.boards import Column, Row, Spread
-from ocl_bench.compare import compare_rows
-from ocl_bench.grid import load_grid
-from ocl_bench.leaderboard import Leaderboard, best_rows, load_leaderboard, seed_interval
-from ocl_bench.stats import paired_difference, seed_difference, seeds_needed, separated
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.compare import compare_rows
+from ocl_bench.report.leaderboard import (
+    Leaderboard,
+    Spread,
+    best_rows,
+    load_leaderboard,
+    seed_interval,
+)
+from ocl_bench.report.stats import paired_difference, seed_difference, seeds_needed, separated
+from ocl_bench.run.boards import Column, Row
+from ocl_bench.run.grid import load_grid
+from ocl_bench.run.store import Cell, ResultStore
 
 IMAGES = 64
 
@@ -128,7 +134,7 @@ def _column() -> Column:
 
 
 def _spread(values: list[float]) -> Spread:
-    from ocl_bench.leaderboard import spread_of
+    from ocl_bench.report.leaderboard import spread_of
 
     return spread_of(list(enumerate(values)))
 

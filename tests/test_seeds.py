@@ -11,14 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ocl_bench.boards import Column, Row, Spread, read_rows, row_config
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.cli import main
-from ocl_bench.config import read_toml
-from ocl_bench.errors import ConfigError
-from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.leaderboard import Leaderboard, best_rows, load_leaderboard, render, table
-from ocl_bench.stats import summarize
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.leaderboard import Leaderboard, Spread, best_rows, load_leaderboard
+from ocl_bench.report.render import render, table
+from ocl_bench.report.stats import summarize
+from ocl_bench.run.boards import Column, Row, read_rows, row_config
+from ocl_bench.run.config import read_toml
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import Cell, ResultStore
 from tests.conftest import TINY as ALL_TINY
 from tests.test_leaderboard_runs import SPOT
 
@@ -74,7 +75,7 @@ def _store(
 ) -> None:
     """A complete cell of `config` under `seed` whose decoder FG-ARI is `ari` (and, when
     given, its per-image values)."""
-    from ocl_bench.config import resolve
+    from ocl_bench.run.config import resolve
 
     cfg = dataclasses.replace(resolve(config), seed=seed)
     store = ResultStore(db)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ocl_bench.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
-from ocl_bench.registry import registry
-from ocl_bench.tasking import EvalContext
+from ocl_bench.api.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
+from ocl_bench.api.tasking import EvalContext
+from ocl_bench.run.registry import registry
 from ocl_bench.tasks.object_discovery import ObjectDiscovery, ObjectDiscoveryParams
 
 K = 6  # up to 4 shape classes and the background, one spare

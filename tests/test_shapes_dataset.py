@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocl_bench.contracts import Batch
+from ocl_bench.api.contracts import Batch
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.params import build_params
 from ocl_bench.datasets import collate, collate_class_ids
 from ocl_bench.datasets.shapes import COLOUR_NAMES, SHAPE_NAMES, ShapesDataset
-from ocl_bench.errors import ConfigError
-from ocl_bench.params import build_params
 
 ROOT = Path(__file__).resolve().parents[1]
 P = ShapesDataset.Params

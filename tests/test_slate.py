@@ -11,20 +11,20 @@ import pytest
 import torch
 
 import ocl_bench
-from ocl_bench import checkpoint
+from ocl_bench.api.contracts import Batch, Dims, Features, ModelOutput, Progress, Slots
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.params import build_params
 from ocl_bench.cli import main
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims, Features, ModelOutput, Progress, Slots
 from ocl_bench.decoders.slate import SlateDecoder, SlateParams
-from ocl_bench.errors import DataError
-from ocl_bench.grid import Grid, load_grid, run_grid
 from ocl_bench.image_tokenizers.dvae import DVAE, cosine_anneal, gumbel_softmax
-from ocl_bench.leaderboard import load_leaderboard
 from ocl_bench.objectives.token_cross_entropy import TokenCrossEntropy, TokenCrossEntropyParams
 from ocl_bench.objectives.tokenizer_loss import TokenizerLoss, TokenizerLossParams
-from ocl_bench.params import build_params
-from ocl_bench.store import ResultStore
-from ocl_bench.tokenizing import build_tokenizer
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.run import checkpoint
+from ocl_bench.run.config import load_config
+from ocl_bench.run.grid import Grid, load_grid, run_grid
+from ocl_bench.run.registry import build_tokenizer
+from ocl_bench.run.store import ResultStore
 
 # The slate preset shrunk to seconds: shapes at 32 px (8x8 tokens), 32 codes, 1 block.
 TINY_SLATE = [

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from ocl_bench.contracts import Dims, Features
+from ocl_bench.api.contracts import Dims, Features
+from ocl_bench.api.params import hashed_dict
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
-from ocl_bench.params import hashed_dict
 
 
 def make(**kw) -> SlotAttention:

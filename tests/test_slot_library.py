@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from ocl_bench.config import load_config
-from ocl_bench.slot_library import (
+from ocl_bench.run.config import load_config
+from ocl_bench.run.slot_library import (
     build_library,
     fit_centroids,
     library_file,
     load_library,
     nearest_centroids,
 )
-from ocl_bench.train import train
+from ocl_bench.run.train import train
 from tests.test_cli_errors import cli, user_error
 
 TINY_RUN = [
@@ -113,7 +113,7 @@ def test_bad_run_or_count_is_one_line_in_process(
 
 
 def test_loading_a_missing_or_foreign_library_fails_in_one_line(tmp_path: Path) -> None:
-    from ocl_bench.errors import DataError
+    from ocl_bench.api.errors import DataError
 
     with pytest.raises(DataError, match="no single slot library"):
         load_library(tmp_path)
@@ -128,11 +128,11 @@ def test_loading_a_missing_or_foreign_library_fails_in_one_line(tmp_path: Path) 
 def test_conditional_generation_scores_generation_from_nearest_centroids(
     tiny_run: Path, tmp_path: Path
 ) -> None:
-    from ocl_bench.data import make_dataset
-    from ocl_bench.errors import DataError
-    from ocl_bench.evaluate import load_run
-    from ocl_bench.runtime import seed_everything
-    from ocl_bench.tasking import EvalContext
+    from ocl_bench.api.errors import DataError
+    from ocl_bench.api.runtime import seed_everything
+    from ocl_bench.api.tasking import EvalContext
+    from ocl_bench.run.data import make_dataset
+    from ocl_bench.run.evaluate import load_run
     from ocl_bench.tasks.conditional_generation import (
         ConditionalGeneration,
         ConditionalGenerationParams,

@@ -10,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ocl_bench import checkpoint
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_config, read_toml
-from ocl_bench.contracts import Batch, Dims, Slots
+from ocl_bench.api.contracts import Batch, Dims, Slots
+from ocl_bench.api.errors import ConfigError, DataError
+from ocl_bench.api.params import build_params
 from ocl_bench.decoders.slotdiffusion import SlotDiffusionDecoder, SlotDiffusionParams
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.grid import load_grid, run_grid
 from ocl_bench.image_tokenizers.slotdiffusion_vqvae import (
     SlotDiffusionVQVAE,
     SlotDiffusionVQVAEParams,
 )
-from ocl_bench.leaderboard import load_leaderboard
-from ocl_bench.params import build_params
-from ocl_bench.store import ResultStore
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.run import checkpoint
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_config, read_toml
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import ResultStore
 from tests.conftest import TINY_MODEL
 from tests.test_cli_errors import cli, user_error
 from tests.test_presets import SMOKE

@@ -20,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ocl_bench.config
-from ocl_bench.cli import main
-from ocl_bench.compose import SlotModel
-from ocl_bench.contracts import (
+import ocl_bench.run.config
+from ocl_bench.api.contracts import (
     Batch,
     Dims,
     Features,
@@ -32,6 +30,10 @@ from ocl_bench.contracts import (
     ReconstructionOutput,
     Slots,
 )
+from ocl_bench.api.errors import DataError
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.cli import main
 from ocl_bench.decoders.spot_ar import (
     ORDER_NAMES,
     DinosaurTransformerDecoder,
@@ -39,8 +41,6 @@ from ocl_bench.decoders.spot_ar import (
     SpotARParams,
     patch_orders,
 )
-from ocl_bench.errors import DataError
-from ocl_bench.evaluate import load_run
 from ocl_bench.groupings.slot_attention import SlotAttention, SlotAttentionParams
 from ocl_bench.importers.spot import import_spot
 from ocl_bench.objectives.spot_self_training import (
@@ -49,9 +49,9 @@ from ocl_bench.objectives.spot_self_training import (
     cosine_weight,
     match_slots,
 )
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.registry import PluginInfo, Registry, registry
+from ocl_bench.run.compose import SlotModel
+from ocl_bench.run.evaluate import load_run
+from ocl_bench.run.registry import PluginInfo, Registry, registry
 
 D, DS, K, HID, LAYERS, HEADS, G = 32, 16, 4, 32, 2, 2, 4
 N = G * G
@@ -447,7 +447,7 @@ def test_cosine_weight_follows_the_training_progress() -> None:
 
 
 def test_objective_without_teacher_is_a_config_error() -> None:
-    from ocl_bench.errors import ConfigError
+    from ocl_bench.api.errors import ConfigError
 
     with pytest.raises(ConfigError, match="teacher"):
         SpotSelfTraining(SpotSelfTrainingParams())
@@ -520,7 +520,7 @@ def with_tiny_dino(monkeypatch) -> Registry:
     base = registry()
     infos = [i for i in base.infos if i.name != "dino_vitb16"]  # as if encoders/vit.py were absent
     reg = Registry(infos + [PluginInfo("encoder", "tiny_dino", "tests", "0", TinyDino)])
-    monkeypatch.setattr(ocl_bench.config, "registry", lambda: reg)
+    monkeypatch.setattr(ocl_bench.run.config, "registry", lambda: reg)
     return reg
 
 

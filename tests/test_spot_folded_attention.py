@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.api.contracts import Dims, Features, Slots
 from ocl_bench.decoders.spot_ar import Attention, SpotARDecoder, SpotARParams
 
 

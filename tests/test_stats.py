@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ocl_bench.stats import (
+from ocl_bench.report.stats import (
     SeedTest,
     Summary,
     _percentile_interval,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.stats import summarize
-from ocl_bench.store import SCHEMA, Cell, ResultStore
+from ocl_bench.report.stats import summarize
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import SCHEMA, Cell, ResultStore
 from tests.conftest import TINY, write_old_store
 
 NAN = float("nan")

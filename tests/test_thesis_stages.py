@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_raw, resolve
-from ocl_bench.contracts import Batch, ModelOutput, Progress, Slots, TokenPrediction
-from ocl_bench.errors import ConfigError
+from ocl_bench.api.contracts import Batch, ModelOutput, Progress, Slots, TokenPrediction
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.tasking import EvalContext
 from ocl_bench.objectives.masked_slots import MaskedSlots, MaskedSlotsParams
-from ocl_bench.slot_library import SlotLibrary, nearest_centroids
-from ocl_bench.tasking import EvalContext
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_raw, resolve
+from ocl_bench.run.slot_library import SlotLibrary, nearest_centroids
 from ocl_bench.tasks.token_reconstruction import TokenReconstruction, TokenReconstructionParams
 
 TINY_STAGE2 = [
@@ -213,7 +213,7 @@ def test_reconstruction_loss_on_a_tiny_stage2_model(tmp_path: Path) -> None:
 def test_masked_slots_from_a_stage2_run_builds_its_library_and_starts_from_it(
     tmp_path: Path,
 ) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     raw = load_raw(None, [*TINY_STAGE2, "dataset.train_size=4", "dataset.val_size=2"])
     raw["objectives"] = {"token_cross_entropy": {}}
@@ -225,7 +225,7 @@ def test_masked_slots_from_a_stage2_run_builds_its_library_and_starts_from_it(
     assert (run / "slot_library" / "k4.safetensors").is_file()
     assert objective.centroids.shape == (4, 16) and objective.provenance["slots"] == 4 * 3
     _, fresh = stage2({"token_cross_entropy": {}}, seed=1)
-    from ocl_bench.evaluate import load_run
+    from ocl_bench.run.evaluate import load_run
 
     _, trained, _ = load_run(run)
     before = fresh.state_dict()

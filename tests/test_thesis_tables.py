@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from ocl_bench.boards import board_path, read_rows, row_config
-from ocl_bench.config import load_config, read_toml
-from ocl_bench.grid import load_grid, run_grid
-from ocl_bench.leaderboard import load_leaderboard, render
-from ocl_bench.store import ResultStore
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.report.render import render
+from ocl_bench.run.boards import board_path, read_rows, row_config
+from ocl_bench.run.config import load_config, read_toml
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import ResultStore
 
 # Shapes at 16 px, a random 1-block MAGE over a tiny random VQGAN (an 8x8 token grid), tiny
 # slot attention and decoders, two training steps per cell.

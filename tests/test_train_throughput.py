@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ocl_bench.config import load_config
-from ocl_bench.event_log import EVENT_DIR
-from ocl_bench.throughput import ThroughputMeter
-from ocl_bench.train import train
+from ocl_bench.run.config import load_config
+from ocl_bench.run.event_log import EVENT_DIR
+from ocl_bench.run.throughput import ThroughputMeter
+from ocl_bench.run.train import train
 from tests.conftest import TINY
 
 
@@ -135,7 +135,7 @@ def test_meter_counts_only_marked_waits() -> None:
 
 @pytest.mark.parametrize("norm", ["inf", "2"])
 def test_clip_gradients_equals_torch_clip_grad_norm(norm: str) -> None:
-    from ocl_bench.train import clip_gradients
+    from ocl_bench.run.train import clip_gradients
 
     g = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.zeros(s)) for s in ((30, 7), (5,), (2, 3, 4))]
@@ -153,7 +153,7 @@ def test_clip_gradients_equals_torch_clip_grad_norm(norm: str) -> None:
 
 
 def test_fused_optimizer_is_used_and_steps_like_foreach() -> None:
-    from ocl_bench.train import make_optimizer
+    from ocl_bench.run.train import make_optimizer
 
     settings = load_config(None, TINY).train
     weights = [torch.nn.Parameter(torch.randn(40, 9)), torch.nn.Parameter(torch.randn(9))]

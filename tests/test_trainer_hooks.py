@@ -18,15 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ocl_bench import checkpoint
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_config, read_toml
-from ocl_bench.contracts import Progress
+from ocl_bench.api.contracts import Progress
+from ocl_bench.api.errors import DataError
 from ocl_bench.decoders.mlp import MLPDecoder
-from ocl_bench.errors import DataError
-from ocl_bench.evaluate import load_run
 from ocl_bench.objectives.reconstruction import Reconstruction
-from ocl_bench.train import lr_factor, parameter_groups, train
+from ocl_bench.run import checkpoint
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_config, read_toml
+from ocl_bench.run.evaluate import load_run
+from ocl_bench.run.train import lr_factor, parameter_groups, train
 from tests.conftest import TINY
 
 # learned queries: no slot-init noise, so splitting a batch changes nothing but rounding
@@ -175,7 +175,7 @@ def test_accumulate_2_with_half_batches_trains_as_accumulate_1(tmp_path: Path) -
 
 
 def test_accumulate_must_split_the_batch() -> None:
-    from ocl_bench.errors import ConfigError
+    from ocl_bench.api.errors import ConfigError
 
     with pytest.raises(ConfigError, match="accumulate"):
         load_config(None, [*TINY, "train.accumulate=3"])
@@ -338,7 +338,7 @@ def test_a_run_written_before_new_settings_existed_still_resumes(tmp_path: Path)
     result = train(load_config(None, [*TINY, "train.steps=3"]), run, progress=False)
     assert result.resumed_from == 2
     # a real change is still refused
-    from ocl_bench.errors import ConfigError
+    from ocl_bench.api.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.ema_decay"):
         train(load_config(None, [*TINY, "train.steps=4", "train.ema_decay=0.5"]), run, False)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ocl_bench import checkpoint
-from ocl_bench.config import load_config
-from ocl_bench.errors import ConfigError, TrainingDiverged
-from ocl_bench.evaluate import evaluate_run, load_run
-from ocl_bench.train import lr_factor, train
+from ocl_bench.api.errors import ConfigError, TrainingDiverged
+from ocl_bench.run import checkpoint
+from ocl_bench.run.config import load_config
+from ocl_bench.run.evaluate import evaluate_run, load_run
+from ocl_bench.run.train import lr_factor, train
 from tests.conftest import TINY
 
 
@@ -269,7 +269,7 @@ def test_checkpoints_load_weights_only(tmp_path: Path) -> None:
             return (os.system, ("echo pwned",))
 
     torch.save({"step": 1, "evil": Evil()}, state_path)
-    from ocl_bench.errors import DataError
+    from ocl_bench.api.errors import DataError
 
     with pytest.raises(DataError, match="state.pt"):
         checkpoint.load_state(state_path)

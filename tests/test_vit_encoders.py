@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ocl_bench.compose import check_compatible
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims
+from ocl_bench.api.contracts import Batch, Dims
+from ocl_bench.api.errors import DataError, IncompatiblePluginsError
 from ocl_bench.encoders.vit import ENCODERS, PRETRAINED, ViTParams
-from ocl_bench.errors import DataError, IncompatiblePluginsError
-from ocl_bench.feature_cache import FeatureCache, sample_id
+from ocl_bench.run.compose import check_compatible
+from ocl_bench.run.config import load_config
+from ocl_bench.run.feature_cache import FeatureCache, sample_id
 
 ARCH = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 SIZE = 32
@@ -402,8 +402,8 @@ def test_composer_accepts_feature_targets_from_a_vit() -> None:
 
 
 def test_tiny_training_run_with_a_frozen_vit(tmp_path: Path) -> None:
-    from ocl_bench.compose import build_model
-    from ocl_bench.train import train
+    from ocl_bench.run.compose import build_model
+    from ocl_bench.run.train import train
 
     cfg = load_config(None, [*VIT_RUN, "train.threads=1", "train.warmup_steps=1"])
     torch.manual_seed(cfg.seed)
@@ -413,7 +413,7 @@ def test_tiny_training_run_with_a_frozen_vit(tmp_path: Path) -> None:
     weights = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     # frozen: stored as a hash, not a copy; the run loads back with the same encoder
     assert not any(k.startswith("encoder.") for k in weights)
-    from ocl_bench.evaluate import load_run
+    from ocl_bench.run.evaluate import load_run
 
     _, loaded, _ = load_run(tmp_path / "run")
     vit_keys = [k for k in initial if k.startswith("encoder.vit.")]
@@ -544,7 +544,7 @@ def counting_one(vit) -> list[int]:
 
 
 def test_training_with_the_cache_gives_the_same_weights(tmp_path: Path) -> None:
-    from ocl_bench.train import train
+    from ocl_bench.run.train import train
 
     base = [*VIT_RUN, "train.threads=1", "train.warmup_steps=1"]
     train(load_config(None, base), tmp_path / "plain", progress=False)

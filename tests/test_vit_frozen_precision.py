@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.contracts import Batch, Dims
+from ocl_bench.api.contracts import Batch, Dims
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.encoders.vit import ENCODERS, ViTParams
-from ocl_bench.errors import ConfigError
-from ocl_bench.feature_cache import FeatureCache
+from ocl_bench.run.feature_cache import FeatureCache
 
 TINY = {"random_init": True, "embed_dim": 48, "depth": 2, "num_heads": 3, "image_size": 64}
 

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ocl_bench.checkpoint import frozen_modules
-from ocl_bench.errors import ConfigError, DataError
-from ocl_bench.feature_cache import FeatureCache, sample_ids
+from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.image_tokenizers.vqgan import (
     ENV_VAR,
     OFFICIAL_FILE,
     VQGANParams,
     VQGANTokenizer,
 )
-from ocl_bench.tokenizing import build_tokenizer
+from ocl_bench.run.checkpoint import frozen_modules
+from ocl_bench.run.feature_cache import FeatureCache, sample_ids
+from ocl_bench.run.registry import build_tokenizer
 
 # A tiny tokenizer: 16x16 images -> 4x4 ids over 32 codes; two levels with a channel
 # change in each direction, so both nin_shortcut blocks and an upsample exist.
@@ -121,7 +121,7 @@ def test_decode_without_clamp_returns_the_decoders_raw_values(how: str) -> None:
 
 
 def test_clamp_param_keeps_stored_config_hashes() -> None:
-    from ocl_bench.params import build_params, hashed_dict
+    from ocl_bench.api.params import build_params, hashed_dict
 
     default = build_params(VQGANTokenizer.Params, {}, "tokenizer")
     assert "clamp" not in hashed_dict(default)  # added in 0.2 at today's behaviour

@@ -1,6 +1,6 @@
 """A dataset plugin built from another one declares `wrapped_setting`, and leaderboard rows
 on it take the column's dataset and the command line's dataset settings through it: a
-second wrapping dataset, defined here, needs nothing of ocl_bench.boards beyond that."""
+second wrapping dataset, defined here, needs nothing of ocl_bench.run.boards beyond that."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-import ocl_bench.boards
-import ocl_bench.config
-from ocl_bench.boards import Row, row_raw
-from ocl_bench.config import resolve
-from ocl_bench.errors import ConfigError
-from ocl_bench.grid import load_grid
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.registry import PluginInfo, Registry, registry
+import ocl_bench.run.boards
+import ocl_bench.run.config
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.run.boards import Row, row_raw
+from ocl_bench.run.config import resolve
+from ocl_bench.run.grid import load_grid
+from ocl_bench.run.registry import PluginInfo, Registry, registry
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ def with_first_images(monkeypatch) -> Registry:
     reg = Registry(
         [*registry().infos, PluginInfo("dataset", "first_images", "tests", "0", FirstImages)]
     )
-    monkeypatch.setattr(ocl_bench.boards, "registry", lambda: reg)
-    monkeypatch.setattr(ocl_bench.config, "registry", lambda: reg)
+    monkeypatch.setattr(ocl_bench.run.boards, "registry", lambda: reg)
+    monkeypatch.setattr(ocl_bench.run.config, "registry", lambda: reg)
     return reg
 
 

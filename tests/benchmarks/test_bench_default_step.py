@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Progress
-from ocl_bench.data import StepBatchSampler, make_dataset
+from ocl_bench.api.contracts import Progress
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import StepBatchSampler, make_dataset
 
 # The default run before this benchmark existed, as overrides of today's default.
 OLD_DEFAULT = [

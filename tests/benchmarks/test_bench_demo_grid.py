@@ -28,12 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocl_bench.boards import demo_grid_path, load_grid
-from ocl_bench.compare import compare_rows
-from ocl_bench.contracts import Features
+from ocl_bench.api.contracts import Features
 from ocl_bench.groupings.slot_attention import Dims, SlotAttention, SlotAttentionParams
-from ocl_bench.leaderboard import load_leaderboard
-from ocl_bench.store import ResultStore
+from ocl_bench.report.compare import compare_rows
+from ocl_bench.report.leaderboard import load_leaderboard
+from ocl_bench.run.boards import demo_grid_path, load_grid
+from ocl_bench.run.store import ResultStore
 
 BUDGET_S = 6 * 60  # on a machine whose slot-attention benchmark reads REFERENCE_MS
 REFERENCE_MS = 35.0

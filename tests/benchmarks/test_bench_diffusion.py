@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Dims, Progress, Slots
-from ocl_bench.data import make_dataset
+from ocl_bench.api.contracts import Batch, Dims, Progress, Slots
 from ocl_bench.decoders.latent_diffusion import LatentDiffusionDecoder, LatentDiffusionParams
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import make_dataset
 
 TINY_LSD = [
     "dataset.image_size=32",

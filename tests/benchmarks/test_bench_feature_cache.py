@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocl_bench.contracts import Dims
+from ocl_bench.api.contracts import Dims
 from ocl_bench.datasets.shapes import ShapesDataset
 from ocl_bench.encoders.vit import ENCODERS, ViTParams
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_config
-from ocl_bench.data import make_dataset
-from ocl_bench.tasking import EvalContext
+from ocl_bench.api.tasking import EvalContext
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_config
+from ocl_bench.run.data import make_dataset
 from ocl_bench.tasks import fid as fidlib
 from ocl_bench.tasks.conditional_generation import (
     ConditionalGeneration,

@@ -19,8 +19,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from ocl_bench.datasets.captions import Prompt  # noqa: E402
-from ocl_bench.datasets.generate import Recipe, generate_item, tiny_pipeline  # noqa: E402
+from ocl_bench.datasets.generated.captions import Prompt  # noqa: E402
+from ocl_bench.datasets.generated.generate import Recipe, generate_item, tiny_pipeline  # noqa: E402
 from ocl_bench.objectives.glass_guidance import guidance_loss  # noqa: E402
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ocl_bench.slot_library import fit_centroids
+from ocl_bench.run.slot_library import fit_centroids
 
 
 def test_bench_kmeans_100k_slots_4096_centroids(benchmark) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.compose import build_model
-from ocl_bench.config import load_raw, resolve
-from ocl_bench.contracts import Batch, Progress
+from ocl_bench.api.contracts import Batch, Progress
+from ocl_bench.run.compose import build_model
+from ocl_bench.run.config import load_raw, resolve
 
 VIT_B = ["dataset.image_size=256", "encoder.image_size=256", "grouping.num_slots=7"]
 TINY = [

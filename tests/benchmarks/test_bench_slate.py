@@ -26,9 +26,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ocl_bench.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.contracts import Batch, Dims, Features, Slots
+from ocl_bench.api.params import build_params
 from ocl_bench.decoders.slate import SlateDecoder, SlateParams
-from ocl_bench.params import build_params
 from tests.benchmarks.timing import interleaved_cpu_seconds
 
 B, K, DS = 8, 7, 192

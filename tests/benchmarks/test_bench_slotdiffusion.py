@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.contracts import Batch, Dims, Slots
+from ocl_bench.api.contracts import Batch, Dims, Slots
+from ocl_bench.api.params import build_params
 from ocl_bench.decoders.slotdiffusion import SlotDiffusionDecoder, SlotDiffusionParams
-from ocl_bench.params import build_params
 
 SIZES = {
     "tiny": {"image": 32, "slots": 4, "slot_dim": 32, "values": {"tiny": True}},

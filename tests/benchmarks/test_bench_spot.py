@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ocl_bench.contracts import Dims, Features, Slots
+from ocl_bench.api.contracts import Dims, Features, Slots
 from ocl_bench.decoders.spot_ar import SpotARDecoder, SpotARParams
 
 B, GRID, D, K, DS = 8, (14, 14), 768, 7, 256

@@ -34,10 +34,10 @@ import pytest
 import torch
 from torch import nn
 
-from ocl_bench.compose import build_model, build_objectives
-from ocl_bench.config import load_config
-from ocl_bench.contracts import Batch, Progress
-from ocl_bench.train import clip_gradients, make_optimizer
+from ocl_bench.api.contracts import Batch, Progress
+from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.config import load_config
+from ocl_bench.run.train import clip_gradients, make_optimizer
 from tests.benchmarks.timing import interleaved_cpu_seconds
 from tests.official_checkout import dino_hub_like_vit
 
@@ -73,7 +73,7 @@ def _skip_unless_enabled(benchmark) -> None:
 
 
 def training_step(preset: str, overrides: list[str], images: torch.Tensor) -> Callable[[], float]:
-    """One optimiser step of `preset` as ocl_bench.train runs it (fp32, no accumulation)."""
+    """One optimiser step of `preset` as ocl_bench.run.train runs it (fp32, no accumulation)."""
     cfg = load_config(preset, [*STAGE1, *overrides])
     torch.manual_seed(0)
     model = build_model(cfg, tuple(images.shape[-2:])).train()

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ocl_bench.stats import paired_difference, summarize
-from ocl_bench.store import Cell, ResultStore
+from ocl_bench.report.stats import paired_difference, summarize
+from ocl_bench.run.store import Cell, ResultStore
 
 VALUES, RESAMPLES = 10_000, 10_000
 CELLS = 4  # the stored values are split over this many cells (VALUES // CELLS images each)

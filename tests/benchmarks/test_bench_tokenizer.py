@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ocl_bench.feature_cache import FeatureCache
 from ocl_bench.image_tokenizers.vqgan import VQGANParams, VQGANTokenizer
+from ocl_bench.run.feature_cache import FeatureCache
 
 BATCH, SIDE = 1, 256
 

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ocl_bench.hookspecs import hookimpl
-from ocl_bench.params import param
-from ocl_bench.plugin import Plugin
-from ocl_bench.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.hookspecs import hookimpl
+from ocl_bench.api.params import param
+from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
 
 
 @dataclass(frozen=True)

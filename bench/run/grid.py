@@ -1,0 +1,364 @@
+"""Running grids: every cell not yet stored is trained, evaluated and stored once.
+
+What a grid is (a base run config plus axes, or a published leaderboard's buildable rows)
+and how its cells are expanded lives in boards.py.
+
+Several grids may share one database (a grid launched twice, several cluster jobs): a
+process runs a cell only while it holds the cell's lease in the store, kept alive by a
+heartbeat thread and released when the cell ends however it ends. A cell leased by a live
+process elsewhere is skipped, or with `wait` waited for once everything else has run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ocl_bench.api.errors import ConfigError, UserError
+from ocl_bench.run.boards import Grid, GridCell, demo_grid_path, load_grid
+from ocl_bench.run.config import RunConfig, apply_overrides, resolve
+from ocl_bench.run.evaluate import evaluate, load_run
+from ocl_bench.run.registry import registry
+from ocl_bench.run.store import Cell, Claim, Lease, ResultStore
+from ocl_bench.run.train import train
+
+__all__ = ["Grid", "GridCell", "demo_grid_path", "load_grid", "run_cell", "run_grid"]
+
+# Seconds without a heartbeat after which another process takes a cell over (a dead
+# process on this host loses its cells at once: its pid is gone).
+LEASE_TIMEOUT = 300.0
+
+# What run_cell and run_grid report for a cell, besides "complete" and "failed" (its own run).
+STORED = "complete (stored)"  # complete before this grid started
+DONE_ELSEWHERE = "complete (elsewhere)"  # another process completed it while this grid ran
+FAILED_ELSEWHERE = "failed (elsewhere)"  # another process failed it while this grid ran
+RUNNING_ELSEWHERE = "running elsewhere"  # leased by a live process; not waited for
+SKIPPED = "skipped"  # needs a cell that is running elsewhere
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """How run_cell shares cells with other processes (picklable, for workers and jobs)."""
+
+    timeout: float = LEASE_TIMEOUT
+    wait: bool = False  # wait for a cell leased elsewhere instead of skipping it
+    since: float | None = None  # a failure stored after this time is reported, not retried
+
+    @property
+    def poll(self) -> float:
+        return min(2.0, self.timeout / 10)
+
+
+class _Heartbeat:
+    """Keeps a lease alive from a daemon thread while the cell trains."""
+
+    def __init__(self, store: ResultStore, lease: Lease, timeout: float, label: str) -> None:
+        self.store, self.lease, self.timeout, self.label = store, lease, timeout, label
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        # Several beats per timeout, so that one slow write does not lose the lease.
+        while not self._stop.wait(self.timeout / 5):
+            try:
+                held = self.store.heartbeat(self.lease, self.timeout)
+            except sqlite3.Error as err:
+                print(f"warning: lease heartbeat for '{self.label}': {err}", file=sys.stderr)
+                continue
+            if not held:
+                print(
+                    f"warning: the lease on '{self.label}' expired and was taken over; "
+                    "another process may be running it too",
+                    file=sys.stderr,
+                )
+                return
+
+
+def _waves(cells: list[GridCell]) -> list[list[GridCell]]:
+    """Cells grouped so that every cell runs in a later wave than the cells it needs."""
+    depth: dict[str, int] = {}
+
+    def level(cell: GridCell) -> int:
+        key = cell.config.digest()
+        if key not in depth:
+            depth[key] = 1 + max((level(d) for d in cell.needs.values()), default=-1)
+        return depth[key]
+
+    waves: dict[int, list[GridCell]] = {}
+    for cell in cells:
+        waves.setdefault(level(cell), []).append(cell)
+    return [waves[k] for k in sorted(waves)]
+
+
+def code_version() -> str | None:
+    """The git commit of the checkout, when there is one."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def plugin_versions(cfg: RunConfig) -> dict[str, str]:
+
+    reg = registry()
+    out = {}
+    choices = [cfg.dataset, cfg.encoder, cfg.grouping, cfg.decoder, *cfg.objectives, *cfg.tasks]
+    for c in choices:
+        info = reg.info(c.kind, c.name)
+        out[f"{c.kind}.{c.name}"] = f"{info.distribution} {info.version}"
+    return out
+
+
+def run_cell(
+    cell: GridCell,
+    grid_name: str,
+    runs_dir: Path,
+    db_path: Path,
+    progress: bool,
+    leases: LeaseSettings | None = None,
+) -> str:
+    """Train and evaluate one cell into the store unless another process holds it;
+    returns its status (see the constants above)."""
+    leases = leases or LeaseSettings()
+    store = ResultStore(db_path)
+    claim = _claim(store, cell, leases)
+    if claim.lease is None:
+        if claim.holder is not None:
+            return RUNNING_ELSEWHERE
+        return DONE_ELSEWHERE if claim.status == "complete" else FAILED_ELSEWHERE
+    outcome = "interrupted"  # what the lease history says if neither status is reached
+    try:
+        with _Heartbeat(store, claim.lease, leases.timeout, cell.label):
+            outcome = _run_claimed(cell, grid_name, runs_dir, store, progress)
+    finally:
+        store.release(claim.lease, outcome)
+    return outcome
+
+
+def status_detail(store: ResultStore, cell: GridCell, status: str) -> str | None:
+    """What to say under a cell's status: its error, who holds it, who finished it."""
+    digest = cell.config.digest()
+    if status in ("failed", FAILED_ELSEWHERE):
+        stored = store.get(digest)
+        error = stored.error_line if stored is not None else None
+        return error or "failed without an error message (see `ocl-bench results`)"
+    last = (store.leases(digest) or [None])[-1]
+    if status == RUNNING_ELSEWHERE and last is not None:
+        return f"held by {last.holder()}; --wait waits for it"
+    if status == DONE_ELSEWHERE and last is not None:
+        return f"run by host {last.host}, pid {last.pid}"
+    if status == SKIPPED:
+        held = [d.label for d in cell.needs.values()]
+        return f"needs {', '.join(held)}, not complete here"
+    return None
+
+
+def _claim(store: ResultStore, cell: GridCell, leases: LeaseSettings) -> Claim:
+    """The cell's lease, or what keeps us from it; with `wait`, waits out a live holder."""
+    told = False
+    while True:
+        claim = store.claim(cell.config.digest(), leases.timeout, failed_since=leases.since)
+        if claim.holder is None or not leases.wait:
+            return claim
+        if not told:
+            print(f"waiting for '{cell.label}': {claim.holder.holder()}", file=sys.stderr)
+            told = True
+        time.sleep(leases.poll)
+
+
+def _run_claimed(
+    cell: GridCell, grid_name: str, runs_dir: Path, store: ResultStore, progress: bool
+) -> str:
+
+    cfg = cell.config
+    digest = cfg.digest()
+    run_dir = runs_dir / digest
+    store.start(
+        Cell(
+            config_hash=digest,
+            config=cfg.to_dict(),
+            plugins=plugin_versions(cfg),
+            dataset=cfg.dataset.name,
+            split=cfg.eval.split,
+            seed=cfg.seed,
+            status="running",
+            grid=grid_name,
+            label=cell.label,
+            code_version=code_version(),
+            run_dir=str(run_dir),
+        )
+    )
+    try:
+        cfg = _resolve_needs(cell, store, runs_dir)
+        train(cfg, run_dir, progress=progress)
+        cfg2, model, step = load_run(run_dir)
+        metrics = evaluate(cfg2, model, run_dir, step, progress=progress)
+    except Exception as err:  # a failing cell is recorded and the grid goes on
+        detail = str(err) if isinstance(err, UserError) else traceback.format_exc(limit=3)
+        store.fail(digest, f"{type(err).__name__}: {detail}")
+        return "failed"
+    store.complete(digest, metrics["records"])
+    return "complete"
+
+
+def _resolve_needs(cell: GridCell, store: ResultStore, runs_dir: Path) -> RunConfig:
+    """The cell's config with each "@PRESET" replaced by that (complete) run's directory."""
+    if not cell.needs:
+        return cell.config
+    paths = []
+    for key, dep in cell.needs.items():
+        stored = store.get(dep.config.digest())
+        if stored is None or stored.status != "complete":
+            state = "not run" if stored is None else stored.status
+            raise UserError(f"{key}: the run it needs ({dep.label}) is {state}")
+        where = Path(stored.run_dir or runs_dir / dep.config.digest()).resolve()
+        paths.append(f"{key}={json.dumps(str(where))}")
+    return resolve(apply_overrides(cell.config.raw, paths))
+
+
+def run_grid(
+    grid: Grid,
+    db_path: Path,
+    runs_dir: Path,
+    workers: int = 1,
+    executor: str = "local",
+    slurm: dict[str, Any] | None = None,
+    progress: bool = True,
+    wait: bool = False,
+    lease_timeout: float = LEASE_TIMEOUT,
+) -> dict[str, str]:
+    """Run every cell not yet complete in the store; label -> status.
+
+    Cells another live process holds are skipped, or with `wait` waited for after the
+    rest of their wave has run (then reported as that process left them)."""
+    if executor not in ("local", "submitit"):
+        raise ConfigError(f"unknown executor '{executor}'; use 'local' or 'submitit'")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if lease_timeout <= 0:
+        raise ConfigError(f"the lease timeout must be positive, got {lease_timeout}")
+    leases = LeaseSettings(lease_timeout, wait=False, since=time.time())
+    store = ResultStore(db_path)
+    todo: list[GridCell] = []
+    statuses: dict[str, str] = {}
+    for cell in grid.cells:
+        if store.status(cell.config.digest()) == "complete":
+            statuses[cell.label] = STORED
+        else:
+            todo.append(cell)
+
+    def run(cells: list[GridCell], leases: LeaseSettings) -> None:
+        if executor == "submitit":
+            statuses.update(_run_submitit(grid.name, cells, db_path, runs_dir, slurm or {}, leases))
+        elif workers == 1:
+            for cell in cells:
+                statuses[cell.label] = run_cell(
+                    cell, grid.name, runs_dir, db_path, progress, leases
+                )
+        else:
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from multiprocessing import get_context
+
+            with ProcessPoolExecutor(
+                workers,
+                mp_context=get_context("spawn"),
+                initializer=share_cores,
+                initargs=(workers,),
+            ) as pool:
+                futures = {
+                    cell.label: pool.submit(
+                        run_cell, cell, grid.name, runs_dir, db_path, False, leases
+                    )
+                    for cell in cells
+                }
+                if progress:  # workers draw no progress bars: say when each cell ends
+                    print(f"{len(cells)} cells on {workers} workers", file=sys.stderr)
+                    for fut in as_completed(futures.values()):
+                        label = next(k for k, v in futures.items() if v is fut)
+                        print(f"  {fut.result()}: {label}", file=sys.stderr)
+                for label, fut in futures.items():
+                    statuses[label] = fut.result()
+
+    for wave in _waves(todo):  # a cell's teacher runs (and is stored) before the cell
+        ready = []
+        for cell in wave:
+            blocked = any(
+                statuses.get(dep.label) in (RUNNING_ELSEWHERE, SKIPPED)
+                for dep in cell.needs.values()
+            )
+            if blocked:
+                statuses[cell.label] = SKIPPED
+            else:
+                ready.append(cell)
+        run(ready, leases)
+        held = [c for c in ready if statuses[c.label] == RUNNING_ELSEWHERE]
+        if wait and held:
+            run(held, replace(leases, wait=True))
+    return statuses
+
+
+def share_cores(workers: int) -> None:
+    """Give one of `workers` local processes its share of the CPU cores as torch threads.
+
+    Each process would otherwise start one thread per core: on 2 cores, 2 processes of 2
+    threads each wait on each other's threads, while 1 thread each keeps both cores busy
+    with no synchronisation (small CPU models gain little from a second intra-op thread).
+    A cell's own train.threads, when set, still wins (train() applies it later)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // workers))
+
+
+def _run_submitit(
+    name: str,
+    cells: list[GridCell],
+    db_path: Path,
+    runs_dir: Path,
+    slurm: dict[str, Any],
+    leases: LeaseSettings,
+) -> dict[str, str]:
+    """One Slurm job per cell ('local' cluster runs them as local processes, for tests)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(
+            "--executor submitit needs the 'submitit' package: pip install submitit"
+        ) from None
+    folder = runs_dir / "submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster=slurm.get("cluster"))
+    params: dict[str, Any] = {"timeout_min": slurm.get("time", 60)}
+    if slurm.get("partition"):
+        params["slurm_partition"] = slurm["partition"]
+    if slurm.get("gpus"):
+        params["gpus_per_node"] = slurm["gpus"]
+    executor.update_parameters(**params)
+    jobs = [
+        (cell.label, executor.submit(run_cell, cell, name, runs_dir, db_path, False, leases))
+        for cell in cells
+    ]
+    return {label: job.result() for label, job in jobs}
