@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ocl_bench.api.contracts import Batch
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Dataset
 from ocl_bench.datasets import collate as collate_samples
 
 # What every segmentation dataset yields (coco and voc exactly; shapes adds its properties
@@ -30,7 +30,7 @@ SEGMENTATION_PROVIDES = frozenset(
 )
 
 
-class DatasetPlugin(Plugin):
+class DatasetPlugin(Dataset):
     """Base of the dataset plugins: length, image size, collate and property specs."""
 
     params: Any

@@ -45,7 +45,7 @@ from ocl_bench.api.diffusion import tiny_unet_and_vae
 from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.weights import hf_hub_cache_dir, state_sha256
 from ocl_bench.decoders import diffusion
 from ocl_bench.run.feature_cache import FeatureCache, sample_ids
@@ -159,7 +159,7 @@ def tiny_models(
         return tiny_unet_and_vae(width, latent_side, image_side)
 
 
-class LatentDiffusionDecoder(nn.Module, Plugin):
+class LatentDiffusionDecoder(nn.Module, Decoder):
     """Slots condition a Stable Diffusion UNet (StableLSD): denoising in VAE latents."""
 
     kind = "decoder"

@@ -50,7 +50,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features, Slots, TokenPredictio
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 from ocl_bench.encoders.mage import (
     MageBlock,
     MageEncoder,
@@ -118,7 +118,7 @@ class MageDecoderParams:
     )
 
 
-class MageDecoder(nn.Module, Plugin):
+class MageDecoder(nn.Module, Decoder):
     """MAGE decoder + tied MLM head over the codebook, conditioned on slots; MaskGIT sampling."""
 
     kind = "decoder"

@@ -12,7 +12,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput,
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.layers import grid_coords, mlp, patchify, unpatchify
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class MLPDecoderParams:
     )
 
 
-class MLPDecoder(nn.Module, Plugin):
+class MLPDecoder(nn.Module, Decoder):
     """Per-slot MLP over a learned position code, mixed by softmax alpha masks."""
 
     kind = "decoder"

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, Dims, Features, Slots, TokenPrediction
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.run.registry import build_tokenizer
 
@@ -203,7 +203,7 @@ class SlateParams:
     )
 
 
-class SlateDecoder(nn.Module, Plugin):
+class SlateDecoder(nn.Module, Decoder):
     """SLATE: autoregressive transformer over its own dVAE's tokens, conditioned on slots."""
 
     kind = "decoder"

@@ -54,7 +54,7 @@ from ocl_bench.api.contracts import Batch, Denoising, Dims, Features, Slots
 from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.weights import read_state_dict, state_sha256
 from ocl_bench.decoders.diffusion import (
     drop_conditions,
@@ -144,7 +144,7 @@ class SlotDiffusionParams:
     )
 
 
-class SlotDiffusionDecoder(nn.Module, Plugin):
+class SlotDiffusionDecoder(nn.Module, Decoder):
     """SlotDiffusion: slots condition a UNet that denoises its own VQ-VAE's latents."""
 
     kind = "decoder"

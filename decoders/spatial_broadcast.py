@@ -11,7 +11,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput,
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.layers import SoftPositionEmbed
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class SpatialBroadcastParams:
     broadcast_size: int = param(8, "side of the grid each slot is broadcast to", ge=1)
 
 
-class SpatialBroadcastDecoder(nn.Module, Plugin):
+class SpatialBroadcastDecoder(nn.Module, Decoder):
     """Broadcast, upsample with transposed convs to the image, alpha-composite the slots."""
 
     kind = "decoder"

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Decoder
 
 # The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
 ORDER_NAMES = (
@@ -379,7 +379,7 @@ class SpotARParams:
     )
 
 
-class SpotARDecoder(nn.Module, Plugin):
+class SpotARDecoder(nn.Module, Decoder):
     """SPOT's autoregressive transformer decoder over encoder features, 9 patch orders."""
 
     kind = "decoder"

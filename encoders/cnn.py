@@ -10,7 +10,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.layers import SoftPositionEmbed, mlp
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Encoder
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class CNNParams:
     dim: int = param(64, "token dimension after the position MLP", ge=1)
 
 
-class CNNEncoder(nn.Module, Plugin):
+class CNNEncoder(nn.Module, Encoder):
     """CNN + soft position embedding + MLP; tokens on an (H/p) x (W/p) grid."""
 
     kind = "encoder"

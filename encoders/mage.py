@@ -63,7 +63,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features, TokenState
 from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Encoder
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.api.weights import file_sha256
 from ocl_bench.run.feature_cache import FeatureCache
@@ -355,7 +355,7 @@ class MageParams:
     )
 
 
-class MageEncoder(nn.Module, Plugin):
+class MageEncoder(nn.Module, Encoder):
     """MAGE ViT-B/16 over VQGAN ids: visible-token features, and a masked pass for MAGE."""
 
     kind = "encoder"

@@ -33,7 +33,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features
 from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Encoder
 from ocl_bench.api.weights import (
     cached_hf_file,
     hf_hub_cache_dir,
@@ -174,7 +174,7 @@ def _embed(vit: nn.Module, x: Tensor) -> Tensor:
     return vit.norm_pre(x)
 
 
-class ViTEncoder(nn.Module, Plugin):
+class ViTEncoder(nn.Module, Encoder):
     """A pretrained timm ViT; patch tokens of one block (CLS and registers removed)."""
 
     kind = "encoder"

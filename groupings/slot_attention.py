@@ -43,7 +43,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features, Slots
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.layers import mlp
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Grouping
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class SlotAttentionParams:
     )
 
 
-class SlotAttention(nn.Module, Plugin):
+class SlotAttention(nn.Module, Grouping):
     """Iterative competitive attention of K slots over the encoder tokens."""
 
     kind = "grouping"

@@ -33,7 +33,7 @@ from ocl_bench.api.contracts import Batch, ModelOutput, Progress, Reconstruction
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import build_params, param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class AuxiliaryDecoderParams:
     weight: float = param(1.0, "multiplier of its reconstruction MSE in the total", ge=0)
 
 
-class AuxiliaryDecoder(nn.Module, Plugin):
+class AuxiliaryDecoder(nn.Module, Objective):
     """The reconstruction loss of a second decoder (SPOT's) on the model's slots."""
 
     kind = "objective"

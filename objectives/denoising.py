@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, Denoising, ModelOutput, Progress
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class DenoisingParams:
     weight: float = param(1.0, "multiplier of this loss in the total", ge=0)
 
 
-class DenoisingLoss(nn.Module, Plugin):
+class DenoisingLoss(nn.Module, Objective):
     """The diffusion training loss: MSE between prediction and target, over every element."""
 
     kind = "objective"

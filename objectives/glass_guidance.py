@@ -33,7 +33,7 @@ from ocl_bench.api.contracts import Batch, ModelOutput, Progress
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.matching import hungarian_match, mask_iou
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 NEEDS = {
     "pseudo_masks": {"batch.class_masks", "batch.ignore_mask", "batch.generated"},
@@ -130,7 +130,7 @@ def guidance_loss(
     return (bce * weight).sum() / weight.sum().clamp_min(1), pairs
 
 
-class GlassGuidance(nn.Module, Plugin):
+class GlassGuidance(nn.Module, Objective):
     """BCE between Hungarian-matched slot attention and (pseudo) object masks (GLASS)."""
 
     kind = "objective"

@@ -44,7 +44,7 @@ from ocl_bench.api.contracts import Batch, ModelOutput, Progress, TokenPredictio
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 from ocl_bench.run.slot_library import SlotLibrary, library_file, load_library
 
 
@@ -67,7 +67,7 @@ class MaskedSlotsParams:
     slot_weight: float = param(1.0, "weight of the hidden slots' centroid-id cross-entropy", ge=0)
 
 
-class MaskedSlots(nn.Module, Plugin):
+class MaskedSlots(nn.Module, Objective):
     """Stage-2 token loss with prob. p, else predict hidden slots' k-means ids from centroids."""
 
     kind = "objective"

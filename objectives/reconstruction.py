@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, ModelOutput, Progress, ReconstructionOutput
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class ReconstructionParams:
     weight: float = param(1.0, "multiplier of this loss in the total", ge=0)
 
 
-class Reconstruction(nn.Module, Plugin):
+class Reconstruction(nn.Module, Objective):
     """MSE on whatever the decoder reconstructs (pixels or encoder features)."""
 
     kind = "objective"

@@ -37,7 +37,7 @@ from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.matching import hungarian_match, mask_overlap
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def cosine_weight(start: float, end: float, step: int, total: int) -> float:
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * step / total))
 
 
-class SpotSelfTraining(nn.Module, Plugin):
+class SpotSelfTraining(nn.Module, Objective):
     """SPOT self-training: cross-entropy of slot-attention logits on teacher A_dec masks."""
 
     kind = "objective"

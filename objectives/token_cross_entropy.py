@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, ModelOutput, Progress, TokenPrediction
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class TokenCrossEntropyParams:
     )
 
 
-class TokenCrossEntropy(nn.Module, Plugin):
+class TokenCrossEntropy(nn.Module, Objective):
     """Cross-entropy over the vocabulary, averaged over the predicted positions only."""
 
     kind = "objective"

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ocl_bench.api.contracts import Batch, ModelOutput, Progress
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Objective
 
 PREFIX = "tokenizer_loss."
 
@@ -25,7 +25,7 @@ class TokenizerLossParams:
     weight: float = param(1.0, "multiplier of every tokenizer loss in the total", ge=0)
 
 
-class TokenizerLoss(nn.Module, Plugin):
+class TokenizerLoss(nn.Module, Objective):
     """Adds the decoder's tokenizer losses (a dVAE's pixel MSE) to the total."""
 
     kind = "objective"

@@ -24,8 +24,7 @@ from ocl_bench.api.contracts import GenerativeDecoder, Slots, recombine_slots
 from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param, to_dict
-from ocl_bench.api.plugin import Plugin
-from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 from ocl_bench.tasks import fid as fidlib
 
 FID_MODES = ("required", "if_available", "off")
@@ -82,10 +81,27 @@ class ConditionalGenerationParams:
     )
 
 
-class ConditionalGeneration(Plugin):
+class ConditionalGeneration(Task):
     """Images generated from slots vs the real images: FID, PSNR, SSIM, a figure."""
 
-    kind = "task"
+    metrics = (
+        Metric(
+            "fid",
+            "Frechet Inception distance of generated to real images",
+            higher_is_better=False,
+            headline=True,
+        ),
+        Metric("psnr", "PSNR of each generated image to its real one", unit="dB"),
+        Metric("ssim", "SSIM of each generated image to its real one"),
+        Metric(
+            "centroid_fid",
+            "fid with slots replaced by their slot-library centroids",
+            higher_is_better=False,
+        ),
+        Metric("centroid_psnr", "psnr with slot-library centroids", unit="dB"),
+        Metric("centroid_ssim", "ssim with slot-library centroids"),
+    )
+    figures = ("figures/conditional_generation.png", "figures/conditional_generation_centroids.png")
     name = "conditional_generation"
     Params = ConditionalGenerationParams
     requires = frozenset({"generation.images"})
@@ -121,8 +137,7 @@ class ConditionalGeneration(Plugin):
             Path(p.fid_cache).expanduser() if p.fid_cache else fidlib.default_cache_dir()
         )
         # How the decoder samples (its defaults filled in: solver, steps, guidance, size).
-        describe = getattr(decoder, "sampling_protocol", None)
-        sampling = describe(p.steps, p.guidance_scale) if callable(describe) else {}
+        sampling = decoder.sampling_protocol(p.steps, p.guidance_scale)
         key = reference = None
         if extractor is not None:
             data_params = to_dict(data.params) if hasattr(data, "params") else {}

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
-from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,
@@ -59,10 +58,65 @@ class ObjectDiscoveryParams:
     )
 
 
-class ObjectDiscovery(Plugin):
+class ObjectDiscovery(Task):
     """Unsupervised segmentation quality of slot masks against instance masks."""
 
-    kind = "task"
+    metrics = (
+        Metric(
+            "fg_ari",
+            "adjusted Rand index over foreground pixels",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "mbo_i",
+            "mean best overlap with instance masks",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "mbo_c",
+            "mean best overlap with class masks",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "miou",
+            "mean IoU of Hungarian-matched slots and instances",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "miou_c",
+            "mean IoU of Hungarian-matched slots and class masks",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+        ),
+        Metric(
+            "corloc",
+            "share of images whose best slot has IoU > 0.5 with some object",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+        ),
+        Metric(
+            "detection_rate",
+            "share of objects some slot overlaps with IoU > 0.5",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+        ),
+    )
+    validation_probe = True
     name = "object_discovery"
     Params = ObjectDiscoveryParams
     requires = frozenset({"batch.instance_masks"})

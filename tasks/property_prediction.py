@@ -38,8 +38,7 @@ from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.matching import hungarian_match, label_overlap
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
-from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 from ocl_bench.tasks.object_discovery_metrics import masks_to_pred
 
 CATEGORY = "category"
@@ -118,10 +117,25 @@ def _pairs(images: list[_Image], t: float, name: str) -> tuple[Tensor, Tensor] |
     return x, y
 
 
-class PropertyPrediction(Plugin):
+class PropertyPrediction(Task):
     """Probe frozen slots for object properties (accuracy / R^2) after IoU matching."""
 
-    kind = "task"
+    # `_iouNN` variants come from `iou_thresholds`, one probe per threshold.
+    metrics = (
+        Metric(
+            "detection_rate",
+            "share of test objects some slot matches at the IoU",
+            unit="%",
+            scale=100.0,
+        ),
+        Metric(
+            "detection_rate_iou*", "detection_rate at IoU threshold NN/100", unit="%", scale=100.0
+        ),
+        Metric("*_acc", "probe accuracy of a categorical property", unit="%", scale=100.0),
+        Metric("*_acc_iou*", "probe accuracy at IoU threshold NN/100", unit="%", scale=100.0),
+        Metric("*_r2", "probe R^2 of a continuous property"),
+        Metric("*_r2_iou*", "probe R^2 at IoU threshold NN/100"),
+    )
     name = "property_prediction"
     Params = PropertyPredictionParams
     requires = frozenset({"slots.slots"})

@@ -28,8 +28,7 @@ from ocl_bench.api.contracts import TokenPrediction
 from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
-from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,32 @@ class TokenReconstructionParams:
     )
 
 
-class TokenReconstruction(Plugin):
+class TokenReconstruction(Task):
     """Masked-token cross-entropy of a token-prediction decoder on the evaluation images."""
 
-    kind = "task"
+    metrics = (
+        Metric(
+            "reconstruction_loss",
+            "the training loss (label smoothing included) on masked tokens",
+            higher_is_better=False,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "masked_token_ce",
+            "cross-entropy on masked tokens, no label smoothing",
+            higher_is_better=False,
+            per_image=True,
+            headline=True,
+        ),
+        Metric(
+            "masked_token_accuracy",
+            "share of masked tokens predicted exactly",
+            unit="%",
+            scale=100.0,
+            per_image=True,
+        ),
+    )
     name = "token_reconstruction"
     Params = TokenReconstructionParams
     requires = frozenset({"decoding.logits", "decoding.target_ids", "decoding.predicted"})

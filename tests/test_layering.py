@@ -52,6 +52,12 @@ def _layer(module: str) -> int | None:
     return LAYERS.get(parts[1]) if len(parts) > 1 else None
 
 
+def _package(module: str) -> str:
+    """The folder under ocl_bench a module lives in ('' for the package root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def _imports(path: Path) -> list[tuple[str, bool]]:
     """(imported ocl_bench module, inside a function) for every import in `path`."""
     tree = ast.parse(path.read_text())
@@ -90,7 +96,7 @@ def test_imports_go_down_the_layers(module: str) -> None:
     upward = [
         target
         for target, _ in _imports(MODULES[module])
-        if (_layer(target) or 0) > own and target.split(".")[1] in LAYERS
+        if _package(target) in LAYERS and (_layer(target) or 0) > own
     ]
     assert not upward, f"{module} (layer {own}) imports from a layer above it: {upward}"
 
@@ -104,7 +110,7 @@ def test_no_import_inside_a_function(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_core_names_no_plugin(module: str) -> None:
     named = {
-        target for target, _ in _imports(MODULES[module]) if target.split(".")[1] in PLUGIN_PACKAGES
+        target for target, _ in _imports(MODULES[module]) if _package(target) in PLUGIN_PACKAGES
     }
     if _layer(module) == LAYERS["cli"]:
         named -= CLI_PLUGIN_IMPORTS

@@ -20,6 +20,7 @@ from torch import nn
 
 from ocl_bench.api.contracts import Progress
 from ocl_bench.api.errors import DataError
+from ocl_bench.api.plugin import ModelPart
 from ocl_bench.decoders.mlp import MLPDecoder
 from ocl_bench.objectives.reconstruction import Reconstruction
 from ocl_bench.run import checkpoint
@@ -55,7 +56,7 @@ def optimizer_groups(run: Path) -> list[dict]:
 # --- parameter groups ------------------------------------------------------------------
 
 
-class _Block(nn.Module):
+class _Block(nn.Module, ModelPart):
     def __init__(self) -> None:
         super().__init__()
         self.proj = nn.Linear(4, 4)

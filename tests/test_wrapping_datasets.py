@@ -14,7 +14,7 @@ import ocl_bench.run.boards
 import ocl_bench.run.config
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Dataset
 from ocl_bench.run.boards import Row, row_raw
 from ocl_bench.run.config import resolve
 from ocl_bench.run.grid import load_grid
@@ -28,7 +28,7 @@ class FirstParams:
     count: int = param(4, "how many of the source's images", ge=1)
 
 
-class FirstImages(Plugin):
+class FirstImages(Dataset):
     """The first `count` images of another dataset: the smallest dataset built from one."""
 
     kind = "dataset"

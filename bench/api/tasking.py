@@ -1,17 +1,21 @@
-"""What a task plugin receives (EvalContext) and returns (TaskResult)."""
+"""The task contract: the Task base class, the metrics a task declares (Metric), what it
+receives (EvalContext) and what it returns (TaskResult of MetricRecords)."""
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ocl_bench.api.contracts import Batch, ModelOutput
+from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.plugin import Plugin
 from ocl_bench.api.runtime import autocast
 
 
@@ -79,3 +83,60 @@ def ordered_loader(dataset: Any, count: int, batch_size: int) -> DataLoader:
     n = len(dataset) if count <= 0 else min(count, len(dataset))
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A number a task reports, as leaderboards, comparisons and figures need to know it.
+
+    `name` is the stored metric name, or a glob for a family of names ("*_acc_iou*").
+    Stored values are multiplied by `scale` for display (fractions shown in percent: 100).
+    """
+
+    name: str
+    doc: str
+    higher_is_better: bool = True
+    unit: str = ""  # after scaling: "%", "" for a plain number
+    scale: float = 1.0
+    per_image: bool = False  # a value per evaluated image is stored (intervals, pairing)
+    headline: bool = False  # shown by default: grid columns, `results`, training progress
+
+
+class Task(Plugin):
+    """Base of task plugins: `evaluate(ctx)` scores a trained model.
+
+    A task declares its `metrics`; the core knows metrics only through them. A task cheap
+    enough to score while training sets `validation_probe = True` (object discovery): a
+    run's `train.eval_every` scores it on held-out images. The run's own figure of slot
+    masks is drawn by the core; a task writes its other figures itself and lists them in
+    TaskResult.figures (the files it draws are named in `figures`).
+    """
+
+    kind: ClassVar[str] = "task"
+    metrics: ClassVar[tuple[Metric, ...]] = ()
+    figures: ClassVar[tuple[str, ...]] = ()
+    validation_probe: ClassVar[bool] = False
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    def evaluate(self, ctx: EvalContext) -> TaskResult:
+        """Score ctx.model on ctx's dataset; records carry the metric names declared."""
+        raise NotImplementedError
+
+    @classmethod
+    def metric(cls, name: str) -> Metric:
+        """The declared Metric of stored metric `name` (an exact name before a glob)."""
+        for m in cls.metrics:
+            if m.name == name:
+                return m
+        for m in cls.metrics:
+            if fnmatch.fnmatchcase(name, m.name):
+                return m
+        declared = ", ".join(m.name for m in cls.metrics) or "none"
+        raise ConfigError(f"task '{cls.name}' reports no metric '{name}'; it declares: {declared}")
+
+    @classmethod
+    def headline_metrics(cls) -> list[Metric]:
+        """The metrics shown by default, in declaration order."""
+        return [m for m in cls.metrics if m.headline]

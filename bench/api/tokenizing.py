@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ocl_bench.api.errors import ConfigError
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import ModelPart
 
 
-class ImageTokenizer(Plugin, nn.Module):
+class ImageTokenizer(ModelPart, nn.Module):
     """Base class of tokenizer plugins.
 
     Subclasses set `name`, `Params`, `vocab_size` and `downsample` (pixels per token side)

@@ -169,9 +169,9 @@ def _wrapped(raw: dict[str, Any], text: str) -> str:
         cls = reg.get("dataset", raw.get("dataset", {}).get("name", ""))
     except UnknownPluginError:
         return text
-    route = getattr(cls, "wrapped_setting", None)
+    route = cls.wrapped_setting
     key = parts[1]
-    if route is None or (key != "name" and key in _param_names(cls)):
+    if route("name") is None or (key != "name" and key in _param_names(cls)):
         return text
     datasets = (reg.get("dataset", n) for n in reg.names("dataset"))
     if key != "name" and not any(key in _param_names(c) for c in datasets):

@@ -62,7 +62,7 @@ class SlotModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         features = self.encoder(batch)
         # a grouping that sizes itself per image (dynamic slot counts) reads the batch too
-        if getattr(self.grouping, "reads_batch", False):
+        if self.grouping.reads_batch:
             slots = self.grouping(features, batch)
         else:
             slots = self.grouping(features)
@@ -95,9 +95,7 @@ def build_model(cfg: RunConfig, image_size: tuple[int, int], channels: int = 3) 
 def _connect(parts: Iterable[nn.Module], model: SlotModel) -> None:
     """Hand `model` to every part that defines `connect(model)`."""
     for part in parts:
-        connect = getattr(part, "connect", None)
-        if callable(connect):
-            connect(model)
+        part.connect(model)
 
 
 def build_objectives(cfg: RunConfig, model: SlotModel | None = None) -> nn.ModuleList:

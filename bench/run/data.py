@@ -19,8 +19,7 @@ def evaluation_dataset(choice: PluginChoice, split: str) -> Any:
     """What evaluation tasks read of `split`. A dataset plugin whose split is synthetic names
     its real counterpart with a classmethod `for_evaluation(params, split)` (the generated
     dataset: the source's real train images, which a property probe fits on)."""
-    view = getattr(choice.cls, "for_evaluation", None)
-    return view(choice.params, split) if callable(view) else make_dataset(choice, split)
+    return choice.cls.for_evaluation(choice.params, split)
 
 
 class StepBatchSampler(Sampler[list[int]]):

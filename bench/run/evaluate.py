@@ -15,7 +15,7 @@ import torch
 
 from ocl_bench.api.errors import ConfigError, DataError, UnknownPluginError
 from ocl_bench.api.runtime import resolve_device, seed_everything
-from ocl_bench.api.tasking import EvalContext, MetricRecord
+from ocl_bench.api.tasking import EvalContext, MetricRecord, Task
 from ocl_bench.run import checkpoint
 from ocl_bench.run.compose import SlotModel, build_model, build_objectives
 from ocl_bench.run.config import RunConfig, load_config, read_toml
@@ -182,6 +182,22 @@ def evaluate(
     return metrics
 
 
+def probe_task(cfg: RunConfig) -> Task:
+    """The task a run scores while training: its config's first validation-probe task, else
+    the first registered one at its default params."""
+    for choice in cfg.tasks:
+        if choice.cls.validation_probe:
+            return choice.cls(choice.params)
+    reg = registry()
+    for name in reg.names("task"):
+        cls = reg.get("task", name)
+        if cls.validation_probe:
+            return cls(cls.Params())
+    raise ConfigError(
+        "train.eval_every needs a task that can score while training; none is installed"
+    )
+
+
 def validation_probe(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device, num_images: int
 ) -> Callable[[], dict[str, float]]:
@@ -189,12 +205,10 @@ def validation_probe(
     eval split, for measuring while training. The dataset is opened once, here.
 
     Each call runs under a forked RNG and gives the model back in training mode, so a run
-    measured this way trains exactly as one that is not. Uses the config's
-    object_discovery task (its default params when the config has none)."""
-    from ocl_bench.tasks.object_discovery import ObjectDiscovery
-
-    choice = next((c for c in cfg.tasks if c.name == ObjectDiscovery.name), None)
-    task = ObjectDiscovery(choice.params if choice else ObjectDiscovery.Params())
+    measured this way trains exactly as one that is not. Scores the config's first task
+    that is a validation probe (Task.validation_probe: object discovery), else such a task
+    with its default params."""
+    task = probe_task(cfg)
     data = make_dataset(cfg.dataset, cfg.eval.split)
     ctx = EvalContext(
         model=model,

@@ -172,10 +172,10 @@ def evaluated_dataset(raw: dict[str, Any], reg: Registry) -> tuple[str, str]:
         cls = reg.get("dataset", name)
     except UnknownPluginError:
         return name, "dataset"
-    route = getattr(cls, "wrapped_setting", None)
-    if route is None:
+    source_key = cls.wrapped_setting("name")
+    if source_key is None:
         return name, "dataset"
-    source_key = route("name")
+    route = cls.wrapped_setting
     source = section.get(source_key, _default(cls, source_key))
     inner = route("KEY")  # where a param of the wrapped dataset goes: "source_params.KEY"
     prefix = "dataset." + inner[: -len(".KEY")] if inner.endswith(".KEY") else "dataset"

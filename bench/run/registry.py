@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata as md
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -13,8 +14,40 @@ import pluggy
 from ocl_bench.api import hookspecs
 from ocl_bench.api.errors import UnknownPluginError
 from ocl_bench.api.params import build_params, describe
-from ocl_bench.api.plugin import KINDS
+from ocl_bench.api.plugin import KINDS, Dataset, Decoder, Encoder, Grouping, Objective
+from ocl_bench.api.tasking import Task
 from ocl_bench.api.tokenizing import ImageTokenizer
+
+# The base class of each kind, where its optional hooks are declared (importers have none).
+KIND_BASES: dict[str, type] = {
+    "dataset": Dataset,
+    "tokenizer": ImageTokenizer,
+    "encoder": Encoder,
+    "grouping": Grouping,
+    "decoder": Decoder,
+    "objective": Objective,
+    "task": Task,
+}
+
+
+def with_kind_base(cls: type) -> type:
+    """`cls`, or for a plugin written before the kind base classes existed (a subclass of
+    Plugin only), a subclass of it and its kind's base: the hooks' no-op defaults fill in
+    what it does not define, so the core calls every hook without probing. Warns once."""
+    base = KIND_BASES.get(cls.kind)
+    if base is None or issubclass(cls, base):
+        return cls
+    warnings.warn(
+        f"{cls.kind} plugin '{cls.name}' ({cls.__module__}.{cls.__qualname__}) subclasses"
+        f" Plugin; subclass ocl_bench.api.{base.__module__.rsplit('.', 1)[-1]}."
+        f"{base.__name__} instead (its optional hooks are declared there)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    adapted = type(cls.__name__, (cls, base), {"__module__": cls.__module__})
+    adapted.__qualname__ = cls.__qualname__
+    adapted.__doc__ = cls.__doc__
+    return adapted
 
 
 @dataclass(frozen=True)
@@ -97,7 +130,7 @@ def _collect(
             why = f"missing {', '.join(bad)}" if bad else f"bad kind {cls.kind!r} or Params"
             infos.append(PluginInfo("?", getattr(cls, "name", ep.name), dist, version, None, why))
             continue
-        infos.append(PluginInfo(cls.kind, cls.name, dist, version, cls))
+        infos.append(PluginInfo(cls.kind, cls.name, dist, version, with_kind_base(cls)))
     return infos
 
 

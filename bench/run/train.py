@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from ocl_bench.api.contracts import Progress
 from ocl_bench.api.errors import ConfigError, DataError, TrainingDiverged, UserError
+from ocl_bench.api.plugin import ModelPart
 from ocl_bench.api.runtime import (
     autocast,
     resolve_device,
@@ -199,10 +200,9 @@ def parameter_groups(
     claimed: dict[int, str] = {}
     declared: list[dict[str, Any]] = []
     for owner, module in owners:
-        declare = getattr(module, "param_groups", None)
-        if not callable(declare):
+        if not isinstance(module, ModelPart):
             continue
-        for i, spec in enumerate(declare()):
+        for i, spec in enumerate(module.param_groups()):
             where = f"{owner} param_groups()[{i}]"
             group = dict(spec)
             if "params" not in group:
@@ -407,11 +407,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         dynamic_ncols=True,
     )
     micro_batches = iter(loader)
-    # Model parts whose behaviour follows the step (a Gumbel temperature) define
+    # Model parts whose behaviour follows the step (a Gumbel temperature) implement
     # set_progress(Progress); called before every step, so a resumed run agrees.
-    step_followers = [
-        m.set_progress for m in model.modules() if callable(getattr(m, "set_progress", None))
-    ]
+    step_followers = [m.set_progress for m in model.modules() if isinstance(m, ModelPart)]
     forward = CompiledOrEager(trained) if t.compile else trained
     events = EventLog(run_dir, start, t.tensorboard and world.main)
     meter = ThroughputMeter()

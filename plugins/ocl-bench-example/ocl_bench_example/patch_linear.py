@@ -11,7 +11,7 @@ from ocl_bench.api.contracts import Batch, Dims, Features
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.layers import patchify
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
+from ocl_bench.api.plugin import Encoder
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class PatchLinearParams:
     dim: int = param(64, "token dimension", ge=1)
 
 
-class PatchLinearEncoder(nn.Module, Plugin):
+class PatchLinearEncoder(nn.Module, Encoder):
     """Linear patch embedding plus learned positions (no convolutions)."""
 
     kind = "encoder"

@@ -8,8 +8,7 @@ import torch
 
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.plugin import Plugin
-from ocl_bench.api.tasking import EvalContext, MetricRecord, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 
 
 @dataclass(frozen=True)
@@ -20,10 +19,15 @@ class SlotUsageParams:
     )
 
 
-class SlotUsage(Plugin):
+class SlotUsage(Task):
     """Mean number of used slots per image and mean mask confidence (no labels needed)."""
 
-    kind = "task"
+    metrics = (
+        Metric(
+            "slots_used", "slots holding at least min_share of an image's pixels", headline=True
+        ),
+        Metric("confidence", "mean over pixels of the largest slot probability"),
+    )
     name = "slot_usage"
     Params = SlotUsageParams
     requires = frozenset({"slots.attn"})
