@@ -1,4 +1,4 @@
-"""Every ```bash block of README.md (and of docs/*.md) runs as written, or says why not.
+"""Every ```bash block of README.md and of docs/**/*.md runs as written, or says why not.
 
 A command runs unless it carries one of these comments, which the README shows as written:
 - `# needs: WHAT` names what CI does not have (COCO, pretrained weights, a GPU, network,
@@ -6,8 +6,10 @@ A command runs unless it carries one of these comments, which the README shows a
 - `# ci: .ci/run` marks a command CI runs itself; the test checks that .ci/run has it.
 - `# exits N` states the command's documented exit status; the test expects N, not 0.
 
-Commands run in README order, in one temporary directory, as a reader's shell would:
-variables assigned by earlier blocks (`TINY="..."`) are defined, `.venv` links to this
+Commands run in reading order (README.md, then the docs pages in the order of mkdocs.yml's
+nav; every page is in the nav, so each block runs once), in one temporary directory, as a
+reader's shell would: variables assigned by earlier blocks (`TINY="..."`, on the Grids page)
+are defined, `.venv` links to this
 interpreter's environment (so `.venv/bin/ocl-bench` works) and its bin directory comes first
 on PATH. Two changes to what is written: absolute paths under /tmp/ point into the
 temporary directory (a stale /tmp/t.sqlite would make a grid skip its cells, and a run must
@@ -30,7 +32,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+NAV_PAGE = re.compile(r"^\s*-\s+(?:[^\n]*?:\s+)?([\w./-]+\.md)\s*$", re.M)
+
+
+def nav_pages(mkdocs_yml: str) -> list[str]:
+    """The pages of mkdocs.yml's nav, in order (paths under docs/)."""
+    lines = mkdocs_yml.split("\nnav:\n", 1)[1].splitlines()
+    nav = []
+    for line in lines:
+        if line.strip() and not line[0].isspace() and not line.startswith("-"):
+            break  # the next top-level key
+        nav.append(line)
+    return NAV_PAGE.findall("\n".join(nav))
+
+
+DOC_PAGES = [ROOT / "docs" / page for page in nav_pages((ROOT / "mkdocs.yml").read_text())]
+DOCUMENTS = [ROOT / "README.md", *DOC_PAGES]
 FENCE = re.compile(r"^```(\S*)\s*$")
 # Fenced languages that hold no shell commands; any other fence (sh, console, none) would
 # let a command escape this test, so it is refused.
@@ -164,6 +181,15 @@ def test_the_parser_splits_commands_and_reads_their_markers() -> None:
     assert (one.needs, one.runs, one.where) == ("COCO 2017", False, "S.md:8")
     assert (two.status, two.runs, two.needs) == (1, True, "")
     assert three.ci and not three.runs
+
+
+def test_the_nav_reads_every_docs_page_once() -> None:
+    """A page left out of the nav would have its commands never run; one listed twice, twice."""
+    on_disk = sorted((ROOT / "docs").glob("**/*.md"))
+    assert sorted(DOC_PAGES) == on_disk, "mkdocs.yml's nav and the pages of docs/ differ"
+    assert len(set(DOC_PAGES)) == len(DOC_PAGES), "a page is listed twice in the nav"
+    sample = "site_name: x\nnav:\n  - Home: index.md\n  - Part:\n      - a/b.md\nplugins: []\n"
+    assert nav_pages(sample) == ["index.md", "a/b.md"]
 
 
 def test_every_fence_is_bash_or_holds_no_commands() -> None:
