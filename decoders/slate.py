@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocl_bench.api.contracts import Batch, Dims, Features, Slots, TokenPrediction
@@ -50,117 +49,10 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.tokenizing import ImageTokenizer
+from ocl_bench.api.transformer import DecoderBlock, linear
 from ocl_bench.run.registry import build_tokenizer
 
 TOKENIZER_LOSS = "tokenizer_loss."  # extras keys the tokenizer_loss objective adds
-
-
-def _linear(
-    d_in: int, d_out: int, gain: float = 1.0, kaiming: bool = False, bias: bool = False
-) -> nn.Linear:
-    """SLATE's init: xavier-uniform with `gain` (or kaiming-uniform), zero bias."""
-    layer = nn.Linear(d_in, d_out, bias=bias)
-    if kaiming:
-        nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
-    else:
-        nn.init.xavier_uniform_(layer.weight, gain)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-class Attention(nn.Module):
-    """Multi-head attention without biases; keys/values optionally cached for decoding."""
-
-    def __init__(self, dim: int, heads: int, dropout: float, gain: float):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"d_model {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.proj_q = _linear(dim, dim)
-        self.proj_k = _linear(dim, dim)
-        self.proj_v = _linear(dim, dim)
-        self.proj_o = _linear(dim, dim, gain)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.output_dropout = nn.Dropout(dropout)
-
-    def heads_of(self, x: Tensor, proj: nn.Linear) -> Tensor:
-        b, n, _ = x.shape
-        return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
-
-    def forward(
-        self, x: Tensor, k: Tensor, v: Tensor, causal: bool, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """x [B,T,D] attends to heads-split keys/values [B,h,S,d]; returns (output [B,T,D],
-        softmax weights [B,h,T,S] before dropout when `need_weights`, else None: the fused
-        kernel never materialises them)."""
-        b, t, _ = x.shape
-        if not need_weights:
-            p = self.attn_dropout.p if self.training else 0.0
-            q = self.heads_of(x, self.proj_q)
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-            out = out.transpose(1, 2).reshape(b, t, -1)
-            return self.output_dropout(self.proj_o(out)), None
-        q = self.heads_of(x, self.proj_q) * k.shape[-1] ** -0.5
-        logits = q @ k.transpose(-1, -2)
-        if causal:
-            blocked = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).triu(1)
-            logits = logits.masked_fill(blocked, float("-inf"))
-        weights = logits.softmax(-1)
-        out = (self.attn_dropout(weights) @ v).transpose(1, 2).reshape(b, t, -1)
-        return self.output_dropout(self.proj_o(out)), weights
-
-
-class Block(nn.Module):
-    """Pre-LN decoder block of SLATE (transformer.py TransformerDecoderBlock)."""
-
-    def __init__(self, dim: int, heads: int, dropout: float, gain: float, first: bool):
-        super().__init__()
-        self.first = first
-        self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout, gain)
-        self.encoder_decoder_attn_layer_norm = nn.LayerNorm(dim)
-        self.encoder_decoder_attn = Attention(dim, heads, dropout, gain)
-        self.ffn_layer_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            _linear(dim, 4 * dim, kaiming=True, bias=True),
-            nn.ReLU(),
-            _linear(4 * dim, dim, gain, bias=True),
-            nn.Dropout(dropout),
-        )
-
-    def forward(
-        self,
-        x: Tensor,
-        memory: tuple[Tensor, Tensor],
-        cache: list[Tensor] | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """x [B,T,D]; memory = the slots' (keys, values) of this block. With `cache`
-        ([keys, values] of the positions before x, updated in place) x holds only the new
-        positions. Returns (x, cross-attention weights [B,h,T,K] if `need_weights`)."""
-        if self.first:  # official quirk: the residual stream restarts from LN(input)
-            x = self.self_attn_layer_norm(x)
-            h = x
-        else:
-            h = self.self_attn_layer_norm(x)
-        k = self.self_attn.heads_of(h, self.self_attn.proj_k)
-        v = self.self_attn.heads_of(h, self.self_attn.proj_v)
-        if cache is not None:
-            if cache:
-                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-            cache[:] = [k, v]
-        # with a cache only past and present positions are there: nothing to mask
-        x = x + self.self_attn(h, k, v, causal=cache is None)[0]
-        h, weights = self.encoder_decoder_attn(
-            self.encoder_decoder_attn_layer_norm(x), *memory, False, need_weights
-        )
-        x = x + h
-        return x + self.ffn(self.ffn_layer_norm(x)), weights
-
-    def memory(self, slots: Tensor) -> tuple[Tensor, Tensor]:
-        a = self.encoder_decoder_attn
-        return a.heads_of(slots, a.proj_k), a.heads_of(slots, a.proj_v)
 
 
 @dataclass(frozen=True)
@@ -249,14 +141,25 @@ class SlateDecoder(nn.Module, Decoder):
         self.dictionary = nn.Embedding(v + 1, d)  # entry 0 = BOS
         self.pe = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1 + n, d)))
         self.pe_dropout = nn.Dropout(params.dropout)
-        self.slot_proj = _linear(dims.slot_dim, d)
+        self.slot_proj = linear(dims.slot_dim, d, bias=False)
         gain = (3 * params.num_layers) ** -0.5
+        heads = params.num_heads
+        # block 0 restarts the residual stream from LN(input) (official quirk)
         self.blocks = nn.ModuleList(
-            Block(d, params.num_heads, params.dropout, gain, first=i == 0)
+            DecoderBlock(
+                d,
+                heads,
+                heads,
+                4 * d,
+                params.dropout,
+                gain,
+                norm_residual=i == 0,
+                queries_first=False,
+            )
             for i in range(params.num_layers)
         )
         self.layer_norm = nn.LayerNorm(d)
-        self.out = _linear(d, v)
+        self.out = linear(d, v, bias=False)
 
     def output_dims(self, dims: Dims) -> Dims:
         dims.vocab_size = self.params.vocab_size
@@ -294,7 +197,7 @@ class SlateDecoder(nn.Module, Decoder):
         weights = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, block.memory(memory), need_weights=i == last)
+            x, weights = block(x, block.memory(memory), explicit_cross=i == last)
         assert weights is not None
         masks = weights.sum(1)
         return self.out(self.layer_norm(x)), masks / masks.sum(-1, keepdim=True)
@@ -365,7 +268,7 @@ class SlateDecoder(nn.Module, Decoder):
         and gain this one's."""
         x = self.pe_dropout(self.dictionary(entry[:, None]) + self.pe[:, position : position + 1])
         for block, memory, cache in zip(self.blocks, memories, caches):
-            x = block(x, memory, cache)[0]
+            x = block(x, memory, cache=cache)[0]
         return self.out(self.layer_norm(x))[:, -1].float()
 
     @torch.no_grad()

@@ -22,7 +22,8 @@ The official code's quirks are named params whose default is the official behavi
 The module keys mirror the official ones (`input_proj`, `slot_proj`, `bos_tokens`,
 `blocks.i.{self_attn,encoder_decoder_attn}.proj_{q,k,v,o}`, ...) so an official
 checkpoint maps onto it by prefix (importers/spot.py); the official bool
-`self_attn_mask` parameters are not stored (the causal mask is rebuilt on the fly).
+`self_attn_mask` parameters are not stored (the causal mask is rebuilt on the fly). The
+blocks are ocl_bench.api.transformer's DecoderBlock, which SLATE's decoder shares.
 
 DINOSAUR's autoregressive decoder in OCLF (amazon-science/object-centric-learning-framework)
 is the same architecture without the first-block quirk (`first_block_norm_residual =
@@ -63,13 +64,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ocl_bench.api.contracts import Batch, Dims, Features, ReconstructionOutput, Slots
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
+from ocl_bench.api.transformer import Attention, DecoderBlock, causal_mask, linear
 
 # The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
 ORDER_NAMES = (
@@ -118,202 +119,6 @@ def patch_orders(h: int, w: int) -> list[Tensor]:
         spiral_order(h, w),
     ]
     return [o.contiguous() for o in orders]
-
-
-def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
-    """bool[n, n], True where attention is forbidden (above the diagonal), as SPOT stores it."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-
-
-def _linear(d_in: int, d_out: int, bias: bool = True, init: str = "xavier", gain: float = 1.0):
-    """SLATE/SPOT initialisation: xavier-uniform (with gain) or kaiming-uniform, zero bias."""
-    layer = nn.Linear(d_in, d_out, bias=bias)
-    if init == "kaiming":
-        nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
-    else:
-        nn.init.xavier_uniform_(layer.weight, gain)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
-
-
-class Attention(nn.Module):
-    """Multi-head attention with q/k/v/o projections (SLATE/SPOT layout: no biases, unless
-    `bias`, as torch's nn.MultiheadAttention)."""
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        dropout: float = 0.0,
-        gain: float = 1.0,
-        bias: bool = False,
-    ):
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"decoder dimension {dim} is not divisible by {heads} heads")
-        self.heads = heads
-        self.dropout = dropout
-        self.attn_dropout = nn.Dropout(dropout)
-        self.output_dropout = nn.Dropout(dropout)
-        self.proj_q = _linear(dim, dim, bias=bias)
-        self.proj_k = _linear(dim, dim, bias=bias)
-        self.proj_v = _linear(dim, dim, bias=bias)
-        self.proj_o = _linear(dim, dim, bias=bias, gain=gain)
-
-    def split(self, x: Tensor, proj: nn.Linear) -> Tensor:
-        b, n, _ = x.shape
-        return proj(x).view(b, n, self.heads, -1).transpose(1, 2)
-
-    def folds(self, context_len: int) -> bool:
-        """Whether folding (see `folded`) costs fewer multiplications: heads x keys < D."""
-        return self.heads * context_len < self.proj_q.in_features
-
-    def folded(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-        """Non-causal attention to a few keys (slots) without projecting every query.
-
-        With S keys, each head's logits are x Wq_h^T k_h^T = x (Wq_h^T k_h^T): one
-        [D, S] matrix per head and image instead of Wq applied to all T queries; the
-        output projection folds into the values the same way (sum_h P_h (v_h Wo_h^T)).
-        The products are the same as `forward`'s up to float rounding, at about
-        heads * S / D of the cost of the two T x D x D projections.
-
-        Returns (output [B,T,D], the softmax weights [B,heads,T,S] before dropout).
-        """
-        b, t, d = x.shape
-        s, h = context.shape[1], self.heads
-        k = self.proj_k(context).view(b, s, h, -1)
-        v = self.proj_v(context).view(b, s, h, -1)
-        scale = k.shape[-1] ** -0.5
-        wq = self.proj_q.weight.view(h, -1, d)
-        keys = torch.einsum("hed,bshe->bdhs", wq, k * scale).reshape(b, d, h * s)
-        logits = torch.bmm(x, keys).view(b, t, h, s)
-        if self.proj_q.bias is not None:
-            bq = self.proj_q.bias.view(h, -1)
-            logits = logits + torch.einsum("he,bshe->bhs", bq, k * scale).unsqueeze(1)
-        weights = logits.softmax(dim=-1)
-        wo = self.proj_o.weight.view(d, h, -1)
-        values = torch.einsum("bshe,dhe->bhsd", v, wo).reshape(b, h * s, d)
-        out = torch.bmm(self.attn_dropout(weights).reshape(b, t, h * s), values)
-        if self.proj_o.bias is not None:
-            out = out + self.proj_o.bias
-        return self.output_dropout(out), weights.transpose(1, 2)
-
-    def forward(
-        self,
-        x: Tensor,
-        context: Tensor,
-        causal: bool = False,
-        explicit: bool = False,
-        fold: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """x [B,T,D] attends to context [B,S,D], causally (T == S) or not.
-
-        Returns (output [B,T,D], the softmax weights [B,heads,T,S] before dropout when
-        `explicit` or folded, else None: the fused kernel never materialises them).
-        `fold` takes the `folded` path where it is cheaper (non-causal only).
-        """
-        if fold and not causal and self.folds(context.shape[1]):
-            return self.folded(x, context)
-        b, t, _ = x.shape
-        q = self.split(x, self.proj_q)
-        k, v = self.split(context, self.proj_k), self.split(context, self.proj_v)
-        weights = None
-        if explicit:
-            q = q * q.shape[-1] ** -0.5
-            logits = q @ k.transpose(-1, -2)
-            if causal:  # the official bool mask: True above the diagonal = blocked
-                logits = logits.masked_fill(causal_mask(t, x.device), float("-inf"))
-            weights = logits.softmax(dim=-1)
-            out = self.attn_dropout(weights) @ v
-        else:
-            p = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-        out = out.transpose(1, 2).reshape(b, t, -1)
-        return self.output_dropout(self.proj_o(out)), weights
-
-
-class DecoderBlock(nn.Module):
-    """Pre-LN block: causal self-attention -> cross-attention to slots -> ReLU FFN."""
-
-    def __init__(
-        self,
-        dim: int,
-        heads: int,
-        cross_heads: int,
-        ffn_dim: int,
-        dropout: float,
-        gain: float,
-        norm_residual: bool,
-        attention_bias: bool = False,
-    ):
-        super().__init__()
-        self.norm_residual = norm_residual
-        self.self_attn_layer_norm = nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, heads, dropout, gain, attention_bias)
-        self.encoder_decoder_attn_layer_norm = nn.LayerNorm(dim)
-        self.encoder_decoder_attn = Attention(dim, cross_heads, dropout, gain, attention_bias)
-        self.ffn_layer_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            _linear(dim, ffn_dim, init="kaiming"),
-            nn.ReLU(),
-            _linear(ffn_dim, dim, gain=gain),
-            nn.Dropout(dropout),
-        )
-
-    def forward(
-        self,
-        x: Tensor,
-        slots: Tensor,
-        explicit_self: bool = False,
-        explicit_cross: bool = False,
-        fold_cross: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        if self.norm_residual:
-            # Official quirk of block 0: the input itself is replaced by its LayerNorm,
-            # so the residual stream starts from LN(input).
-            x = self.self_attn_layer_norm(x)
-            h = x
-        else:
-            h = self.self_attn_layer_norm(x)
-        x = x + self.self_attn(h, h, True, explicit_self)[0]
-        h, weights = self.encoder_decoder_attn(
-            self.encoder_decoder_attn_layer_norm(x), slots, False, explicit_cross, fold_cross
-        )
-        x = x + h
-        x = x + self.ffn(self.ffn_layer_norm(x))
-        return x, weights
-
-    @torch.no_grad()
-    def load_torch_layer(self, layer: nn.TransformerDecoderLayer) -> None:
-        """Copy the weights of a torch pre-LN nn.TransformerDecoderLayer into this block.
-
-        torch keeps q/k/v stacked in `in_proj_weight` [3D, D] / `in_proj_bias` [3D]; the
-        biases are copied only when this block has attention biases.
-        """
-        pairs = (
-            (self.self_attn, layer.self_attn),
-            (self.encoder_decoder_attn, layer.multihead_attn),
-        )
-        for ours, theirs in pairs:
-            projs = (ours.proj_q, ours.proj_k, ours.proj_v)
-            for proj, w in zip(projs, theirs.in_proj_weight.chunk(3)):
-                proj.weight.copy_(w)
-            ours.proj_o.weight.copy_(theirs.out_proj.weight)
-            if ours.proj_o.bias is not None:
-                assert theirs.in_proj_bias is not None and theirs.out_proj.bias is not None
-                for proj, b in zip(projs, theirs.in_proj_bias.chunk(3)):
-                    proj.bias.copy_(b)
-                ours.proj_o.bias.copy_(theirs.out_proj.bias)
-        norms = (
-            (self.self_attn_layer_norm, layer.norm1),
-            (self.encoder_decoder_attn_layer_norm, layer.norm2),
-            (self.ffn_layer_norm, layer.norm3),
-            (self.ffn[0], layer.linear1),
-            (self.ffn[2], layer.linear2),
-        )
-        for ours, theirs in norms:
-            ours.load_state_dict(theirs.state_dict())
 
 
 @dataclass(frozen=True)
@@ -407,8 +212,8 @@ class SpotARDecoder(nn.Module, Decoder):
         self.register_buffer("orders", torch.stack(orders), persistent=False)
         n_bos = len(orders) if params.bos_per_order else 1
         self.bos_tokens = nn.Parameter(torch.randn(n_bos, 1, 1, d) * params.bos_std)
-        self.input_proj = nn.Sequential(_linear(d, d, bias=False), nn.LayerNorm(d))
-        self.slot_proj = nn.Sequential(_linear(dims.slot_dim, d, bias=False), nn.LayerNorm(d))
+        self.input_proj = nn.Sequential(linear(d, d, bias=False), nn.LayerNorm(d))
+        self.slot_proj = nn.Sequential(linear(dims.slot_dim, d, bias=False), nn.LayerNorm(d))
         gain = (3 * params.num_layers) ** -0.5
         self.blocks = nn.ModuleList(
             DecoderBlock(
@@ -463,7 +268,10 @@ class SpotARDecoder(nn.Module, Decoder):
         weights = None
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x, weights = block(x, slots, explicit, explicit or i == last, fold)
+            cross = explicit or i == last
+            x, weights = block(
+                x, slots, explicit_self=explicit, explicit_cross=cross, fold_cross=fold
+            )
         assert weights is not None
         return self.layer_norm(x), weights
 
@@ -540,6 +348,8 @@ def ocl_bench_plugins() -> list[type]:
 
 __all__ = [
     "ORDER_NAMES",
+    "Attention",
+    "DecoderBlock",
     "DinosaurTransformerDecoder",
     "SpotARDecoder",
     "SpotARParams",
