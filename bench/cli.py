@@ -225,9 +225,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if not Path(args.db).is_file():
         raise UserError(f"results database not found: {args.db}")
-    task, _, metric = args.metric.rpartition(".")
+    task, _, metric = (args.metric or "").rpartition(".")
     found = compare_rows(
-        ResultStore(args.db), args.row_a, args.row_b, task or "object_discovery", metric, args.masks
+        ResultStore(args.db), args.row_a, args.row_b, task or None, metric or None, args.masks
     )
     print(json.dumps(found.as_dict(), indent=2) if args.json else found.text())
     return 0
@@ -236,7 +236,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     import time
 
+    from ocl_bench.report.compare import headline_of
     from ocl_bench.run.protocol import stored_protocol
+    from ocl_bench.run.registry import registry
     from ocl_bench.run.store import ResultStore
 
     if not Path(args.db).exists():
@@ -248,7 +250,13 @@ def _cmd_results(args: argparse.Namespace) -> int:
     live = {lease.config_hash: lease for lease in ResultStore(args.db).leases(live=True)}
     rows = []
     for c in cells:
-        ari = c.value("object_discovery", "fg_ari", "decoder")
+        headline = headline_of(c)
+        shown = ""
+        if headline is not None:
+            # decoder masks where the task scores masks (what SPOT and DINOSAUR report)
+            masks = "decoder" if registry().get("task", headline[0]).scores_masks else None
+            value = c.value(*headline, masks)
+            shown = "" if value is None else f"{headline[1]} {value:.3f}"
         status = c.status
         if c.status == "running":  # a running row without a live lease was interrupted
             held = live.get(c.config_hash)
@@ -262,7 +270,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 c.dataset,
                 stored_protocol(c.config),
                 status,
-                "" if ari is None else f"{ari:.3f}",
+                shown,
                 (c.error_line or "")[:100],
             ]
         )
@@ -276,7 +284,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
                 "dataset",
                 "protocol",
                 "status",
-                "FG-ARI (dec)",
+                "headline (dec)",
                 "error",
             ],
         )
@@ -530,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("row_b", help="the row A is compared with")
     p.add_argument(
         "--metric",
-        default="object_discovery.fg_ari",
-        help="TASK.METRIC (a bare metric is object discovery's)",
+        default=None,
+        help="TASK.METRIC, or a metric one of the rows' tasks declares (default: the rows'"
+        " first headline metric, object discovery's fg_ari for the demo)",
     )
     p.add_argument("--masks", default=None, help="decoder or attn (default: decoder if stored)")
     p.add_argument("--json", action="store_true")

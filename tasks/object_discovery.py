@@ -117,6 +117,7 @@ class ObjectDiscovery(Task):
         ),
     )
     validation_probe = True
+    scores_masks = True
     name = "object_discovery"
     Params = ObjectDiscoveryParams
     requires = frozenset({"batch.instance_masks"})

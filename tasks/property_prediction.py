@@ -136,6 +136,7 @@ class PropertyPrediction(Task):
         Metric("*_r2", "probe R^2 of a continuous property"),
         Metric("*_r2_iou*", "probe R^2 at IoU threshold NN/100"),
     )
+    scores_masks = True
     name = "property_prediction"
     Params = PropertyPredictionParams
     requires = frozenset({"slots.slots"})

@@ -116,6 +116,9 @@ class Task(Plugin):
     metrics: ClassVar[tuple[Metric, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
     validation_probe: ClassVar[bool] = False
+    # True when its records name the masks they scored (MetricRecord.masks: "decoder" or
+    # "attn"), so a leaderboard column of it picks one.
+    scores_masks: ClassVar[bool] = False
 
     def __init__(self, params: Any) -> None:
         self.params = params

@@ -32,6 +32,8 @@ from ocl_bench.report.stats import (
     seed_difference,
     seeds_needed,
 )
+from ocl_bench.run.boards import metric_owner
+from ocl_bench.run.registry import registry
 from ocl_bench.run.store import Cell, ResultStore
 
 
@@ -176,12 +178,24 @@ def _strip_seed(label: str) -> str:
     return label
 
 
+def headline_of(cell: Cell) -> tuple[str, str] | None:
+    """(task, metric): the first headline metric a cell stores, its tasks in stored order."""
+    reg = registry()
+    for task in dict.fromkeys(m["task"] for m in cell.metrics):
+        if task not in reg.names("task"):
+            continue
+        for declared in reg.get("task", task).headline_metrics():
+            if cell.value(task, declared.name) is not None:
+                return task, declared.name
+    return None
+
+
 def compare_rows(
     store: ResultStore,
     key_a: str,
     key_b: str,
-    task: str = "object_discovery",
-    metric: str = "fg_ari",
+    task: str | None = None,
+    metric: str | None = None,
     masks: str | None = None,
     resamples: int = 4000,
     within: bool = True,
@@ -190,6 +204,13 @@ def compare_rows(
     also the hierarchical bootstrap over the stored per-image values (`resamples`)."""
     cells = store.cells()
     row_a, row_b = find_row(cells, key_a), find_row(cells, key_b)
+    if metric is None:
+        found = next(filter(None, map(headline_of, row_a)), None)
+        if found is None:
+            raise UserError(f"row '{key_a}' stores no headline metric; give --metric TASK.METRIC")
+        task, metric = found
+    elif task is None:
+        task = metric_owner(metric, list(dict.fromkeys(m["task"] for m in row_a[0].metrics)))
     by_seed_b = {c.seed: c for c in row_b}
     shared = [c for c in row_a if c.seed in by_seed_b]
     if not shared:

@@ -358,7 +358,7 @@ def _latest_figure(cell: Any) -> list[str]:
 def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
     spec = read_toml(path)
     grid = load_grid(path, overrides)
-    columns = grid_columns(spec)
+    columns = grid_columns(spec, [t.name for t in grid.cells[0].config.tasks] if grid.cells else [])
     store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
     groups: dict[str, list[Any]] = {}  # a row per group of cells that differ only by seed
     for cell in grid.cells:

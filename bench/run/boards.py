@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ocl_bench.api.errors import ConfigError, DataError, UnknownPluginError, UserError
+from ocl_bench.api.tasking import Metric
 from ocl_bench.run.config import (
     STAGES,
     RunConfig,
@@ -431,34 +432,63 @@ def read_columns(spec: dict[str, Any]) -> list[Column]:
             label=c.get("label", c["key"]),
             masks=c.get("masks"),
             scale=float(c.get("scale", 1)),
-            higher_is_better=(c["task"], c.get("metric", c["key"])) not in LOWER_IS_BETTER,
+            higher_is_better=declared_metric(c["task"], c.get("metric", c["key"])).higher_is_better,
         )
         for c in spec.get("columns", [])
     ]
 
 
-# (task, metric) pairs where a lower value is the better one; every other metric is higher.
-LOWER_IS_BETTER = {
-    ("conditional_generation", "fid"),
-    ("conditional_generation", "centroid_fid"),
-    ("token_reconstruction", "reconstruction_loss"),
-    ("token_reconstruction", "masked_token_ce"),
-}
+def declared_metric(task: str, metric: str) -> Metric:
+    """What task plugin `task` declares of its metric `metric` (direction, unit, scale)."""
+    cls = registry().get("task", task)
+    return cls.metric(metric)
 
 
-def grid_columns(spec: dict[str, Any]) -> list[Column]:
-    """A grid file's columns: object discovery metrics of its cells (in percent; "fg_ari"),
-    or another task's metric as it is stored ("conditional_generation.fid")."""
-    metrics = spec.get("columns", ["fg_ari", "mbo_i", "mbo_c", "miou"])
+def metric_owner(metric: str, tasks: list[str]) -> str:
+    """The task a bare metric name belongs to: the first of `tasks` (the grid's own, in
+    config order), else the one registered task, that declares it by exactly that name."""
+    reg = registry()
+    for pool in (tasks, reg.names("task")):
+        owners = [t for t in pool if any(m.name == metric for m in reg.get("task", t).metrics)]
+        if owners and (pool is tasks or len(owners) == 1):
+            return owners[0]
+        if owners:
+            raise ConfigError(
+                f"column '{metric}' is declared by several tasks ({', '.join(owners)});"
+                f" write it as TASK.{metric}"
+            )
+    raise ConfigError(f"column '{metric}': no installed task declares a metric of that name")
+
+
+def grid_columns(spec: dict[str, Any], tasks: list[str] | None = None) -> list[Column]:
+    """A grid file's columns, each "TASK.METRIC" or a bare metric of one of `tasks` (the
+    grid's tasks, in config order; "fg_ari" is object discovery's), shown at the scale the
+    task declares (fractions in percent). Without `columns`, the headline metrics of `tasks`.
+    A column of a task whose records name their masks reads the grid's `masks`."""
+    tasks = list(tasks or [])
+    reg = registry()
+    metrics = spec.get("columns") or [
+        f"{t}.{m.name}" for t in tasks for m in reg.get("task", t).headline_metrics()
+    ]
     masks = spec.get("masks", "decoder")
     columns = []
     for m in metrics:
-        if "." in m:
-            task, metric = m.split(".", 1)
-            better = (task, metric) not in LOWER_IS_BETTER
-            columns.append(Column(m, metric, task, None, metric, None, 1.0, better))
-        else:
-            columns.append(Column(m, m, "object_discovery", None, m, masks, 100.0))
+        task, _, metric = m.rpartition(".")
+        task = task or metric_owner(metric, tasks)
+        cls = reg.get("task", task)
+        declared = cls.metric(metric)
+        columns.append(
+            Column(
+                m,
+                metric,
+                task,
+                None,
+                metric,
+                masks if cls.scores_masks else None,
+                declared.scale,
+                declared.higher_is_better,
+            )
+        )
     return columns
 
 

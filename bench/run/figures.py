@@ -124,8 +124,9 @@ def training_figure(run_dir: Path) -> Path | None:
                 marker=".",
                 color=colours(metrics.index(metric) % 10),
                 linestyle="--" if ".attn." in key else "-",
-                label=key.removeprefix("object_discovery."),
+                label=key.split(".", 1)[-1],  # the task's name is the panel's title
             )
+        ax.set_title(", ".join(dict.fromkeys(k.split(".", 1)[0] for k in keys)), fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("validation score")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))

@@ -65,7 +65,7 @@ from ocl_bench.run.compose import build_model, build_objectives
 from ocl_bench.run.config import RunConfig, read_toml, resolve
 from ocl_bench.run.data import StepBatchSampler, make_dataset
 from ocl_bench.run.ema import WeightEMA
-from ocl_bench.run.evaluate import validation_probe
+from ocl_bench.run.evaluate import probe_task, validation_probe
 from ocl_bench.run.event_log import EventLog
 from ocl_bench.run.figures import training_figure
 from ocl_bench.run.throughput import ThroughputMeter
@@ -359,6 +359,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     eval_log_path = run_dir / "eval_log.jsonl"
     measuring = t.eval_every > 0 and world.main
     probe = validation_probe(cfg, model, device, t.eval_images) if measuring else None
+    # the progress line shows the probe's first headline metric (object discovery: fg_ari)
+    shown_metrics = {m.name for m in probe_task(cfg).headline_metrics()[:1]} if measuring else set()
     if world.main:
         _truncate_log(log_path, start)
         _truncate_log(eval_log_path, start)
@@ -479,7 +481,11 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
                 with open(eval_log_path, "a") as eval_log:
                     eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
                 events.scalars(step + 1, scores, "val")
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if "fg_ari" in k)
+                shown = ", ".join(
+                    f"{k} {v:.3f}"
+                    for k, v in scores.items()
+                    if k.rsplit(".", 1)[-1] in shown_metrics
+                )
                 if progress:
                     bar.write(f"step {step + 1}: {shown}")
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:

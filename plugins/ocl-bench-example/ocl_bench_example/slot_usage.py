@@ -28,6 +28,7 @@ class SlotUsage(Task):
         ),
         Metric("confidence", "mean over pixels of the largest slot probability"),
     )
+    scores_masks = True
     name = "slot_usage"
     Params = SlotUsageParams
     requires = frozenset({"slots.attn"})
