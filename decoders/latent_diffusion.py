@@ -46,6 +46,7 @@ from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
+from ocl_bench.api.runtime import autocast_dtype
 from ocl_bench.api.weights import hf_hub_cache_dir, state_sha256
 from ocl_bench.decoders import diffusion
 from ocl_bench.run.feature_cache import FeatureCache, sample_ids
@@ -295,7 +296,7 @@ class LatentDiffusionDecoder(nn.Module, Decoder):
             diffusers=diffusers.__version__,
             torch=torch.__version__,
             device=device.type,
-            autocast=_autocast_dtype(device),
+            autocast=autocast_dtype(device),  # the VAE's dtype changes the cached moments
         )
 
     def encode_latents(self, images: Tensor) -> Tensor:
@@ -410,13 +411,6 @@ def diffusion_inputs(
             raise ValueError(f"timesteps must lie in [0, {n}), got {timesteps.tolist()}")
         timesteps = timesteps.long().to(latents.device)
     return noise.to(latents.device, latents.dtype), timesteps
-
-
-def _autocast_dtype(device: torch.device) -> str | None:
-    """The autocast dtype the VAE runs under (it changes the cached moments), or None."""
-    if torch.is_autocast_enabled(device.type):
-        return str(torch.get_autocast_dtype(device.type))
-    return None
 
 
 def empty_caption(folder: Path, num_slots: int) -> Tensor:

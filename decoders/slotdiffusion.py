@@ -55,6 +55,7 @@ from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
+from ocl_bench.api.runtime import autocast_dtype
 from ocl_bench.api.weights import read_state_dict, state_sha256
 from ocl_bench.decoders.diffusion import (
     drop_conditions,
@@ -300,7 +301,7 @@ class SlotDiffusionDecoder(nn.Module, Decoder):
             preprocess=LATENT_PREPROCESS,
             torch=torch.__version__,
             device=images.device.type,
-            autocast=_autocast_dtype(images.device),  # fp16/bf16 latents differ from fp32
+            autocast=autocast_dtype(images.device),  # fp16/bf16 latents differ from fp32
         )
         found = self.cache.lookup(key, ids)
         missing = [i for i, sid in enumerate(ids) if sid not in found]
@@ -405,12 +406,6 @@ class SlotDiffusionDecoder(nn.Module, Decoder):
             solver_options={"solver_order": p.solver_order, "algorithm_type": "dpmsolver++"},
         )
         return self.vqvae.decode_latents(latents * p.z_scale_factor)
-
-
-def _autocast_dtype(device: torch.device) -> str | None:
-    if torch.is_autocast_enabled(device.type):
-        return str(torch.get_autocast_dtype(device.type))
-    return None
 
 
 def build_unet(

@@ -34,6 +34,7 @@ from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Encoder
+from ocl_bench.api.runtime import autocast_dtype
 from ocl_bench.api.weights import (
     cached_hf_file,
     hf_hub_cache_dir,
@@ -414,23 +415,11 @@ class ViTEncoder(nn.Module, Encoder):
             timm=timm.__version__,
             torch=torch.__version__,
             device=device.type,
-            autocast=_autocast_dtype(device),
+            autocast=autocast_dtype(device),
             # only when set, so fp32 caches written before the setting existed stay valid
             **({"frozen_precision": p.frozen_precision} if p.frozen_precision != "fp32" else {}),
             **({"normalize": p.normalize} if p.normalize != "imagenet" else {}),
         )
-
-
-def _autocast_dtype(device: torch.device) -> str | None:
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return str(torch.get_autocast_dtype(device.type))
-    except (TypeError, AttributeError):  # torch < 2.4
-        if device.type == "cpu" and torch.is_autocast_cpu_enabled():
-            return str(torch.get_autocast_cpu_dtype())
-        if device.type == "cuda" and torch.is_autocast_enabled():
-            return str(torch.get_autocast_gpu_dtype())
-    return None
 
 
 def _make(name: str, pre: PretrainedViT) -> type[ViTEncoder]:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
+from ocl_bench.api.runtime import autocast_dtype
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.api.weights import read_state_dict, state_sha256, strict_load, torch_hub_checkpoint
 from ocl_bench.run.feature_cache import FeatureCache, sample_ids
@@ -425,7 +426,7 @@ class VQGANTokenizer(ImageTokenizer):
             encode=ENCODE_VERSION,
             torch=torch.__version__,
             device=images.device.type,
-            autocast=_autocast_dtype(images.device),
+            autocast=autocast_dtype(images.device),
         )
 
     def encode_cached(self, images: Tensor, cache: FeatureCache | None) -> Tensor:
@@ -448,12 +449,6 @@ class VQGANTokenizer(ImageTokenizer):
             for j, i in enumerate(missing):
                 found[ids[i]] = computed[j]
         return torch.stack([found[sid].to(images.device, torch.int64) for sid in ids])
-
-
-def _autocast_dtype(device: torch.device) -> str | None:
-    if torch.is_autocast_enabled(device.type):
-        return str(torch.get_autocast_dtype(device.type))
-    return None
 
 
 @hookimpl

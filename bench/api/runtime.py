@@ -34,6 +34,22 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def autocast_dtype(device: torch.device) -> str | None:
+    """The dtype autocast computes in on `device` now ("torch.bfloat16"), or None when it is
+    off there: feature caches key on it, since features computed under bf16 differ from
+    fp32 ones."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4: one query for every device type
+        if torch.is_autocast_enabled(device.type):
+            return str(torch.get_autocast_dtype(device.type))
+        return None
+    # torch 2.2/2.3: a query per device type; is_autocast_enabled() without argument is CUDA's
+    if device.type == "cpu" and torch.is_autocast_cpu_enabled():
+        return str(torch.get_autocast_cpu_dtype())
+    if device.type == "cuda" and torch.is_autocast_enabled():
+        return str(torch.get_autocast_gpu_dtype())
+    return None
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
