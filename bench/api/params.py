@@ -21,12 +21,17 @@ def param(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    unbounded: bool = False,
     since: str | None = None,
 ) -> Any:
     """A dataclass field with a default, its documentation and, for numbers, its valid range.
 
     The range is checked when a config resolves (build_params), so a bad value fails in one
     line naming the key instead of deep inside torch; `plugins show` prints it.
+
+    `unbounded=True` says a number takes any value (a seed offset, a shift): every int or
+    float param states its range or this, so a missing range is an omission the conformance
+    suite (ocl_bench.testing) can name, not a silent "anything goes".
 
     `since` (a version, e.g. "0.2") marks a param added after results were stored: while it
     holds its default it is left out of the config hash (`hashed_dict`), so every result
@@ -36,6 +41,8 @@ def param(
     bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
     if ge is not None and gt is not None or le is not None and lt is not None:
         raise TypeError("param: give at most one lower bound (ge/gt) and one upper (le/lt)")
+    if unbounded and bounds:
+        raise TypeError("param: unbounded=True and a range (ge/gt/le/lt) exclude each other")
     if bounds and default is not None:
         # A range on a non-number, or a default outside its own range, is a plugin bug:
         # fail at import, where the plugin author sees it, not in a user's run.
@@ -45,6 +52,8 @@ def param(
         if problem:
             raise ValueError(f"param: default {default!r} {problem}")
     metadata = {"doc": doc, "bounds": bounds, "since": since}
+    if unbounded:
+        metadata["unbounded"] = True
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -96,6 +105,11 @@ def field_bounds(f: dataclasses.Field) -> dict[str, float]:
     return dict(f.metadata.get("bounds", {}))
 
 
+def field_unbounded(f: dataclasses.Field) -> bool:
+    """True when param(..., unbounded=True) declared that every value is valid."""
+    return bool(f.metadata.get("unbounded", False))
+
+
 @dataclasses.dataclass(frozen=True)
 class NoParams:
     """A plugin without parameters."""
@@ -129,7 +143,7 @@ def describe(cls: type) -> dict[str, dict[str, Any]]:
             "type": _type_name(hints[f.name]),
             "default": default,
             "doc": f.metadata.get("doc", ""),
-            "range": range_text(bounds) or None,
+            "range": range_text(bounds) or ("unbounded" if field_unbounded(f) else None),
             "bounds": bounds,
         }
     return out

@@ -8,7 +8,8 @@ module and hookspecs.py are the whole contract (nothing in the core probes with 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ocl_bench.api.contracts import Decoding, Progress, ReconstructionOutput
@@ -29,6 +30,16 @@ KINDS = (
 )
 
 
+@dataclass(frozen=True)
+class ConformanceRun:
+    """In a `conformance` declaration: the path of an untrained run directory of this tiny
+    run (dotted overrides of the suite's tiny base, as `conformance` holds), which the suite
+    writes once per process: for a plugin that reads a trained run (a teacher run, the run
+    a slot library is made from)."""
+
+    overrides: Mapping[str, Any]
+
+
 class Plugin:
     """Mix-in for plugin classes.
 
@@ -46,6 +57,17 @@ class Plugin:
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     output: ClassVar[type[Decoding]] = ReconstructionOutput  # decoders only
+    # The tiny run the conformance suite (ocl_bench.testing, docs/conformance.md) checks this
+    # plugin in: dotted config overrides ("decoder.d_model": 32, "objectives": {...}) applied
+    # after the suite's tiny base run (the default run shrunk: shapes at 32 px, cnn, slot
+    # attention, mlp, reconstruction) and after the plugin is put in the run. It holds the
+    # plugin's own small sizes (random init instead of pretrained weights) and what the
+    # plugin needs of the run: a decoder that reads token ids names the encoder it runs
+    # with. A tokenizer names the encoder or decoder that owns it; an importer gives its
+    # params as "importer.KEY". "{fixtures}" in a string is the folder of data files the
+    # caller passes; a ConformanceRun value becomes an untrained run directory. None (the
+    # default) is "not declared", which the suite reports; {} says the base run fits.
+    conformance: ClassVar[Mapping[str, Any] | None] = None
 
     @classmethod
     def capabilities(cls, params: Any) -> tuple[set[str], set[str]]:
