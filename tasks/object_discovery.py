@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, Task, TaskResult, per_image_record
 from ocl_bench.tasks.object_discovery_metrics import (
     all_metrics,
     corloc,
@@ -120,6 +120,8 @@ class ObjectDiscovery(Task):
     scores_masks = True
     name = "object_discovery"
     Params = ObjectDiscoveryParams
+    # The suite's tiny base run (shapes has instance and class masks).
+    conformance = {}
     requires = frozenset({"batch.instance_masks"})
 
     @classmethod
@@ -162,22 +164,10 @@ class ObjectDiscovery(Task):
                 scores = score_batch(pred, gt, ignore, class_gt, p, num_slots)
                 for metric, values in scores.items():
                     sums.setdefault((source, metric), []).append(values.double().cpu())
-        records = []
-        for (source, metric), chunks in sums.items():
-            values = torch.cat(chunks)
-            counted = values[~values.isnan()]
-            value = float(counted.mean()) if counted.numel() else float("nan")
-            records.append(
-                MetricRecord(
-                    self.name,
-                    metric,
-                    value,
-                    source,
-                    resolution,
-                    int(counted.numel()),
-                    per_image=values.tolist(),
-                )
-            )
+        records = [
+            per_image_record(self.name, metric, chunks, source, resolution)
+            for (source, metric), chunks in sums.items()
+        ]
         return TaskResult(records, {"images": images})
 
 

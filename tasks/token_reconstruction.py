@@ -28,7 +28,7 @@ from ocl_bench.api.contracts import TokenPrediction
 from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
-from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
+from ocl_bench.api.tasking import EvalContext, Metric, Task, TaskResult, per_image_record
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,29 @@ class TokenReconstruction(Task):
     )
     name = "token_reconstruction"
     Params = TokenReconstructionParams
+    # A random 1-block MAGE encoder and decoder over a random tiny VQGAN.
+    conformance = {
+        "encoder.name": "mage_vitb16",
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "encoder.tokenizer": {
+            "name": "vqgan",
+            "random_init": True,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "n_embed": 32,
+            "embed_dim": 8,
+            "norm_groups": 4,
+        },
+        "encoder.masking": "mage",
+        "decoder.name": "mage",
+        "decoder.depth": 1,
+        "decoder.num_heads": 2,
+        "objectives": {"token_cross_entropy": {}},
+    }
     requires = frozenset({"decoding.logits", "decoding.target_ids", "decoding.predicted"})
 
     def __init__(self, params: TokenReconstructionParams):
@@ -102,28 +125,22 @@ class TokenReconstruction(Task):
             ):
                 values[key].append(((per_position * chosen).sum(1) / count).double().cpu())
             positions += int(count.sum())
-        records = []
-        for metric, chunks in values.items():
-            per_image = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float64)
-            counted = per_image[~per_image.isnan()]
-            value = float(counted.mean()) if counted.numel() else float("nan")
-            records.append(
-                MetricRecord(
-                    self.name,
-                    metric,
-                    value,
-                    num_images=int(counted.numel()),
-                    protocol={
-                        "averaged": "per image: mean over its masked (MASKED or DROPPED) "
-                        "positions; then the mean over images",
-                        "label_smoothing": self.params.label_smoothing
-                        if metric == "reconstruction_loss"
-                        else 0.0,
-                        "masks": "the encoder's eval-time masking under the eval seed",
-                    },
-                    per_image=per_image.tolist(),
-                )
+        records = [
+            per_image_record(
+                self.name,
+                metric,
+                chunks,
+                protocol={
+                    "averaged": "per image: mean over its masked (MASKED or DROPPED) "
+                    "positions; then the mean over images",
+                    "label_smoothing": self.params.label_smoothing
+                    if metric == "reconstruction_loss"
+                    else 0.0,
+                    "masks": "the encoder's eval-time masking under the eval seed",
+                },
             )
+            for metric, chunks in values.items()
+        ]
         return TaskResult(
             records,
             {

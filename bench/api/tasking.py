@@ -4,7 +4,7 @@ receives (EvalContext) and what it returns (TaskResult of MetricRecords)."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +40,33 @@ class MetricRecord:
     @property
     def key(self) -> str:
         return ".".join(p for p in (self.task, self.masks, self.metric) if p)
+
+
+def per_image_record(
+    task: str,
+    metric: str,
+    chunks: Sequence[torch.Tensor],
+    masks: str | None = None,
+    resolution: tuple[int, int] | None = None,
+    protocol: dict[str, Any] | None = None,
+) -> MetricRecord:
+    """The record of a metric measured on each image: `chunks` are its per-image values,
+    one float64 tensor a batch in eval-split order, NaN where an image has none (no object,
+    no masked token). The value is the mean over the other images (NaN if none is left),
+    num_images how many they are; per_image keeps every value, NaN included."""
+    values = torch.cat(list(chunks)) if chunks else torch.zeros(0, dtype=torch.float64)
+    counted = values[~values.isnan()]
+    value = float(counted.mean()) if counted.numel() else float("nan")
+    return MetricRecord(
+        task,
+        metric,
+        value,
+        masks,
+        resolution,
+        int(counted.numel()),
+        protocol=protocol,
+        per_image=values.tolist(),
+    )
 
 
 @dataclass
