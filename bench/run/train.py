@@ -40,10 +40,10 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ from ocl_bench.api.runtime import (
     set_rng_state,
 )
 from ocl_bench.run import checkpoint, distributed
-from ocl_bench.run.compose import build_model, build_objectives
+from ocl_bench.run.compose import SlotModel, build_model, build_objectives
 from ocl_bench.run.config import RunConfig, read_toml, resolve
 from ocl_bench.run.data import StepBatchSampler, make_dataset
 from ocl_bench.run.ema import WeightEMA
@@ -291,9 +291,91 @@ class MicroBatchSampler(Sampler[list[int]]):
         return len(self.steps) * self.parts
 
 
+@dataclass
+class _Run:
+    """What a training run holds from its set-up to its last step."""
+
+    cfg: RunConfig
+    run_dir: Path
+    world: distributed.World
+    device: torch.device
+    dataset: Any
+    model: SlotModel
+    objectives: nn.ModuleList
+    parameters: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    # Hashed once: frozen weights never move, and a frozen UNet takes seconds to hash.
+    frozen: dict[str, str]
+    ema: WeightEMA | None
+    start: int = 0
+    found: Path | None = None  # the checkpoint resumed from
+    trained: nn.Module | None = None  # the model, or its DDP wrapper
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+
+@dataclass
+class _Reporter:
+    """Where each step goes: the train log, TensorBoard, the progress bar and, every
+    train.eval_every steps, the validation probe's scores."""
+
+    log: IO[str]
+    events: EventLog
+    bar: tqdm
+    meter: ThroughputMeter
+    probe: Callable[[], dict[str, float]] | None
+    shown_metrics: set[str]
+    eval_log_path: Path
+    progress: bool
+
+
 def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir`, resuming from its last checkpoint if there is one."""
-    run_dir = Path(run_dir)
+    t = cfg.train
+    run = _set_up(cfg, Path(run_dir))
+    _resume(run)
+    _distribute(run)
+    probe, shown_metrics = _validation(run)
+    loader = _make_loader(run)
+    run.model.train()
+    began = time.perf_counter()
+    losses: dict[str, float] = {}
+    bar = tqdm(
+        total=t.steps,
+        initial=run.start,
+        disable=not progress,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    micro_batches = iter(loader)
+    # Model parts whose behaviour follows the step (a Gumbel temperature) implement
+    # set_progress(Progress); called before every step, so a resumed run agrees.
+    step_followers = [m.set_progress for m in run.model.modules() if isinstance(m, ModelPart)]
+    forward = CompiledOrEager(run.trained) if t.compile else run.trained
+    events = EventLog(run.run_dir, run.start, t.tensorboard and run.world.main)
+    meter = ThroughputMeter()
+    log_path = run.run_dir / "train_log.jsonl" if run.world.main else os.devnull
+    with open(log_path, "a") as log, contextlib.closing(events):
+        eval_log_path = run.run_dir / "eval_log.jsonl"
+        report = _Reporter(log, events, bar, meter, probe, shown_metrics, eval_log_path, progress)
+        for step in range(run.start, t.steps):
+            meter.start()
+            step_terms = _train_step(run, step, forward, micro_batches, step_followers, meter)
+            losses = _log_step(run, report, step, step_terms)
+            _probe(run, report, step)
+            _checkpoint_if_due(run, report, step)
+    bar.close()
+    _finish(run)
+    return TrainResult(t.steps, run.start, time.perf_counter() - began, losses)
+
+
+def _set_up(cfg: RunConfig, run_dir: Path) -> _Run:
+    """Seed, build the data, model, objectives and optimiser; write the run's config."""
     t = cfg.train
     if t.threads > 0:
         torch.set_num_threads(t.threads)
@@ -312,193 +394,252 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, run_dir)
     distributed.barrier()
-    owners = [
-        (f"{stage} '{getattr(cfg, stage).name}'", getattr(model, stage))
-        for stage in ("encoder", "grouping", "decoder")
-    ]
-    owners += [(f"objective '{c.name}'", o) for c, o in zip(cfg.objectives, objectives)]
-    groups = parameter_groups(t, owners, [model])
-    parameters = [q for g in groups for q in g["params"]]
+    groups = parameter_groups(t, _group_owners(cfg, model, objectives), [model])
     optimizer = make_optimizer(t, groups, device)
     # A group marked "constant_lr" keeps its peak lr (SLATE's dVAE skips the warm-up).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         [(lambda s: 1.0) if g.get("constant_lr") else (lambda s: lr_factor(t, s)) for g in groups],
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    # Hashed once: frozen weights never move, and a frozen UNet takes seconds to hash.
-    frozen = checkpoint.frozen_hashes(model)
-    ema = WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None
-
-    ckpt_dir = run_dir / "checkpoint"
-    start = 0
-    found = checkpoint.recover(ckpt_dir)
-    if found is not None:
-        checkpoint.load_into(model, found / checkpoint.MODEL_FILE)
-        state = checkpoint.load_state(found / checkpoint.STATE_FILE)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "objectives" in state:
-            objectives.load_state_dict(state["objectives"])
-        if ema is not None:
-            ema_path = found / checkpoint.EMA_FILE
-            if not ema_path.is_file():
-                raise DataError(f"{found} holds no averaged weights ({ema_path.name})")
-            ema.load_state_dict(checkpoint.load_weights(ema_path), str(ema_path))
-        set_rng_state(state["rng"])
-        start = int(state["step"])
-    if world.size > 1:
-        # Different slot-init noise per rank, as a single process would draw for its batch.
-        torch.manual_seed(cfg.seed * 7919 + start * 104729 + world.rank)
-    trained = model
-    if world.size > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    log_path = run_dir / "train_log.jsonl"
-    eval_log_path = run_dir / "eval_log.jsonl"
-    measuring = t.eval_every > 0 and world.main
-    probe = validation_probe(cfg, model, device, t.eval_images) if measuring else None
-    # the progress line shows the probe's first headline metric (object discovery: fg_ari)
-    shown_metrics = {m.name for m in probe_task(cfg).headline_metrics()[:1]} if measuring else set()
-    if world.main:
-        _truncate_log(log_path, start)
-        _truncate_log(eval_log_path, start)
-
-    sampler = StepBatchSampler(
-        len(dataset), t.batch_size, cfg.seed, start, t.steps, world.rank, world.size
+    return _Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        world=world,
+        device=device,
+        dataset=dataset,
+        model=model,
+        objectives=objectives,
+        parameters=[q for g in groups for q in g["params"]],
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+        frozen=checkpoint.frozen_hashes(model),
+        ema=WeightEMA(model, t.ema_decay) if t.ema_decay > 0 else None,
     )
-    loader = DataLoader(
-        dataset,
+
+
+def _group_owners(
+    cfg: RunConfig, model: SlotModel, objectives: nn.ModuleList
+) -> list[tuple[str, nn.Module]]:
+    """The modules that may declare param groups, each with the name errors give it."""
+    owners: list[tuple[str, nn.Module]] = [
+        (f"{stage} '{getattr(cfg, stage).name}'", getattr(model, stage))
+        for stage in ("encoder", "grouping", "decoder")
+    ]
+    owners += [(f"objective '{c.name}'", o) for c, o in zip(cfg.objectives, objectives)]
+    return owners
+
+
+def _resume(run: _Run) -> None:
+    """Load the last complete checkpoint, if any, with the RNG state it was saved with."""
+    found = checkpoint.recover(run.ckpt_dir)
+    if found is None:
+        return
+    checkpoint.load_into(run.model, found / checkpoint.MODEL_FILE)
+    state = checkpoint.load_state(found / checkpoint.STATE_FILE)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if "objectives" in state:
+        run.objectives.load_state_dict(state["objectives"])
+    if run.ema is not None:
+        ema_path = found / checkpoint.EMA_FILE
+        if not ema_path.is_file():
+            raise DataError(f"{found} holds no averaged weights ({ema_path.name})")
+        run.ema.load_state_dict(checkpoint.load_weights(ema_path), str(ema_path))
+    set_rng_state(state["rng"])
+    run.found, run.start = found, int(state["step"])
+
+
+def _distribute(run: _Run) -> None:
+    """Under torchrun: seed each rank apart and wrap the model in DDP."""
+    run.trained = run.model
+    if run.world.size == 1:
+        return
+    # Different slot-init noise per rank, as a single process would draw for its batch.
+    torch.manual_seed(run.cfg.seed * 7919 + run.start * 104729 + run.world.rank)
+    run.trained = torch.nn.parallel.DistributedDataParallel(
+        run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+    )
+
+
+def _validation(run: _Run) -> tuple[Callable[[], dict[str, float]] | None, set[str]]:
+    """The validation probe (rank 0, train.eval_every > 0) and the metrics the progress line
+    shows; the logs lose the lines past the resumed step, which will be redone."""
+    t = run.cfg.train
+    measuring = t.eval_every > 0 and run.world.main
+    probe = validation_probe(run.cfg, run.model, run.device, t.eval_images) if measuring else None
+    # the progress line shows the probe's first headline metric (object discovery: fg_ari)
+    shown = {m.name for m in probe_task(run.cfg).headline_metrics()[:1]} if measuring else set()
+    if run.world.main:
+        _truncate_log(run.run_dir / "train_log.jsonl", run.start)
+        _truncate_log(run.run_dir / "eval_log.jsonl", run.start)
+    return probe, shown
+
+
+def _make_loader(run: _Run) -> DataLoader:
+    """This rank's micro-batches from the resumed step on."""
+    cfg, t = run.cfg, run.cfg.train
+    sampler = StepBatchSampler(
+        len(run.dataset), t.batch_size, cfg.seed, run.start, t.steps, run.world.rank, run.world.size
+    )
+    return DataLoader(
+        run.dataset,
         batch_sampler=MicroBatchSampler(sampler, t.accumulate),
-        collate_fn=dataset.collate,
+        collate_fn=run.dataset.collate,
         num_workers=t.num_workers,
-        pin_memory=t.pin_memory and device.type == "cuda",
+        pin_memory=t.pin_memory and run.device.type == "cuda",
         prefetch_factor=t.prefetch_factor if t.num_workers > 0 else None,
         # A private generator: the default one would draw from the global RNG whenever
         # an iterator starts, so a resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
-    def save(step: int) -> None:
-        if not world.main:
-            return
-        checkpoint.save(
-            ckpt_dir,
-            model,
-            {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "objectives": objectives.state_dict(),
-                "rng": rng_state(),
-            },
-            frozen=frozen,
-            ema=ema.state_dict() if ema is not None else None,
-        )
 
-    model.train()
-    began = time.perf_counter()
-    losses: dict[str, float] = {}
-    bar = tqdm(
-        total=t.steps,
-        initial=start,
-        disable=not progress,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    micro_batches = iter(loader)
-    # Model parts whose behaviour follows the step (a Gumbel temperature) implement
-    # set_progress(Progress); called before every step, so a resumed run agrees.
-    step_followers = [m.set_progress for m in model.modules() if isinstance(m, ModelPart)]
-    forward = CompiledOrEager(trained) if t.compile else trained
-    events = EventLog(run_dir, start, t.tensorboard and world.main)
-    meter = ThroughputMeter()
-    with open(log_path if world.main else os.devnull, "a") as log, contextlib.closing(events):
-        for step in range(start, t.steps):
-            meter.start()
-            progress_now = Progress(step, t.steps)
-            for follow in step_followers:
-                follow(progress_now)
-            optimizer.zero_grad(set_to_none=True)
-            step_terms: dict[str, torch.Tensor] = {}
-            for part in range(t.accumulate):
-                with meter.waiting():
-                    batch = next(micro_batches).to(device)
-                last = part == t.accumulate - 1
-                # DDP all-reduces gradients on the last micro-batch only
-                sync = (
-                    trained.no_sync() if world.size > 1 and not last else contextlib.nullcontext()
-                )
-                with sync:
-                    with autocast(device, t.precision):
-                        out = forward(batch)
-                        terms = {}
-                        for objective in objectives:
-                            terms.update(objective(out, batch, progress_now))
-                    total = sum(terms.values())
-                    if distributed.any_true(not bool(torch.isfinite(total.detach())), device):
-                        raise TrainingDiverged(
-                            f"loss became {float(total.detach())} at step {step + 1}; stopped, "
-                            f"the last good checkpoint (step {_saved_step(ckpt_dir)}) is kept "
-                            f"in {ckpt_dir}"
-                        )
-                    if t.accumulate > 1:
-                        total = total / t.accumulate
-                        terms = {k: v / t.accumulate for k, v in terms.items()}
-                    scaler.scale(total).backward()
-                for k, v in terms.items():
-                    step_terms[k] = step_terms[k] + v.detach() if k in step_terms else v.detach()
-            if t.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                clip_gradients(parameters, t.grad_clip, t.grad_clip_norm)
-            lr = t.lr * lr_factor(t, step)  # the default group's; other groups scale alike
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            # Logged values are means over all ranks: the global-batch loss.
-            losses = {k: distributed.mean(v) for k, v in step_terms.items()}
-            loss = distributed.mean(sum(step_terms.values()))
-            speed = meter.stop(t.batch_size)
-            record = {"step": step + 1, "lr": lr, "loss": loss, **losses, **speed}
-            log.write(json.dumps(record) + "\n")
-            events.scalars(step + 1, {"loss": loss, "lr": lr, **losses}, "train")
-            events.scalars(step + 1, speed, "throughput")
-            bar.set_postfix(
-                loss=f"{loss:.4f}",
-                lr=f"{lr:.1e}",
-                img_s=f"{speed['images_per_s']:.1f}",
-                wait=f"{speed['data_wait']:.0%}",
+def _train_step(
+    run: _Run,
+    step: int,
+    forward: Callable[..., Any],
+    micro_batches: Iterator[Any],
+    step_followers: list[Callable[[Progress], None]],
+    meter: ThroughputMeter,
+) -> dict[str, torch.Tensor]:
+    """One optimiser step over train.accumulate micro-batches; the step's loss terms."""
+    t = run.cfg.train
+    progress_now = Progress(step, t.steps)
+    for follow in step_followers:
+        follow(progress_now)
+    run.optimizer.zero_grad(set_to_none=True)
+    step_terms: dict[str, torch.Tensor] = {}
+    for part in range(t.accumulate):
+        with meter.waiting():
+            batch = next(micro_batches).to(run.device)
+        last = part == t.accumulate - 1
+        terms = _backward(run, step, forward, batch, progress_now, last)
+        for k, v in terms.items():
+            step_terms[k] = step_terms[k] + v.detach() if k in step_terms else v.detach()
+    if t.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        clip_gradients(run.parameters, t.grad_clip, t.grad_clip_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.model)
+    return step_terms
+
+
+def _backward(
+    run: _Run,
+    step: int,
+    forward: Callable[..., Any],
+    batch: Any,
+    progress_now: Progress,
+    last: bool,
+) -> dict[str, torch.Tensor]:
+    """Forward and backward one micro-batch; its loss terms, divided by train.accumulate.
+    Raises TrainingDiverged on every rank when the loss is not finite on any."""
+    t = run.cfg.train
+    # DDP all-reduces gradients on the last micro-batch only
+    sync = run.trained.no_sync() if run.world.size > 1 and not last else contextlib.nullcontext()
+    with sync:
+        with autocast(run.device, t.precision):
+            out = forward(batch)
+            terms = {}
+            for objective in run.objectives:
+                terms.update(objective(out, batch, progress_now))
+        total = sum(terms.values())
+        if distributed.any_true(not bool(torch.isfinite(total.detach())), run.device):
+            raise TrainingDiverged(
+                f"loss became {float(total.detach())} at step {step + 1}; stopped, "
+                f"the last good checkpoint (step {_saved_step(run.ckpt_dir)}) is kept "
+                f"in {run.ckpt_dir}"
             )
-            bar.update(1)
-            if probe is not None and (step + 1) % t.eval_every == 0:
-                # rank 0 only, on the unwrapped model: no collective runs inside
-                with ema.swapped_into(model) if ema is not None else contextlib.nullcontext():
-                    scores = probe()
-                with open(eval_log_path, "a") as eval_log:
-                    eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
-                events.scalars(step + 1, scores, "val")
-                shown = ", ".join(
-                    f"{k} {v:.3f}"
-                    for k, v in scores.items()
-                    if k.rsplit(".", 1)[-1] in shown_metrics
-                )
-                if progress:
-                    bar.write(f"step {step + 1}: {shown}")
-            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                log.flush()
-                events.flush()
-                save(step + 1)
-    bar.close()
-    if found is None and start == t.steps == 0:
-        save(0)
-    if world.main and start < t.steps:
-        training_figure(run_dir)
+        if t.accumulate > 1:
+            total = total / t.accumulate
+            terms = {k: v / t.accumulate for k, v in terms.items()}
+        run.scaler.scale(total).backward()
+    return terms
+
+
+def _log_step(
+    run: _Run, report: _Reporter, step: int, step_terms: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Write the step's losses, lr and speed to the log, TensorBoard and the progress bar;
+    the losses as logged."""
+    t = run.cfg.train
+    lr = t.lr * lr_factor(t, step)  # the default group's; other groups scale alike
+    # Logged values are means over all ranks: the global-batch loss.
+    losses = {k: distributed.mean(v) for k, v in step_terms.items()}
+    loss = distributed.mean(sum(step_terms.values()))
+    speed = report.meter.stop(t.batch_size)
+    record = {"step": step + 1, "lr": lr, "loss": loss, **losses, **speed}
+    report.log.write(json.dumps(record) + "\n")
+    report.events.scalars(step + 1, {"loss": loss, "lr": lr, **losses}, "train")
+    report.events.scalars(step + 1, speed, "throughput")
+    report.bar.set_postfix(
+        loss=f"{loss:.4f}",
+        lr=f"{lr:.1e}",
+        img_s=f"{speed['images_per_s']:.1f}",
+        wait=f"{speed['data_wait']:.0%}",
+    )
+    report.bar.update(1)
+    return losses
+
+
+def _probe(run: _Run, report: _Reporter, step: int) -> None:
+    """Score the validation probe after every train.eval_every-th step (rank 0 only)."""
+    if report.probe is None or (step + 1) % run.cfg.train.eval_every != 0:
+        return
+    ema = run.ema
+    # rank 0 only, on the unwrapped model: no collective runs inside
+    with ema.swapped_into(run.model) if ema is not None else contextlib.nullcontext():
+        scores = report.probe()
+    with open(report.eval_log_path, "a") as eval_log:
+        eval_log.write(json.dumps({"step": step + 1, **scores}) + "\n")
+    report.events.scalars(step + 1, scores, "val")
+    shown = ", ".join(
+        f"{k} {v:.3f}" for k, v in scores.items() if k.rsplit(".", 1)[-1] in report.shown_metrics
+    )
+    if report.progress:
+        report.bar.write(f"step {step + 1}: {shown}")
+
+
+def _checkpoint_if_due(run: _Run, report: _Reporter, step: int) -> None:
+    """Save after every train.checkpoint_every-th step and after the last one, logs first."""
+    t = run.cfg.train
+    if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+        report.log.flush()
+        report.events.flush()
+        _save(run, step + 1)
+
+
+def _save(run: _Run, step: int) -> None:
+    """The checkpoint of `step` (rank 0 writes it)."""
+    if not run.world.main:
+        return
+    checkpoint.save(
+        run.ckpt_dir,
+        run.model,
+        {
+            "step": step,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "objectives": run.objectives.state_dict(),
+            "rng": rng_state(),
+        },
+        frozen=run.frozen,
+        ema=run.ema.state_dict() if run.ema is not None else None,
+    )
+
+
+def _finish(run: _Run) -> None:
+    """A zero-step run still leaves a checkpoint; a run that trained draws its figure."""
+    t = run.cfg.train
+    if run.found is None and run.start == t.steps == 0:
+        _save(run, 0)
+    if run.world.main and run.start < t.steps:
+        training_figure(run.run_dir)
     distributed.barrier()
-    return TrainResult(t.steps, start, time.perf_counter() - began, losses)
 
 
 class CompiledOrEager:
