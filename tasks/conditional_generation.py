@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param, to_dict
 from ocl_bench.api.tasking import EvalContext, Metric, MetricRecord, Task, TaskResult
 from ocl_bench.tasks import fid as fidlib
+
+if TYPE_CHECKING:  # evaluate imports it on use: it imports the run machinery that loads plugins
+    from ocl_bench.run.slot_library import SlotLibrary
 
 FID_MODES = ("required", "if_available", "off")
 
@@ -104,6 +107,13 @@ class ConditionalGeneration(Task):
     figures = ("figures/conditional_generation.png", "figures/conditional_generation_centroids.png")
     name = "conditional_generation"
     Params = ConditionalGenerationParams
+    # The MLP decoder generates; FID off (no Inception weights in tests), 2 figure images.
+    conformance = {
+        "tasks.conditional_generation.fid": "off",
+        "tasks.conditional_generation.steps": 2,
+        "tasks.conditional_generation.batch_size": 2,
+        "tasks.conditional_generation.figure_images": 2,
+    }
     requires = frozenset({"generation.images"})
 
     def __init__(self, params: ConditionalGenerationParams):
@@ -133,162 +143,185 @@ class ConditionalGeneration(Task):
         extractor, skipped = self._extractor(ctx.device)
         data = ctx.dataset(ctx.split)
         count = len(data) if ctx.num_images <= 0 else min(ctx.num_images, len(data))
-        cache = fidlib.ReferenceCache(
-            Path(p.fid_cache).expanduser() if p.fid_cache else fidlib.default_cache_dir()
-        )
         # How the decoder samples (its defaults filled in: solver, steps, guidance, size).
         sampling = decoder.sampling_protocol(p.steps, p.guidance_scale)
-        key = reference = None
+        reference = None
         if extractor is not None:
-            data_params = to_dict(data.params) if hasattr(data, "params") else {}
-            if "generated_resolution" in sampling:  # real images are resized to it
-                data_params["compared_at"] = sampling["generated_resolution"]
-            key = fidlib.reference_key(
-                getattr(data, "name", type(data).__name__),
-                data_params,
-                ctx.split,
-                p.fid_resolution,
-                count,
-                extractor.sha256,
-            )
-            reference = cache.load(key)
-
+            reference = self._reference(data, ctx.split, count, extractor.sha256, sampling)
         library = None
         if p.slot_library:
             from ocl_bench.run.slot_library import load_library
 
             library = load_library(p.slot_library)
-        centroid_scores: dict[str, list[Any]] = {"psnr": [], "ssim": [], "features": []}
-        centroid_rows: dict[str, Tensor] | None = None
-        generator = torch.Generator(device=ctx.device).manual_seed(p.seed)
-        psnr: list[Tensor] = []
-        ssim: list[Tensor] = []
-        gen_feats: list[np.ndarray] = []
-        real_feats: list[np.ndarray] = []
-        figure_rows: dict[str, Tensor] | None = None
-        size: tuple[int, int] | None = None
-        for batch, out in ctx.predictions(desc="conditional generation"):
-            real = batch.images.float()
-            fake = self._generate(decoder, out.slots, generator).float()
-            if fake.shape[:2] == real.shape[:2] and fake.shape[2:] != real.shape[2:]:
-                # A decoder generating at its own resolution (StableLSD: 256 px from
-                # 448 px inputs) is compared at that resolution, as its papers do.
-                real = torch.nn.functional.interpolate(
-                    real, size=fake.shape[2:], mode="bilinear", antialias=True, align_corners=False
-                ).clamp(0, 1)
-            if fake.shape != real.shape:
-                raise DataError(
-                    f"decoder {type(decoder).__name__} generated {tuple(fake.shape)} images "
-                    f"for real images of shape {tuple(real.shape)}"
-                )
-            size = (int(real.shape[-2]), int(real.shape[-1]))
-            psnr.append(
-                peak_signal_noise_ratio(
-                    fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3)
-                ).cpu()
-            )
-            ssim.append(_ssim(fake, real).cpu())
-            if extractor is not None:
-                gen_feats.append(self._features(extractor, fake))
-                if reference is None:
-                    real_feats.append(self._features(extractor, real))
-            if figure_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
-                figure_rows = self._figure_rows(decoder, real, fake, out.slots)
-            if library is not None:
-                # every slot replaced by its nearest centroid, then generated (thesis 5.4)
-                nearest = library.centroids.to(out.slots.slots)[library.nearest(out.slots.slots)]
-                made = self._generate(decoder, replace(out.slots, slots=nearest), generator)
-                made = made.float()
-                if made.shape[2:] != real.shape[2:]:
-                    made = torch.nn.functional.interpolate(
-                        made, size=real.shape[2:], mode="bilinear", antialias=True
-                    ).clamp(0, 1)
-                centroid_scores["psnr"].append(
-                    peak_signal_noise_ratio(
-                        made, real, data_range=1.0, reduction="none", dim=(1, 2, 3)
-                    ).cpu()
-                )
-                centroid_scores["ssim"].append(_ssim(made, real).cpu())
-                if extractor is not None:
-                    centroid_scores["features"].append(self._features(extractor, made))
-                if centroid_rows is None and p.figure_images > 0 and ctx.out_dir is not None:
-                    n = min(p.figure_images, real.shape[0])
-                    centroid_rows = {
-                        "real": real[:n].cpu(),
-                        "from slots": fake[:n].cpu(),
-                        "from nearest centroids": made[:n].cpu(),
-                    }
-
-        images = sum(int(t.numel()) for t in psnr)
-        records = [
-            MetricRecord(
-                self.name, "psnr", _mean(psnr), None, size, images, protocol=sampling or None
-            ),
-            MetricRecord(
-                self.name, "ssim", _mean(ssim), None, size, images, protocol=sampling or None
-            ),
-        ]
+        own, nearest, size = self._generate_all(ctx, decoder, extractor, reference, library)
+        images = own.images
+        res = (p.fid_resolution, p.fid_resolution)
+        records = self._scores(own, "", size, images, sampling or None)
         info: dict[str, Any] = {"images": images}
-        if extractor is not None and key is not None:
-            cached = reference is not None
-            value = float("nan")  # a covariance needs two images
-            if images >= 2:
-                if reference is None:
-                    reference = fidlib.statistics(np.concatenate(real_feats))
-                    cache.save(key, *reference)
-                value = fidlib.frechet_distance(*reference, np.concatenate(gen_feats))
-            protocol = {
-                "package": f"clean-fid {importlib.metadata.version('clean-fid')}",
-                "mode": "clean",
-                "extractor": fidlib.INCEPTION_FILE,
-                "weights_sha256": extractor.sha256,
-                "images": images,
-                "resolution": p.fid_resolution,
-                "reference": f"{key['dataset']} {ctx.split}, the same {count} images",
-                "steps": p.steps,
-                "guidance_scale": p.guidance_scale,
-                "seed": p.seed,
-                **sampling,
-            }
-            res = (p.fid_resolution, p.fid_resolution)
-            records.append(_record(self.name, "fid", value, res, images, protocol))
-            info["fid_reference_cached"] = cached
-            info["fid_reference_file"] = str(cache.path(key))
+        fid_protocol: dict[str, Any] = {}
+        if reference is not None:
+            fid_protocol = self._fid_protocol(reference, images, sampling)
+            value = reference.fid(own.features, images)
+            records.append(_record(self.name, "fid", value, res, images, fid_protocol))
+            info["fid_reference_cached"] = reference.cached
+            info["fid_reference_file"] = str(reference.cache.path(reference.key))
         else:
             info["fid_skipped"] = skipped
         if library is not None:
             # Same images, seed and reference as above; only the slots differ.
             centroid_protocol = {**sampling, "slot_library": library.provenance}
-            for metric in ("psnr", "ssim"):
-                records.append(
-                    _record(
-                        self.name,
-                        f"centroid_{metric}",
-                        _mean(centroid_scores[metric]),
-                        size or (0, 0),
-                        images,
-                        centroid_protocol,
-                    )
-                )
-            if reference is not None and images >= 2 and centroid_scores["features"]:
-                value = fidlib.frechet_distance(
-                    *reference, np.concatenate(centroid_scores["features"])
-                )
-                fid_protocol = {**protocol, "slot_library": library.provenance}
-                res = (p.fid_resolution, p.fid_resolution)
+            records += self._scores(nearest, "centroid_", size or (0, 0), images, centroid_protocol)
+            if reference is not None and images >= 2 and nearest.features:
+                value = reference.fid(nearest.features, images)
+                fid_protocol = {**fid_protocol, "slot_library": library.provenance}
                 records.append(_record(self.name, "centroid_fid", value, res, images, fid_protocol))
             info["slot_library"] = str(library.path)
-        figures = []
-        if figure_rows is not None and ctx.out_dir is not None:
-            path = Path(ctx.out_dir) / "figures" / "conditional_generation.png"
-            # imported here: discovering plugins imports every task module, and matplotlib is slow
-            from ocl_bench.api.drawing import image_rows_figure
+        return TaskResult(records, info, self._figures(ctx.out_dir, own.rows, nearest.rows))
 
-            figures.append(str(image_rows_figure(figure_rows, path)))
-            if centroid_rows is not None:
-                path = path.with_name("conditional_generation_centroids.png")
-                figures.append(str(image_rows_figure(centroid_rows, path)))
-        return TaskResult(records, info, figures)
+    def _generate_all(
+        self,
+        ctx: EvalContext,
+        decoder: Any,
+        extractor: fidlib.InceptionExtractor | None,
+        reference: _Reference | None,
+        library: SlotLibrary | None,
+    ) -> tuple[_Generated, _Generated, tuple[int, int] | None]:
+        """(own, nearest, size): every image generated from its slots and scored against the
+        real one, at `size`; with a slot library, generated again from each slot's nearest
+        centroid (thesis 5.4) and scored the same way: same images, generator and
+        reference, only the slots differ (both draw from the one generator, batch by batch)."""
+        p = self.params
+        figure = p.figure_images > 0 and ctx.out_dir is not None
+        generator = torch.Generator(device=ctx.device).manual_seed(p.seed)
+        own, nearest = _Generated(), _Generated()
+        size: tuple[int, int] | None = None
+        for batch, out in ctx.predictions(desc="conditional generation"):
+            fake = self._generate(decoder, out.slots, generator).float()
+            real = self._score(own, decoder, fake, batch.images.float(), extractor)
+            size = (int(real.shape[-2]), int(real.shape[-1]))
+            if extractor is not None and reference is not None and reference.stats is None:
+                reference.real_features.append(self._features(extractor, real))
+            if own.rows is None and figure:
+                own.rows = self._figure_rows(decoder, real, fake, out.slots)
+            if library is None:
+                continue
+            slots = out.slots.slots
+            centroids = library.centroids.to(slots)[library.nearest(slots)]
+            made = self._generate(decoder, replace(out.slots, slots=centroids), generator).float()
+            self._score(nearest, decoder, made, real, extractor)
+            if nearest.rows is None and figure:
+                n = min(p.figure_images, real.shape[0])
+                nearest.rows = {
+                    "real": real[:n].cpu(),
+                    "from slots": fake[:n].cpu(),
+                    "from nearest centroids": made[:n].cpu(),
+                }
+        return own, nearest, size
+
+    def _score(
+        self,
+        into: _Generated,
+        decoder: Any,
+        fake: Tensor,
+        real: Tensor,
+        extractor: fidlib.InceptionExtractor | None,
+    ) -> Tensor:
+        """Adds the per-image PSNR and SSIM of generated images against the real ones (and
+        their Inception features) to `into`; returns the real images as compared."""
+        if fake.shape[:2] == real.shape[:2] and fake.shape[2:] != real.shape[2:]:
+            # A decoder generating at its own resolution (StableLSD: 256 px from
+            # 448 px inputs) is compared at that resolution, as its papers do.
+            real = torch.nn.functional.interpolate(
+                real, size=fake.shape[2:], mode="bilinear", antialias=True, align_corners=False
+            ).clamp(0, 1)
+        if fake.shape != real.shape:
+            raise DataError(
+                f"decoder {type(decoder).__name__} generated {tuple(fake.shape)} images "
+                f"for real images of shape {tuple(real.shape)}"
+            )
+        into.psnr.append(
+            peak_signal_noise_ratio(
+                fake, real, data_range=1.0, reduction="none", dim=(1, 2, 3)
+            ).cpu()
+        )
+        into.ssim.append(_ssim(fake, real).cpu())
+        if extractor is not None:
+            into.features.append(self._features(extractor, fake))
+        return real
+
+    def _reference(
+        self, data: Any, split: str, count: int, weights_sha256: str, sampling: dict[str, Any]
+    ) -> _Reference:
+        """The FID reference set, the first `count` real images of `split`: its cache entry,
+        with the statistics when they are cached."""
+        p = self.params
+        cache = fidlib.ReferenceCache(
+            Path(p.fid_cache).expanduser() if p.fid_cache else fidlib.default_cache_dir()
+        )
+        data_params = to_dict(data.params) if hasattr(data, "params") else {}
+        if "generated_resolution" in sampling:  # real images are resized to it
+            data_params["compared_at"] = sampling["generated_resolution"]
+        key = fidlib.reference_key(
+            getattr(data, "name", type(data).__name__),
+            data_params,
+            split,
+            p.fid_resolution,
+            count,
+            weights_sha256,
+        )
+        description = f"{key['dataset']} {split}, the same {count} images"
+        return _Reference(cache, key, cache.load(key), weights_sha256, description)
+
+    def _fid_protocol(
+        self, reference: _Reference, images: int, sampling: dict[str, Any]
+    ) -> dict[str, Any]:
+        p = self.params
+        return {
+            "package": f"clean-fid {importlib.metadata.version('clean-fid')}",
+            "mode": "clean",
+            "extractor": fidlib.INCEPTION_FILE,
+            "weights_sha256": reference.weights_sha256,
+            "images": images,
+            "resolution": p.fid_resolution,
+            "reference": reference.description,
+            "steps": p.steps,
+            "guidance_scale": p.guidance_scale,
+            "seed": p.seed,
+            **sampling,
+        }
+
+    def _scores(
+        self,
+        generated: _Generated,
+        prefix: str,
+        size: tuple[int, int] | None,
+        images: int,
+        protocol: dict[str, Any] | None,
+    ) -> list[MetricRecord]:
+        """The mean PSNR and SSIM records of one set of generated images."""
+        return [
+            _record(self.name, f"{prefix}{metric}", _mean(chunks), size, images, protocol)
+            for metric, chunks in (("psnr", generated.psnr), ("ssim", generated.ssim))
+        ]
+
+    def _figures(
+        self,
+        out_dir: Path | None,
+        rows: dict[str, Tensor] | None,
+        centroid_rows: dict[str, Tensor] | None,
+    ) -> list[str]:
+        """The generation figure, then the slot library's one (only beside the first)."""
+        if rows is None or out_dir is None:
+            return []
+        path = Path(out_dir) / "figures" / "conditional_generation.png"
+        # imported here: discovering plugins imports every task module, and matplotlib is slow
+        from ocl_bench.api.drawing import image_rows_figure
+
+        figures = [str(image_rows_figure(rows, path))]
+        if centroid_rows is not None:
+            path = path.with_name("conditional_generation_centroids.png")
+            figures.append(str(image_rows_figure(centroid_rows, path)))
+        return figures
 
     def _generate(self, decoder: Any, slots: Slots, generator: torch.Generator) -> Tensor:
         p = self.params
@@ -345,11 +378,54 @@ def _record(
     task: str,
     metric: str,
     value: float,
-    resolution: tuple[int, int],
+    resolution: tuple[int, int] | None,
     images: int,
-    protocol: dict[str, Any],
+    protocol: dict[str, Any] | None,
 ) -> MetricRecord:
     return MetricRecord(task, metric, value, None, resolution, images, protocol=protocol)
+
+
+@dataclass
+class _Generated:
+    """One set of generated images scored against the real ones, batch by batch: per-image
+    PSNR and SSIM, Inception features (with an extractor), the figure's rows."""
+
+    psnr: list[Tensor] = field(default_factory=list)
+    ssim: list[Tensor] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    rows: dict[str, Tensor] | None = None
+
+    @property
+    def images(self) -> int:
+        return sum(int(t.numel()) for t in self.psnr)
+
+
+@dataclass
+class _Reference:
+    """The FID reference set: its cache entry, its statistics (read from the cache, or
+    computed from the real images' features gathered while generating) and its name in
+    the FID protocol."""
+
+    cache: fidlib.ReferenceCache
+    key: dict[str, Any]
+    stats: tuple[np.ndarray, np.ndarray] | None
+    weights_sha256: str
+    description: str
+    real_features: list[np.ndarray] = field(default_factory=list)
+    cached: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cached = self.stats is not None
+
+    def fid(self, features: list[np.ndarray], images: int) -> float:
+        """FID of the generated images' features to the reference; NaN under two images
+        (a covariance needs two). The first call computes and caches missing statistics."""
+        if images < 2:
+            return float("nan")
+        if self.stats is None:
+            self.stats = fidlib.statistics(np.concatenate(self.real_features))
+            self.cache.save(self.key, *self.stats)
+        return fidlib.frechet_distance(*self.stats, np.concatenate(features))
 
 
 @hookimpl
