@@ -215,6 +215,13 @@ class CocoDataset(SegmentationDataset):
     kind = "dataset"
     name = "coco"
     Params = CocoParams
+    # {fixtures}/coco holds annotations/instances_{train,val}2017.json and both image
+    # folders (tests/test_coco_voc.py's make_coco writes a tiny one).
+    conformance = {
+        "dataset.root": "{fixtures}/coco",
+        "dataset.image_size": 32,
+        "dataset.mask_size": 32,
+    }
     provides = SEGMENTATION_PROVIDES
 
     def __init__(self, params: CocoParams | None = None, split: str = "train"):

@@ -50,6 +50,11 @@ class ImageFolderDataset(DatasetPlugin):
 
     kind = "dataset"
     name = "image_folder"
+    # A folder of a few images of any size, written by the caller under {fixtures}.
+    conformance = {
+        "dataset.root": "{fixtures}/images",
+        "dataset.image_size": 32,
+    }
     provides = frozenset({"batch.images", "batch.index"})
 
     @dataclass(frozen=True)

@@ -130,6 +130,13 @@ class VocDataset(SegmentationDataset):
     kind = "dataset"
     name = "voc"
     Params = VocParams
+    # {fixtures}/voc holds VOCdevkit/VOC2012 (as VOCtrainval unpacks) with train.txt and
+    # val.txt (tests/test_coco_voc.py's make_voc writes a tiny one).
+    conformance = {
+        "dataset.root": "{fixtures}/voc",
+        "dataset.image_size": 32,
+        "dataset.mask_size": 32,
+    }
     provides = SEGMENTATION_PROVIDES
 
     def __init__(self, params: VocParams | None = None, split: str = "train"):

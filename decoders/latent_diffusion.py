@@ -166,6 +166,13 @@ class LatentDiffusionDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "latent_diffusion"
     Params = LatentDiffusionParams
+    # Random tiny UNet and VAE; conditions dropped with p = 0.5, so the learned null
+    # embedding trains too.
+    conformance = {
+        "decoder.tiny": True,
+        "decoder.cond_drop_prob": 0.5,
+        "objectives": {"denoising": {}},
+    }
     output = Denoising
     requires = frozenset({"slots.slots"})
     provides = frozenset({"generation.images"})

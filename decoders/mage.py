@@ -124,6 +124,28 @@ class MageDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "mage"
     Params = MageDecoderParams
+    # A random 1-block MAGE encoder (masked pass on) over a random tiny VQGAN.
+    conformance = {
+        "encoder.name": "mage_vitb16",
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "encoder.tokenizer": {
+            "name": "vqgan",
+            "random_init": True,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "n_embed": 32,
+            "embed_dim": 8,
+            "norm_groups": 4,
+        },
+        "encoder.masking": "mage",
+        "decoder.depth": 1,
+        "decoder.num_heads": 2,
+        "objectives": {"token_cross_entropy": {}},
+    }
     output = TokenPrediction
     requires = frozenset(
         {

@@ -101,6 +101,16 @@ class SlateDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "slate"
     Params = SlateParams
+    # One block of width 32 over a 32-code dVAE of 8 channels, trained alongside.
+    conformance = {
+        "decoder.d_model": 32,
+        "decoder.num_layers": 1,
+        "decoder.num_heads": 2,
+        "decoder.vocab_size": 32,
+        "decoder.tokenizer_channels": 8,
+        "decoder.tau_steps": 4,
+        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
+    }
     output = TokenPrediction
     requires = frozenset({"slots.slots"})
 

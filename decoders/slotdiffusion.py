@@ -151,6 +151,15 @@ class SlotDiffusionDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "slotdiffusion"
     Params = SlotDiffusionParams
+    # Tiny UNet over a random tiny VQ-VAE (stage 2); slots dropped with p = 0.5, so the
+    # null slots train too.
+    conformance = {
+        "decoder.tiny": True,
+        "decoder.vqvae": "random",
+        "decoder.sample_steps": 2,
+        "decoder.null_dropout": 0.5,
+        "objectives": {"denoising": {}},
+    }
     output = Denoising
     requires = frozenset({"slots.slots"})
     provides = frozenset({"generation.images"})

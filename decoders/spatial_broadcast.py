@@ -26,6 +26,11 @@ class SpatialBroadcastDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "spatial_broadcast"
     Params = SpatialBroadcastParams
+    # 8 channels from an 8x8 broadcast grid.
+    conformance = {
+        "decoder.channels": 8,
+        "decoder.broadcast_size": 8,
+    }
     requires = frozenset({"slots.slots"})
     provides = frozenset({"decoding.masks", "generation.images"})
 

@@ -190,6 +190,17 @@ class SpotARDecoder(nn.Module, Decoder):
     kind = "decoder"
     name = "spot_ar"
     Params = SpotARParams
+    # One block over a random 1-block ViT-S/16 of width 32 (its features are the targets).
+    conformance = {
+        "encoder.name": "dino_vits16",
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "decoder.num_layers": 1,
+        "decoder.num_heads": 2,
+    }
     requires = frozenset({"features.targets", "slots.slots"})
     provides = frozenset({"decoding.masks"})
 

@@ -361,6 +361,23 @@ class MageEncoder(nn.Module, Encoder):
     kind = "encoder"
     name = "mage_vitb16"
     Params = MageParams
+    # A random 1-block MAGE over a random tiny VQGAN at 32 px (16x16 ids).
+    conformance = {
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "encoder.tokenizer": {
+            "name": "vqgan",
+            "random_init": True,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "n_embed": 32,
+            "embed_dim": 8,
+            "norm_groups": 4,
+        },
+    }
     provides = frozenset(
         {"features.tokens", "features.targets", "features.token_ids", "features.token_mask"}
     )

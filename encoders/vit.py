@@ -180,6 +180,19 @@ class ViTEncoder(nn.Module, Encoder):
 
     kind = "encoder"
     Params = ViTParams
+    # Random weights (tests have no pretrained files): 2 blocks of width 32 at 112 px, a
+    # whole number of 8, 14 and 16 px patches; the second block trains, so both the
+    # frozen part (stored by hash) and the gradients are checked. The MLP decoder
+    # reconstructs the features (DINOSAUR), whatever the patch size.
+    conformance = {
+        "encoder.random_init": True,
+        "encoder.image_size": 112,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 2,
+        "encoder.num_heads": 2,
+        "encoder.finetune_from": 1,
+        "decoder.target": "features",
+    }
     provides = frozenset({"features.tokens", "features.targets"})
     pretrained: ClassVar[PretrainedViT]
 

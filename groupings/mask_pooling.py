@@ -75,6 +75,13 @@ class MaskPooling(SlotAttention):
 
     name = "mask_pooling"
     Params = MaskPoolingParams
+    # The base run's sizes (switching grouping drops slot attention's).
+    conformance = {
+        "grouping.num_slots": 3,
+        "grouping.slot_dim": 16,
+        "grouping.mlp_hidden": 16,
+        "grouping.iterations": 2,
+    }
     provides = frozenset({"slots.slots", "slots.attn", "slots.logits"})
 
     def __init__(self, params: MaskPoolingParams, dims: Dims):

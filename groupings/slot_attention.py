@@ -120,6 +120,8 @@ class SlotAttention(nn.Module, Grouping):
     kind = "grouping"
     name = "slot_attention"
     Params = SlotAttentionParams
+    # The suite's tiny base run uses slot attention: 3 slots of 16, 2 iterations.
+    conformance = {}
     requires = frozenset({"features.tokens"})
     provides = frozenset({"slots.slots", "slots.attn", "slots.logits", "slots.init"})
 

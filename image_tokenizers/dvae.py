@@ -114,6 +114,17 @@ class DVAE(ImageTokenizer):
 
     name = "dvae"
     Params = DVAEParams
+    # Owned by SLATE's decoder, which trains it through the tokenizer_loss objective.
+    conformance = {
+        "decoder.name": "slate",
+        "decoder.d_model": 32,
+        "decoder.num_layers": 1,
+        "decoder.num_heads": 2,
+        "decoder.vocab_size": 32,
+        "decoder.tokenizer_channels": 8,
+        "decoder.tau_steps": 4,
+        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
+    }
     trainable = True
     downsample = 4
 

@@ -69,6 +69,14 @@ class SlotDiffusionVQVAE(ImageTokenizer):
 
     name = "slotdiffusion_vqvae"
     Params = SlotDiffusionVQVAEParams
+    # Owned by SlotDiffusion's decoder at its tiny size, in stage 1 (the VQ-VAE trains
+    # through the tokenizer_loss objective).
+    conformance = {
+        "decoder.name": "slotdiffusion",
+        "decoder.tiny": True,
+        "decoder.stage": "vqvae",
+        "objectives": {"tokenizer_loss": {}},
+    }
     trainable = True
 
     def __init__(self, params: SlotDiffusionVQVAEParams) -> None:

@@ -296,6 +296,25 @@ class VQGANTokenizer(ImageTokenizer):
 
     name = "vqgan"
     Params = VQGANParams
+    # Owned by a random 1-block MAGE encoder at 32 px; a random 2-level VQGAN with 32
+    # codes (no pretrained file in tests).
+    conformance = {
+        "encoder.name": "mage_vitb16",
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "encoder.tokenizer": {
+            "name": "vqgan",
+            "random_init": True,
+            "ch": 8,
+            "ch_mult": [1, 2],
+            "n_embed": 32,
+            "embed_dim": 8,
+            "norm_groups": 4,
+        },
+    }
     trainable = False
 
     def __init__(self, params: VQGANParams):

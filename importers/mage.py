@@ -224,6 +224,8 @@ class MageImporter(CheckpointImporter):
 
     name = "mage"
     Params = MageImporterParams
+    # Its default params.
+    conformance = {}
 
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         state = read_state_dict(path, "MAGE checkpoint")

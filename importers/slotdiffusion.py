@@ -355,6 +355,8 @@ class SlotDiffusionImporter(CheckpointImporter):
 
     name = "slotdiffusion"
     Params = SlotDiffusionImporterParams
+    # Its default params.
+    conformance = {}
 
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         state = read_state_dict(path, WHAT)

@@ -393,6 +393,8 @@ class SpotImporter(CheckpointImporter):
 
     name = "spot"
     Params = SpotImporterParams
+    # Its default params.
+    conformance = {}
 
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         state = read_checkpoint(path)

@@ -191,6 +191,8 @@ class StableLSDImporter(CheckpointImporter):
 
     name = "stablelsd"
     Params = StableLSDImporterParams
+    # Its default params.
+    conformance = {}
 
     def convert(self, path: Path, overrides: list[str]) -> ImportResult:
         config = read_config(path)

@@ -57,6 +57,20 @@ class AuxiliaryDecoder(nn.Module, Objective):
     kind = "objective"
     name = "auxiliary_decoder"
     Params = AuxiliaryDecoderParams
+    # A 1-block spot_ar beside the main decoder, over a random 1-block ViT's features.
+    conformance = {
+        "encoder.name": "dino_vits16",
+        "encoder.random_init": True,
+        "encoder.image_size": 32,
+        "encoder.embed_dim": 32,
+        "encoder.depth": 1,
+        "encoder.num_heads": 2,
+        "objectives.auxiliary_decoder.decoder": {
+            "name": "spot_ar",
+            "num_layers": 1,
+            "num_heads": 2,
+        },
+    }
     requires = frozenset({"slots.slots"})
 
     def __init__(self, params: AuxiliaryDecoderParams):

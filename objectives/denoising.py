@@ -23,6 +23,11 @@ class DenoisingLoss(nn.Module, Objective):
     kind = "objective"
     name = "denoising"
     Params = DenoisingParams
+    # The tiny latent-diffusion decoder's prediction and target.
+    conformance = {
+        "decoder.name": "latent_diffusion",
+        "decoder.tiny": True,
+    }
     requires = frozenset({"decoding.prediction", "decoding.target", "decoding.timesteps"})
 
     def __init__(self, params: DenoisingParams):

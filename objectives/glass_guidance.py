@@ -136,6 +136,15 @@ class GlassGuidance(nn.Module, Objective):
     kind = "objective"
     name = "glass_guidance"
     Params = GuidanceParams
+    # Pseudo masks of the generated dataset: two tiny images into {fixtures}/generated.
+    conformance = {
+        "dataset.name": "generated",
+        "dataset.root": "{fixtures}/generated",
+        "dataset.tiny": True,
+        "dataset.steps": 2,
+        "dataset.train_size": 2,
+        "dataset.source_params": {"image_size": 32, "train_size": 4, "val_size": 4},
+    }
     requires = frozenset({"slots.attn"})
 
     @classmethod

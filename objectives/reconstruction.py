@@ -23,6 +23,8 @@ class Reconstruction(nn.Module, Objective):
     kind = "objective"
     name = "reconstruction"
     Params = ReconstructionParams
+    # The suite's tiny base run trains with this loss.
+    conformance = {}
     requires = frozenset({"decoding.reconstruction", "decoding.target"})
 
     def __init__(self, params: ReconstructionParams):

@@ -31,6 +31,17 @@ class TokenCrossEntropy(nn.Module, Objective):
     kind = "objective"
     name = "token_cross_entropy"
     Params = TokenCrossEntropyParams
+    # SLATE's tiny decoder predicts its dVAE's ids.
+    conformance = {
+        "decoder.name": "slate",
+        "decoder.d_model": 32,
+        "decoder.num_layers": 1,
+        "decoder.num_heads": 2,
+        "decoder.vocab_size": 32,
+        "decoder.tokenizer_channels": 8,
+        "decoder.tau_steps": 4,
+        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
+    }
     requires = frozenset({"decoding.logits", "decoding.target_ids", "decoding.predicted"})
 
     def __init__(self, params: TokenCrossEntropyParams):

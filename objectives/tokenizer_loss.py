@@ -31,6 +31,17 @@ class TokenizerLoss(nn.Module, Objective):
     kind = "objective"
     name = "tokenizer_loss"
     Params = TokenizerLossParams
+    # SLATE's tiny decoder returns its dVAE's losses.
+    conformance = {
+        "decoder.name": "slate",
+        "decoder.d_model": 32,
+        "decoder.num_layers": 1,
+        "decoder.num_heads": 2,
+        "decoder.vocab_size": 32,
+        "decoder.tokenizer_channels": 8,
+        "decoder.tau_steps": 4,
+        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
+    }
     requires = frozenset({"decoding.tokenizer_losses"})
 
     def __init__(self, params: TokenizerLossParams):

@@ -139,6 +139,14 @@ class PropertyPrediction(Task):
     scores_masks = True
     name = "property_prediction"
     Params = PropertyPredictionParams
+    # A 5-step probe on 4 images; IoU threshold 0 matches every object, so the probe
+    # trains even on the untrained model.
+    conformance = {
+        "tasks.property_prediction.train_images": 4,
+        "tasks.property_prediction.steps": 5,
+        "tasks.property_prediction.batch_size": 4,
+        "tasks.property_prediction.iou_threshold": 0.0,
+    }
     requires = frozenset({"slots.slots"})
 
     @classmethod

@@ -62,6 +62,17 @@ def test_install_use_and_uninstall_example_plugin(tmp_path: Path) -> None:
         metrics = json.loads((run / "metrics.json").read_text())["summary"]
         assert 1 <= metrics["slot_usage.attn.slots_used"] <= 4
         assert 0.25 <= metrics["slot_usage.attn.confidence"] <= 1.0
+        # The distribution's own tests: ocl-bench's conformance suite over its plugins, run
+        # as its author runs them (its pyproject.toml points pytest at tests/).
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=EXAMPLE,
+        )
+        assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+        assert "3 passed" in tests.stdout, tests.stdout[-3000:]
     finally:
         _pip("uninstall", "-y", "ocl-bench-example")
     assert "patch_linear" not in _plugins()

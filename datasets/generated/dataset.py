@@ -155,6 +155,15 @@ class GeneratedDataset(DatasetPlugin):
     kind = "dataset"
     name = "generated"
     Params = GeneratedParams
+    # Two train images generated on first read by the random tiny pipeline (2 steps)
+    # into {fixtures}/generated; the real images are a tiny shapes source.
+    conformance = {
+        "dataset.root": "{fixtures}/generated",
+        "dataset.tiny": True,
+        "dataset.steps": 2,
+        "dataset.train_size": 2,
+        "dataset.source_params": {"image_size": 32, "train_size": 4, "val_size": 4},
+    }
     provides = frozenset(
         {
             "batch.images",

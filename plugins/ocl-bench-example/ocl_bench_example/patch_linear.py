@@ -26,6 +26,11 @@ class PatchLinearEncoder(nn.Module, Encoder):
     kind = "encoder"
     name = "patch_linear"
     Params = PatchLinearParams
+    # The tiny run the conformance suite checks it in: 4 px patches of width 16.
+    conformance = {
+        "encoder.patch_size": 4,
+        "encoder.dim": 16,
+    }
     provides = frozenset({"features.tokens"})
 
     def __init__(self, params: PatchLinearParams, dims: Dims):
