@@ -38,6 +38,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import random
 import shutil
 import tempfile
 import time
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -133,12 +135,15 @@ class FixtureNeeded(UserError):
 
 @dataclass(frozen=True)
 class Case:
-    """One plugin to check: its kind, name and class (what conformance_cases lists)."""
+    """One plugin to check: its kind, name and class (what conformance_cases lists). A
+    plugin whose module failed to load has no class, and `error` says why: it is listed so
+    that a test over a distribution fails instead of silently checking fewer plugins."""
 
     kind: str
     name: str
-    cls: type
+    cls: type | None
     distribution: str = ""
+    error: str = ""
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}"
@@ -168,15 +173,15 @@ def conformance_cases(
     reg: Registry | None = None,
 ) -> list[Case]:
     """Every registered plugin (of `kinds`, from `distribution`), in registry order: what a
-    test parametrises over so a failure names its plugin (`ids=str` gives "kind:name")."""
+    test parametrises over so a failure names its plugin (`ids=str` gives "kind:name").
+    Plugins that failed to load are included (kind "?"; check_plugin reports their error)
+    unless `kinds` leaves them out."""
     reg = reg or registry()
-    wanted = set(kinds) if kinds is not None else set(KINDS)
+    wanted = set(kinds) if kinds is not None else {*KINDS, "?"}
     return [
-        Case(i.kind, i.name, i.cls, i.distribution)
+        Case(i.kind, i.name, i.cls, i.distribution, i.error or "")
         for i in reg.infos
-        if i.cls is not None
-        and i.kind in wanted
-        and (distribution is None or i.distribution == distribution)
+        if i.kind in wanted and (distribution is None or i.distribution == distribution)
     ]
 
 
@@ -918,16 +923,24 @@ def check_plugin(
     """
     case = _case(plugin, name)
     report = Report(str(case))
+    if case.cls is None:
+        report.fail("load", f"the plugin did not load: {case.error}")
+        raise ConformanceError(report)
     started = time.perf_counter()
     report.problems += [f"[params] {p}" for p in check_params(case.cls)]
     report.ran("params")
     workdir = Path(tempfile.mkdtemp(prefix="check-", dir=_scratch()))
+    # The checks seed the global generators; the caller's streams are given back untouched.
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        if case.kind == "importer":
-            _check_importer(case, overrides, report)
-        else:
-            _check_in_run(case, fixtures, overrides, report, workdir)
+        with torch.random.fork_rng(devices=[]):
+            if case.kind == "importer":
+                _check_importer(case, overrides, report)
+            else:
+                _check_in_run(case, fixtures, overrides, report, workdir)
     finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
         shutil.rmtree(workdir, ignore_errors=True)
         report.seconds = time.perf_counter() - started
     skipped = [c for c in EXPECTED_CHECKS.get(case.kind, ()) if c not in report.checks]

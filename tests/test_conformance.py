@@ -23,7 +23,7 @@ from ocl_bench.api.params import describe, param
 from ocl_bench.api.plugin import KINDS, Encoder, Plugin
 from ocl_bench.api.tasking import Metric, MetricRecord, Task, TaskResult
 from ocl_bench.datasets.shapes import ShapesDataset
-from ocl_bench.run.registry import with_kind_base
+from ocl_bench.run.registry import PluginInfo, Registry, with_kind_base
 from ocl_bench.testing import (
     EXPECTED_CHECKS,
     ConformanceError,
@@ -222,6 +222,14 @@ def test_the_suite_rejects_a_broken_plugin(broken: type, rule: str) -> None:
     with pytest.raises(ConformanceError, match=rule) as caught:
         check_plugin(broken)
     assert str(caught.value).startswith(f"{broken.kind}:{broken.name}: ")
+
+
+def test_a_plugin_that_does_not_load_is_listed_and_fails() -> None:
+    broken = PluginInfo("?", "gone", "my-dist", "1.0", None, "ImportError: no module named x")
+    cases = conformance_cases(distribution="my-dist", reg=Registry([broken]))
+    assert [str(c) for c in cases] == ["?:gone"]
+    with pytest.raises(ConformanceError, match=r"\[load\] the plugin did not load: ImportError"):
+        check_plugin(cases[0])
 
 
 def test_a_dataset_that_reads_files_needs_the_fixtures_folder() -> None:
