@@ -53,7 +53,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -65,6 +65,7 @@ from ocl_bench.datasets import DatasetParamError, check_index, check_split
 from ocl_bench.datasets.base import SEGMENTATION_PROVIDES
 from ocl_bench.datasets.segmentation import (
     Crop,
+    CrowdMode,
     GeometryParams,
     SegmentationDataset,
     View,
@@ -77,7 +78,8 @@ from ocl_bench.datasets.segmentation import (
 )
 
 ENV_ROOT = "OCL_BENCH_COCO"
-OVERLAP_PAINTING = ("none", "later_wins")
+OverlapPainting = Literal["none", "later_wins"]
+OVERLAP_PAINTING: tuple[str, ...] = get_args(OverlapPainting)
 SPLIT_DIRS = {"train": "train2017", "val": "val2017"}
 WHERE = (
     "COCO 2017 is at https://cocodataset.org/#download: unpack annotations_trainval2017.zip and "
@@ -104,7 +106,7 @@ class CocoParams(GeometryParams):
     root: str = param(
         "", f"folder holding annotations/ and train2017/, val2017/ ('' reads ${ENV_ROOT})"
     )
-    crowd: Literal["keep", "drop", "ignore", "drop_image"] = param(
+    crowd: CrowdMode = param(
         "keep",
         "iscrowd annotations: 'keep' as objects (SPOT eval), 'drop' them (pixels become "
         "background; OCLF coco_nocrowd), 'ignore' their pixels, 'drop_image' skips such images",
@@ -117,7 +119,7 @@ class CocoParams(GeometryParams):
     min_area: float = param(
         0.0, "drop objects whose COCO 'area' (original pixels) is below this; 0 keeps all", ge=0
     )
-    overlap_painting: Literal["none", "later_wins"] = param(
+    overlap_painting: OverlapPainting = param(
         "none",
         "'none': instances keep their whole masks and may overlap; 'later_wins': each pixel "
         "belongs to the last annotation (file order) covering it, in instance and class masks "
@@ -226,8 +228,7 @@ class CocoDataset(SegmentationDataset):
 
     def __init__(self, params: CocoParams | None = None, split: str = "train"):
         self.params = params if params is not None else CocoParams()
-        p = self.params
-        validate_params(p, self.name)
+        p = self.params  # validated when made (CocoParams.__post_init__)
         self.split = split
         self.split_id = check_split(split)
         if split not in SPLIT_DIRS:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -46,20 +46,23 @@ from ocl_bench.api.params import param
 from ocl_bench.datasets import DatasetParamError
 from ocl_bench.datasets.base import DatasetPlugin
 
+# The one definition of each choice: the params' types (which a config is checked against)
+# and validate_params (which checks params built in code) both read these.
 Interpolation = Literal["bicubic", "bilinear"]
 Crop = Literal["center", "random"]
 ResizeLibrary = Literal["pil", "cv2", "torch"]
 LongSide = Literal["truncate", "round"]
 CropOffset = Literal["round", "floor"]
 MaskResize = Literal["pil", "cv2", "torch"]
-CROWD_MODES = ("keep", "drop", "ignore", "drop_image")
-CHOICES = {
-    "interpolation": ("bicubic", "bilinear"),
-    "train_crop": ("center", "random"),
-    "resize_library": ("pil", "cv2", "torch"),
-    "long_side": ("truncate", "round"),
-    "crop_offset": ("round", "floor"),
-    "mask_resize": ("pil", "cv2", "torch"),
+CrowdMode = Literal["keep", "drop", "ignore", "drop_image"]
+CROWD_MODES: tuple[str, ...] = get_args(CrowdMode)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "interpolation": get_args(Interpolation),
+    "train_crop": get_args(Crop),
+    "resize_library": get_args(ResizeLibrary),
+    "long_side": get_args(LongSide),
+    "crop_offset": get_args(CropOffset),
+    "mask_resize": get_args(MaskResize),
 }
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}

@@ -141,8 +141,7 @@ class VocDataset(SegmentationDataset):
 
     def __init__(self, params: VocParams | None = None, split: str = "train"):
         self.params = params if params is not None else VocParams()
-        p = self.params
-        validate_params(p, self.name)
+        p = self.params  # validated when made (VocParams.__post_init__)
         self.split = split
         self.split_id = check_split(split)
         if split not in ("train", "val"):
