@@ -522,6 +522,9 @@ def _check_backward(
         for name, p in m.named_parameters(prefix=f"{case.kind}{i if len(owned) > 1 else ''}")
         if p.requires_grad
     ]
+    report.ran(check)
+    if not trainable:
+        report.notes.append(f"the {case.kind} has no trainable parameter in its tiny run")
     if not losses:
         if trainable:
             report.fail(check, "the tiny run has no loss, so its trainable parameters never train")
@@ -539,7 +542,6 @@ def _check_backward(
         report.fail(check, f"trainable parameters without a gradient: {_short(missing)}")
     if infinite:
         report.fail(check, f"parameters with a non-finite gradient: {_short(infinite)}")
-    report.ran(check)
 
 
 def _perturb(built: _Built) -> None:

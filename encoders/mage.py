@@ -361,13 +361,15 @@ class MageEncoder(nn.Module, Encoder):
     kind = "encoder"
     name = "mage_vitb16"
     Params = MageParams
-    # A random 1-block MAGE over a random tiny VQGAN at 32 px (16x16 ids).
+    # A random 2-block MAGE over a random tiny VQGAN at 32 px (16x16 ids); its second block
+    # trains, so both the frozen part (stored by hash) and the gradients are checked.
     conformance = {
         "encoder.random_init": True,
         "encoder.image_size": 32,
         "encoder.embed_dim": 32,
-        "encoder.depth": 1,
+        "encoder.depth": 2,
         "encoder.num_heads": 2,
+        "encoder.finetune_from": 1,
         "encoder.tokenizer": {
             "name": "vqgan",
             "random_init": True,
