@@ -1,9 +1,10 @@
 """Mean, spread and confidence intervals of repeated measurements, and paired comparisons.
 
-The statistical model (README "Seeds, intervals and comparisons"): the unit of replication
-is the training seed. The images of one seed are all scored by the same trained model, so
-they measure the test set's noise around that one model, not how the recipe varies when it
-is trained again; a verdict on two recipes therefore rests on their per-seed means.
+The statistical model (docs/leaderboards.md, "Seeds, intervals and comparisons"): the unit
+of replication is the training seed. The images of one seed are all scored by the same
+trained model, so they measure the test set's noise around that one model, not how the
+recipe varies when it is trained again; a verdict on two recipes therefore rests on their
+per-seed means.
 
 Conventions (what a leaderboard cell's "mean ± ci" means):
 

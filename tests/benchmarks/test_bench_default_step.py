@@ -4,7 +4,7 @@ The old path is the default run as it was before it was made cheap (a 64-channel
 128-wide MLP decoder, batch 16) with every sample drawn again at every step. The printed
 ratios (old / new CPU time of this process per step and per image, measured in
 alternation) are what show a regression; absolute times differ between machines. Each
-fails below its floor (STEP_FLOOR, IMAGE_FLOOR: the README and bench/configs/default.toml
+fails below its floor (STEP_FLOOR, IMAGE_FLOOR: docs/benchmarks.md and bench/configs/default.toml
 state them), whether or not benchmarks are enabled: the body runs at the real sizes.
 
     OMP_NUM_THREADS=1 python -m pytest tests/benchmarks/test_bench_default_step.py \

@@ -43,7 +43,7 @@ MIN_BEST_FG_ARI = 60.0  # percent, as the board shows it
 
 def slot_attention_ms(rounds: int = 12) -> float:
     """The min over `rounds` of tests/benchmarks/test_bench_training.py's slot-attention
-    forward (SPOT ViT-B sizes), in ms, on one thread as the README measures it."""
+    forward (SPOT ViT-B sizes), in ms, on one thread as docs/benchmarks.md measures it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

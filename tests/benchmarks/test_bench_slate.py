@@ -35,7 +35,7 @@ B, K, DS = 8, 7, 192
 PUBLISHED = {"vocab_size": 4096, "d_model": 192, "num_layers": 8, "num_heads": 4}
 TINY = {"vocab_size": 32, "d_model": 32, "num_layers": 2, "num_heads": 2, "tokenizer_channels": 8}
 SHAPE = "B=8, 128 px, 1024 tokens, V=4096, d=192, 8 blocks x 4 heads, K=7 slots of 192"
-# The README's floor for uncached / cached at the published sizes (measured 35x).
+# The floor docs/benchmarks.md states for uncached / cached at the published sizes (measured 35x).
 CACHE_GAIN_FLOOR = 20.0
 
 

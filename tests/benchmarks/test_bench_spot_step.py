@@ -10,7 +10,7 @@ regression shows as a ratio, not as an absolute time that differs between machin
 With OCL_BENCH_SPOT_REPO pointing at a checkout of github.com/gkakogeorgiou/spot (it
 needs einops) a third benchmark times the official code's step at the same sizes, its
 encoder built as DINO's hub model computes (timm's ViT with explicit attention), and
-prints both ratios. Each ratio the README states has a floor here (FLOORS): the
+prints both ratios. Each ratio docs/benchmarks.md states has a floor here (FLOORS): the
 benchmark fails below it.
 
     OMP_NUM_THREADS=1 OCL_BENCH_SPOT_REPO=/tmp/spot python -m pytest \
@@ -56,7 +56,7 @@ TINY_DECODER = {"spot-coco": ["decoder.num_heads=2"], "dinosaur-mlp-coco": ["dec
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 SPOT_REPO = os.environ.get("OCL_BENCH_SPOT_REPO", "")
-# The floors the README states, as (baseline, step) -> least baseline / step CPU time.
+# The floors docs/benchmarks.md states, as (baseline, step) -> least baseline / step CPU time.
 # Measured on a loaded 2-core machine (slot-attention benchmark 113 ms): official / cached
 # 2.27x, official / uncached 1.24x; uncached / cached 1.93x for SPOT, 1.43x for DINOSAUR.
 FLOORS = {
