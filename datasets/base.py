@@ -52,5 +52,5 @@ class DatasetPlugin(Dataset):
 
     @staticmethod
     def collate(samples: list[dict[str, Any]]) -> Batch:
-        """Samples -> Batch, per-object fields padded (see bench.datasets.collate)."""
+        """Samples -> Batch, per-object fields padded (see ocl_bench.datasets.collate)."""
         return collate_samples(samples)

@@ -7,7 +7,7 @@ train2017.zip / val2017.zip):
     root/annotations/instances_val2017.json     root/val2017/*.jpg
 
 Every image listed in the annotation file is a sample, in file order, annotated or not (as in
-SPOT). Defaults follow the SPOT / OCLF "ccrop" evaluation (see bench.datasets.segmentation):
+SPOT). Defaults follow the SPOT / OCLF "ccrop" evaluation (see ocl_bench.datasets.segmentation):
 image short side 224 (bicubic) + centre crop 224, masks short side 320 (PIL nearest) + centre
 crop 320. The train split adds a horizontal flip (p = 0.5) after the centre crop, as in SPOT's
 and DINOSAUR's COCO training; the flip is a pure function of (seed, index), so a run is

@@ -450,7 +450,7 @@ def make_sample(
     class_ids: Tensor,
     index: int,
 ) -> dict:
-    """A dataset sample dict (see bench.datasets) from transformed masks.
+    """A dataset sample dict (see ocl_bench.datasets) from transformed masks.
 
     Instance masks left empty by the crop are dropped (with their labels); boxes come from the
     remaining masks.

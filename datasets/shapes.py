@@ -119,7 +119,7 @@ class ShapesDataset(DatasetPlugin):
     """Procedural multi-object scenes of coloured shapes (embedded, no files needed).
 
     Samples carry images, exact instance and class masks, boxes, labels, per-object properties
-    (shape, colour, size, x, y) and a caption; see bench.datasets for the sample keys.
+    (shape, colour, size, x, y) and a caption; see ocl_bench.datasets for the sample keys.
     """
 
     kind = "dataset"

@@ -17,7 +17,7 @@ the SegmentationClass values present (1..20, ascending). Pixels that are 255 (ob
 and "difficult" regions) in either PNG go to ignore_mask, as OCLF does with
 `_metrics_add_ignore_mask` (SPOT instead sets them to background: `void = "background"`).
 
-Geometry follows the SPOT / OCLF "ccrop" protocol (see bench.datasets.segmentation): image short
+Geometry follows the SPOT / OCLF "ccrop" protocol (see ocl_bench.datasets.segmentation): image short
 side 224 (bicubic) + centre crop, label maps short side 320 (PIL nearest) + centre crop; the
 resize rules (resize_library, long_side, crop_offset, mask_resize) select another loader's.
 The train split uses SPOT's VOC augmentation, a random 224 crop and a horizontal flip

@@ -32,9 +32,9 @@ official `vq_denoised`, the predicted x0 re-quantised to the codebook at every s
 explicit learned null-slot embedding (`null_dropout` > 0 trains it); the official code has
 no guidance (scale 1.0, the default here).
 
-`cache_latents` stores the frozen VQ-VAE's latents in the feature cache (bench/feature_cache.py),
-keyed by its weights' hash and each image tensor's sha1, so flipped images are their own
-entries and a retrained VQ-VAE never reads stale latents.
+`cache_latents` stores the frozen VQ-VAE's latents in the feature cache
+(bench/run/feature_cache.py), keyed by its weights' hash and each image tensor's sha1, so
+flipped images are their own entries and a retrained VQ-VAE never reads stale latents.
 
 Masks for object discovery are the grouping's last-iteration slot attention (softmax over
 slots), as SlotDiffusion evaluates (SDF sa_diffusion.py:49-51): this decoder has none.

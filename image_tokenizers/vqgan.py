@@ -22,7 +22,7 @@ official `vqgan_jax_strongaug.ckpt` and the `vqgan.*` keys of a MAGE checkpoint 
 strictly, with the sizes read from the tensors. The tokenizer is always frozen and in
 eval mode. `decode` clamps its images to [0, 1] where the official decode does not
 (param `clamp`, default true; `clamp=false` gives the official, unclamped values).
-`encode_cached` stores token ids in the feature cache (bench/feature_cache.py).
+`encode_cached` stores token ids in the feature cache (bench/run/feature_cache.py).
 """
 
 from __future__ import annotations

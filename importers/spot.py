@@ -4,7 +4,7 @@
 in the official key layout (../shared/reference/spot-and-mage.md, "SPOT checkpoint layout"),
 infers the sizes from the tensor shapes, maps the keys onto the modules of encoder +
 `slot_attention` + `spot_ar`, and writes config.toml, import.json and checkpoint/ (step 0),
-which `ocl-bench eval RUN_DIR` evaluates (bench/importing.py does the reading and writing).
+which `ocl-bench eval RUN_DIR` evaluates (bench/run/importing.py does the reading and writing).
 
 Official layout (the file is `{"model": state_dict, "optimizer", "epoch", "best_*"}` for
 `checkpoint.pt.tar`, or a bare state_dict for `best_model.pt`; legacy `tf_dec.` keys are

@@ -10,7 +10,7 @@ released. Per image:
    masks (`gt_masks`, StableLSD-Mask), instance masks (`gt_instances`) or boxes filled in,
    later boxes over earlier ones (`gt_boxes`, StableLSD-Box); the background (no segment,
    not ignored) is a segment only with `match_background`;
-2. Hungarian matching (bench/matching.py) maximising the IoU between each slot's argmax
+2. Hungarian matching (bench/api/matching.py) maximising the IoU between each slot's argmax
    mask and each segment, ignore pixels left out of every count;
 3. binary cross-entropy between the matched slots' attention probabilities (softmax over
    slots, clamped) and their segments, averaged over matched slots and non-ignored pixels.

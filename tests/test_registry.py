@@ -35,7 +35,7 @@ def reg() -> Registry:
 
 
 def _with_extra_entry_points(monkeypatch: pytest.MonkeyPatch, *extra: md.EntryPoint) -> None:
-    """Make bench.registry.discover() see `extra` beside the installed entry points."""
+    """Make ocl_bench.run.registry.discover() see `extra` beside the installed entry points."""
     real = md.entry_points
 
     def fake(**kwargs):

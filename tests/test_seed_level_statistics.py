@@ -1,5 +1,5 @@
 """Planted effects under a two-level model: each (row, training seed) has its own effect and
-each image its own noise. The verdict (bench.stats.seed_difference, via compare and the
+each image its own noise. The verdict (ocl_bench.report.stats.seed_difference, via compare and the
 leaderboard) must find a real seed-level difference with enough seeds, must not find one
 that lives only inside seeds, must hold its 5% false-positive rate when seeds vary, and the
 best mark must follow the same evidence."""

@@ -1,4 +1,4 @@
-"""The statistics behind "mean ± ci" and paired comparisons (bench/stats.py)."""
+"""The statistics behind "mean ± ci" and paired comparisons (bench/report/stats.py)."""
 
 from __future__ import annotations
 

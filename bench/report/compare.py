@@ -4,7 +4,7 @@ A row is every complete cell of one config, seeds apart (a grid run with `--seed
 stores one cell per seed). The training seed is the unit of replication: two rows are
 paired over the seeds they share, each seed's value being the cell's metric (its mean over
 the evaluated images), and the verdict is the paired Student's t over those per-seed
-values (bench.stats.seed_difference), resolved only with at least 3 shared seeds.
+values (ocl_bench.report.stats.seed_difference), resolved only with at least 3 shared seeds.
 
 When both rows store per-image values for every shared seed, a hierarchical bootstrap of
 the image differences (seeds, then images within each) is reported beside the verdict as a

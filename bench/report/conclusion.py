@@ -1,7 +1,7 @@
 """What a grid's leaderboard concludes: which of its differences the stored data resolves.
 
 The rows of one column are ranked by their mean, and each row is compared with the next
-one down by `ocl-bench compare`'s seed-level test (bench.compare.compare_rows: the paired
+one down by `ocl-bench compare`'s seed-level test (ocl_bench.report.compare.compare_rows: the paired
 Student's t over the per-seed values of their shared seeds, resolved only with at least 3
 seeds; the exact sign-flip p over seeds and a within-seed hierarchical bootstrap are shown
 beside it, never deciding). An unresolved step says about how many seeds a difference of

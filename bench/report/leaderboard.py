@@ -288,7 +288,7 @@ class Spread:
 
 def spread_of(values: list[tuple[int, float]]) -> Spread:
     """(seed, value) pairs summarised: one seed is its value as measured; more get their
-    standard deviation and 95% interval (bench.stats.summarize)."""
+    standard deviation and 95% interval (ocl_bench.report.stats.summarize)."""
     seeds = [seed for seed, _ in values]
     if len(values) == 1:
         return Spread(values[0][1], 1, seeds)
@@ -427,9 +427,10 @@ def best_rows(board: Leaderboard) -> dict[str, int]:
     """Column key -> index of the row marked best: the best mean in the column's direction,
     marked only where the seeds support its lead over the runner-up (MARK_NOTE): both
     have 2 or more seeds and their seed intervals keep each other's means out
-    (bench.stats.separated), or their seed-level paired comparison in the board's database
-    resolves (bench.compare.compare_rows, 3 or more shared seeds). One-seed rows are never
-    marked: an interval over one seed's images is within-seed."""
+    (ocl_bench.report.stats.separated), or their seed-level paired comparison in the
+    board's database resolves (ocl_bench.report.compare.compare_rows, 3 or more shared
+    seeds). One-seed rows are never marked: an interval over one seed's images is
+    within-seed."""
     marks = {}
     for col in board.columns:
         measured = [

@@ -5,7 +5,7 @@ prompts written for real images, and guides the slots with pseudo semantic masks
 the same diffusion model's attention. This plugin is that training set for any model
 (StableLSD, DINOSAUR, ...):
 
-- split "train": the generated images (bench/datasets/generate.py builds them, the first
+- split "train": the generated images (datasets/generated/generate.py builds them, the first
   time the folder is read, resumably); samples carry `class_masks` (one per pseudo class
   present), `ignore_mask` (label 255), the prompt as `caption`, and provide the capability
   "batch.generated", which guidance objectives on pseudo masks require (so they cannot

@@ -3,11 +3,11 @@
 What `ocl-bench generate-dataset` and the `generated` dataset plugin run (the plugin builds
 its folder the first time it is read). For every sample i of a real dataset's split:
 
-1. a prompt from the caption source (bench/datasets/captions.py);
+1. a prompt from the caption source (datasets/generated/captions.py);
 2. an image from a diffusers `StableDiffusionPipeline` (DPM-Solver multistep) with the
    seed `seed + i`, while :func:`~ocl_bench.datasets.generated.pseudo_masks.recording` collects the
    UNet's attention, the cross-attention against the class words alone (a class prompt);
-3. a pseudo mask from that attention (bench/datasets/pseudo_masks.py).
+3. a pseudo mask from that attention (datasets/generated/pseudo_masks.py).
 
 Folder layout (one file each per item, `NNNNNN` = the item index):
 

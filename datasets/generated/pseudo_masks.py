@@ -1,6 +1,6 @@
 """Pseudo semantic masks read from a text-to-image diffusion UNet's attention.
 
-Part of the `generated` dataset (bench/datasets/generated.py): while a diffusers
+Part of the `generated` dataset (datasets/generated/dataset.py): while a diffusers
 `UNet2DConditionModel` generates an image from a prompt, its attention layers say where each
 word of a class prompt is. The recipe is Dataset Diffusion's (Nguyen et al., NeurIPS 2023,
 the one GLASS uses; ../shared/reference/diffusion-and-glass.md section 3):
