@@ -115,26 +115,7 @@ def evaluate(
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
     model = model.to(device).eval()
-    cache: dict[str, Any] = {}
-
-    def dataset(split: str) -> Any:
-        if split not in cache:
-            # a synthetic training split hands tasks its real images (a property probe fits
-            # on real training images, not on generated ones)
-            cache[split] = evaluation_dataset(cfg.dataset, split)
-        return cache[split]
-
-    ctx = EvalContext(
-        model=model,
-        dataset=dataset,
-        split=cfg.eval.split,
-        num_images=cfg.eval.num_images,
-        batch_size=cfg.eval.batch_size,
-        device=device,
-        precision=cfg.train.precision,
-        progress=progress,
-        out_dir=run_dir,
-    )
+    ctx = _eval_context(cfg, model, run_dir, device, progress)
     started = time.time()
     records: list[MetricRecord] = []
     info: dict[str, Any] = {}
@@ -146,13 +127,7 @@ def evaluate(
         records.extend(result.records)
         info[choice.name] = result.info
         figures.extend(result.figures)
-    if cfg.eval.figure_images > 0:
-        seed_everything(cfg.seed)
-        batch, out = next(ctx.predictions(count=cfg.eval.figure_images, desc="figure"))
-        has_decoder_masks = out.decoding.masks is not None
-        for source in ("decoder", "attn") if has_decoder_masks else ("attn",):
-            path = run_dir / "figures" / f"step{step:07d}_{source}.png"
-            figures.append(str(mask_figure(batch, out, path, cfg.eval.figure_images, source)))
+    figures.extend(_mask_figures(cfg, ctx, run_dir, step))
     metrics = {
         "step": step,
         "config_hash": cfg.digest(),
@@ -180,6 +155,46 @@ def evaluate(
         if record.per_image is not None:
             saved["per_image"] = record.per_image
     return metrics
+
+
+def _eval_context(
+    cfg: RunConfig, model: torch.nn.Module, run_dir: Path, device: torch.device, progress: bool
+) -> EvalContext:
+    """What every task of `cfg` evaluates with; each split's dataset is opened once."""
+    cache: dict[str, Any] = {}
+
+    def dataset(split: str) -> Any:
+        if split not in cache:
+            # a synthetic training split hands tasks its real images (a property probe fits
+            # on real training images, not on generated ones)
+            cache[split] = evaluation_dataset(cfg.dataset, split)
+        return cache[split]
+
+    return EvalContext(
+        model=model,
+        dataset=dataset,
+        split=cfg.eval.split,
+        num_images=cfg.eval.num_images,
+        batch_size=cfg.eval.batch_size,
+        device=device,
+        precision=cfg.train.precision,
+        progress=progress,
+        out_dir=run_dir,
+    )
+
+
+def _mask_figures(cfg: RunConfig, ctx: EvalContext, run_dir: Path, step: int) -> list[str]:
+    """The first eval.figure_images images with their decoder and attention masks."""
+    if cfg.eval.figure_images <= 0:
+        return []
+    seed_everything(cfg.seed)
+    batch, out = next(ctx.predictions(count=cfg.eval.figure_images, desc="figure"))
+    has_decoder_masks = out.decoding.masks is not None
+    paths = []
+    for source in ("decoder", "attn") if has_decoder_masks else ("attn",):
+        path = run_dir / "figures" / f"step{step:07d}_{source}.png"
+        paths.append(str(mask_figure(batch, out, path, cfg.eval.figure_images, source)))
+    return paths
 
 
 def probe_task(cfg: RunConfig) -> Task:
