@@ -270,39 +270,7 @@ def run_grid(
             statuses[cell.label] = STORED
         else:
             todo.append(cell)
-
-    def run(cells: list[GridCell], leases: LeaseSettings) -> None:
-        if executor == "submitit":
-            statuses.update(_run_submitit(grid.name, cells, db_path, runs_dir, slurm or {}, leases))
-        elif workers == 1:
-            for cell in cells:
-                statuses[cell.label] = run_cell(
-                    cell, grid.name, runs_dir, db_path, progress, leases
-                )
-        else:
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-            from multiprocessing import get_context
-
-            with ProcessPoolExecutor(
-                workers,
-                mp_context=get_context("spawn"),
-                initializer=share_cores,
-                initargs=(workers,),
-            ) as pool:
-                futures = {
-                    cell.label: pool.submit(
-                        run_cell, cell, grid.name, runs_dir, db_path, False, leases
-                    )
-                    for cell in cells
-                }
-                if progress:  # workers draw no progress bars: say when each cell ends
-                    print(f"{len(cells)} cells on {workers} workers", file=sys.stderr)
-                    for fut in as_completed(futures.values()):
-                        label = next(k for k, v in futures.items() if v is fut)
-                        print(f"  {fut.result()}: {label}", file=sys.stderr)
-                for label, fut in futures.items():
-                    statuses[label] = fut.result()
-
+    runner = _CellRunner(grid.name, db_path, runs_dir, workers, executor, slurm or {}, progress)
     for wave in _waves(todo):  # a cell's teacher runs (and is stored) before the cell
         ready = []
         for cell in wave:
@@ -314,11 +282,63 @@ def run_grid(
                 statuses[cell.label] = SKIPPED
             else:
                 ready.append(cell)
-        run(ready, leases)
+        statuses.update(runner.run(ready, leases))
         held = [c for c in ready if statuses[c.label] == RUNNING_ELSEWHERE]
         if wait and held:
-            run(held, replace(leases, wait=True))
+            statuses.update(runner.run(held, replace(leases, wait=True)))
     return statuses
+
+
+@dataclass(frozen=True)
+class _CellRunner:
+    """How run_grid runs a wave of cells: in this process, in a pool of worker processes,
+    or as submitit jobs."""
+
+    grid_name: str
+    db_path: Path
+    runs_dir: Path
+    workers: int
+    executor: str
+    slurm: dict[str, Any]
+    progress: bool
+
+    def run(self, cells: list[GridCell], leases: LeaseSettings) -> dict[str, str]:
+        """label -> status of each of `cells`, in their order."""
+        if self.executor == "submitit":
+            return _run_submitit(
+                self.grid_name, cells, self.db_path, self.runs_dir, self.slurm, leases
+            )
+        if self.workers > 1:
+            return self._in_pool(cells, leases)
+        return {
+            cell.label: run_cell(
+                cell, self.grid_name, self.runs_dir, self.db_path, self.progress, leases
+            )
+            for cell in cells
+        }
+
+    def _in_pool(self, cells: list[GridCell], leases: LeaseSettings) -> dict[str, str]:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(
+            self.workers,
+            mp_context=get_context("spawn"),
+            initializer=share_cores,
+            initargs=(self.workers,),
+        ) as pool:
+            futures = {
+                cell.label: pool.submit(
+                    run_cell, cell, self.grid_name, self.runs_dir, self.db_path, False, leases
+                )
+                for cell in cells
+            }
+            if self.progress:  # workers draw no progress bars: say when each cell ends
+                print(f"{len(cells)} cells on {self.workers} workers", file=sys.stderr)
+                for fut in as_completed(futures.values()):
+                    label = next(k for k, v in futures.items() if v is fut)
+                    print(f"  {fut.result()}: {label}", file=sys.stderr)
+            return {label: fut.result() for label, fut in futures.items()}
 
 
 def share_cores(workers: int) -> None:
