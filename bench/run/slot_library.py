@@ -121,14 +121,42 @@ def fit_centroids(
     mean of every slot ever assigned to it (per-centre rate 1 / count: the thesis'
     eta, scikit-learn's update). The batches run in torch on `device` (a GPU when given).
     Returns (centroids float32[C, D], settings)."""
-    from sklearn.cluster import kmeans_plusplus
-
     if init not in INITS:
         raise ConfigError(f"unknown k-means init '{init}'; use one of {', '.join(INITS)}")
     count = len(slots)
     if count < centroids:
         raise DataError(f"{count} slots cannot make {centroids} centroids; use fewer centroids")
+    # one generator for the initial sample and every epoch's shuffle, drawn in that order
     rng = np.random.default_rng(seed)
+    start, sampled = _initial_centres(slots, centroids, batch_size, seed, init, rng)
+    device = torch.device(device)
+    centres = torch.as_tensor(np.ascontiguousarray(start), dtype=torch.float32, device=device)
+    _mini_batch_passes(slots, centres, rng, batch_size, epochs, progress)
+    ids, spread = _assign(slots, centres)
+    settings = {
+        "algorithm": "mini-batch k-means (torch; init sklearn.cluster.kmeans_plusplus)",
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "init": init,
+        "init_sample": sampled,
+        "mean_squared_distance": spread,
+        "used_centroids": int(torch.unique(ids).numel()),
+    }
+    return centres.cpu().numpy(), settings
+
+
+def _initial_centres(
+    slots: np.ndarray,
+    centroids: int,
+    batch_size: int,
+    seed: int,
+    init: str,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """The starting centres, chosen on a random sample of slots; and that sample's size."""
+    from sklearn.cluster import kmeans_plusplus
+
+    count = len(slots)
     sample = slots[
         rng.choice(count, size=min(count, max(3 * centroids, batch_size)), replace=False)
     ]
@@ -136,15 +164,26 @@ def fit_centroids(
         start, _ = kmeans_plusplus(sample, centroids, random_state=seed)
     else:
         start = sample[rng.choice(len(sample), size=centroids, replace=False)]
-    device = torch.device(device)
-    centres = torch.as_tensor(np.ascontiguousarray(start), dtype=torch.float32, device=device)
-    counts = torch.zeros(centroids, dtype=torch.float32, device=device)
+    return start, int(len(sample))
+
+
+def _mini_batch_passes(
+    slots: np.ndarray,
+    centres: Tensor,
+    rng: np.random.Generator,
+    batch_size: int,
+    epochs: int,
+    progress: bool,
+) -> None:
+    """`epochs` shuffled passes moving `centres` (in place) to the running means."""
+    count, centroids = len(slots), len(centres)
+    counts = torch.zeros(centroids, dtype=torch.float32, device=centres.device)
     steps = epochs * -(-count // batch_size)
     with tqdm(total=steps, desc="k-means", disable=not progress, leave=False) as bar:
         for _ in range(epochs):
             order = rng.permutation(count)
             for first in range(0, count, batch_size):
-                x = torch.from_numpy(slots[order[first : first + batch_size]]).to(device)
+                x = torch.from_numpy(slots[order[first : first + batch_size]]).to(centres.device)
                 ids = nearest_centroids(x, centres)
                 hits = torch.bincount(ids, minlength=centroids).float()
                 sums = torch.zeros_like(centres).index_add_(0, ids, x)
@@ -154,24 +193,17 @@ def fit_centroids(
                 step = (sums[seen] - hits[seen, None] * centres[seen]) / counts[seen, None]
                 centres[seen] += step
                 bar.update(1)
+
+
+def _assign(slots: np.ndarray, centres: Tensor) -> tuple[Tensor, float]:
+    """Each slot's nearest centre and the mean squared distance to it."""
     labels, squared = [], 0.0
-    for first in range(0, count, 8192):
-        x = torch.from_numpy(slots[first : first + 8192]).to(device)
+    for first in range(0, len(slots), 8192):
+        x = torch.from_numpy(slots[first : first + 8192]).to(centres.device)
         ids = nearest_centroids(x, centres)
         labels.append(ids)
         squared += float((x - centres[ids]).pow(2).sum())
-    ids = torch.cat(labels)
-    spread = squared / count
-    settings = {
-        "algorithm": "mini-batch k-means (torch; init sklearn.cluster.kmeans_plusplus)",
-        "batch_size": batch_size,
-        "epochs": epochs,
-        "init": init,
-        "init_sample": int(len(sample)),
-        "mean_squared_distance": spread,
-        "used_centroids": int(torch.unique(ids).numel()),
-    }
-    return centres.cpu().numpy(), settings
+    return torch.cat(labels), squared / len(slots)
 
 
 def build_library(
