@@ -22,6 +22,7 @@ from torch import nn
 
 from ocl_bench.api.contracts import Batch, Features, ModelOutput, ReconstructionOutput, Slots
 from ocl_bench.api.errors import DataError, IncompatiblePluginsError
+from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.tasking import EvalContext
 from ocl_bench.run.compose import build_model, check_compatible
 from ocl_bench.run.config import load_config
@@ -201,7 +202,7 @@ def test_reference_cache_is_keyed_and_ignores_foreign_files(tmp_path: Path) -> N
 # ------------------------------------------------------------------ the task
 
 
-class CopyDecoder(nn.Module):
+class CopyDecoder(nn.Module, Decoder):
     """Renders the image its slots carry (one slot per colour channel), times `gain`."""
 
     def __init__(self, size: int, gain: float):

@@ -80,6 +80,12 @@ class Registry:
     """Every plugin the installed distributions register, plus the broken ones."""
 
     def __init__(self, infos: list[PluginInfo]):
+        # every class through with_kind_base, however the info was made (entry points, or a
+        # caller's own PluginInfo), so each has its kind's hooks
+        infos = [
+            dataclasses.replace(i, cls=with_kind_base(i.cls)) if i.cls is not None else i
+            for i in infos
+        ]
         self.infos = infos
         self._by_kind: dict[str, dict[str, PluginInfo]] = {k: {} for k in KINDS}
         for info in infos:
@@ -130,7 +136,7 @@ def _collect(
             why = f"missing {', '.join(bad)}" if bad else f"bad kind {cls.kind!r} or Params"
             infos.append(PluginInfo("?", getattr(cls, "name", ep.name), dist, version, None, why))
             continue
-        infos.append(PluginInfo(cls.kind, cls.name, dist, version, with_kind_base(cls)))
+        infos.append(PluginInfo(cls.kind, cls.name, dist, version, cls))
     return infos
 
 
