@@ -133,10 +133,35 @@ def label_overlap(
     ``ignore`` bool[B,*S] drops pixels from both sets. ``max_bins`` bounds the histogram of one
     pass.
     """
+    masks = _checked_masks(labels, masks, ignore)
+    b, m = masks.shape[:2]
+    device = labels.device
+    masks = masks.to(device)
+    pixels = int(np.prod(masks.shape[2:]))
+    k = _label_count(labels, num_labels)
+    rows = b * (k + 1)  # label K collects ignored pixels and is dropped at the end
+
+    # base[b, p] = b * (K + 1) + label, with label K for ignored pixels.
+    index_dtype = torch.int32 if rows < 1 << 30 else torch.int64
+    base = labels.reshape(b, pixels).to(index_dtype, copy=True)
+    if ignore is not None:
+        base.masked_fill_(ignore.to(device=device, dtype=torch.bool).reshape(b, pixels), k)
+    base += (torch.arange(b, device=device, dtype=index_dtype) * (k + 1)).view(b, 1)
+
+    if m == 0:
+        hist = torch.bincount(base.reshape(-1), minlength=rows).view(b, k + 1)
+        area_a = hist[:, :k].to(torch.float64)
+        empty = torch.zeros(b, k, 0, dtype=torch.float64, device=device)
+        return Overlap(empty, area_a, torch.zeros(b, 0, dtype=torch.float64, device=device))
+    return _joint_counts(base, masks.reshape(b, m, pixels), k, max_bins)
+
+
+def _checked_masks(labels: Tensor, masks: Tensor, ignore: Tensor | None) -> Tensor:
+    """``masks`` as bool, once the shapes and dtypes of label_overlap's inputs agree."""
     if masks.dim() < 3:
         raise ValueError(f"masks must be [B,M,*S], got shape {tuple(masks.shape)}")
     masks = masks if masks.dtype == torch.bool else masks > 0
-    b, m = masks.shape[:2]
+    b = masks.shape[0]
     spatial = tuple(masks.shape[2:])
     if labels.dim() != masks.dim() - 1:
         raise ValueError(
@@ -152,10 +177,11 @@ def label_overlap(
         raise ValueError(
             f"ignore shape {tuple(ignore.shape)} does not match masks {tuple(masks.shape)}"
         )
-    device = labels.device
-    masks = masks.to(device)
-    pixels = int(np.prod(spatial))
+    return masks
 
+
+def _label_count(labels: Tensor, num_labels: int | None) -> int:
+    """K, the number of labels (at least 1); checks that every label is in 0..K-1."""
     if labels.numel():
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0:
@@ -165,26 +191,19 @@ def label_overlap(
     k = hi + 1 if num_labels is None else int(num_labels)
     if hi >= k:
         raise ValueError(f"labels hold slot index {hi} but num_labels={k}")
-    k = max(k, 1)
-    rows = b * (k + 1)  # label K collects ignored pixels and is dropped at the end
+    return max(k, 1)
 
-    # base[b, p] = b * (K + 1) + label, with label K for ignored pixels.
-    index_dtype = torch.int32 if rows < 1 << 30 else torch.int64
-    base = labels.reshape(b, pixels).to(index_dtype, copy=True)
-    if ignore is not None:
-        base.masked_fill_(ignore.to(device=device, dtype=torch.bool).reshape(b, pixels), k)
-    base += (torch.arange(b, device=device, dtype=index_dtype) * (k + 1)).view(b, 1)
 
-    if m == 0:
-        hist = torch.bincount(base.reshape(-1), minlength=rows).view(b, k + 1)
-        area_a = hist[:, :k].to(torch.float64)
-        empty = torch.zeros(b, k, 0, dtype=torch.float64, device=device)
-        return Overlap(empty, area_a, torch.zeros(b, 0, dtype=torch.float64, device=device))
-
+def _joint_counts(base: Tensor, masks: Tensor, k: int, max_bins: int) -> Overlap:
+    """The overlap of the rows in ``base`` int[B,P] (see label_overlap) with ``masks``
+    bool[B,M,P], M >= 1, in passes of as many masks as ``max_bins`` allows."""
+    b, m = masks.shape[:2]
+    rows = b * (k + 1)
+    device = base.device
     # Each mask is one bit of a per-pixel code; bincount over (row, code) gives the joint
     # histogram, and a 0/1 matrix product turns codes back into per-mask intersections.
     bits = max(1, min(m, (max_bins // rows).bit_length() - 1))
-    packed = _PackedMasks(masks.reshape(b, m, pixels))
+    packed = _PackedMasks(masks)
     inter_parts = []
     area_a = None
     for start in range(0, m, bits):
