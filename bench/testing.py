@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import random
 import shutil
 import tempfile
 import time
@@ -49,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -57,7 +55,7 @@ from ocl_bench.api.contracts import Batch, GenerativeDecoder, ModelOutput, Progr
 from ocl_bench.api.errors import UserError
 from ocl_bench.api.params import build_params, field_bounds, field_unbounded
 from ocl_bench.api.plugin import KINDS, ConformanceRun, ModelPart, Plugin
-from ocl_bench.api.runtime import seed_everything
+from ocl_bench.api.runtime import seed_everything, untouched_rng
 from ocl_bench.api.tasking import EvalContext, Task, TaskResult
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.run import checkpoint
@@ -933,16 +931,13 @@ def check_plugin(
     report.ran("params")
     workdir = Path(tempfile.mkdtemp(prefix="check-", dir=_scratch()))
     # The checks seed the global generators; the caller's streams are given back untouched.
-    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with untouched_rng():
             if case.kind == "importer":
                 _check_importer(case, overrides, report)
             else:
                 _check_in_run(case, fixtures, overrides, report, workdir)
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
         shutil.rmtree(workdir, ignore_errors=True)
         report.seconds = time.perf_counter() - started
     skipped = [c for c in EXPECTED_CHECKS.get(case.kind, ()) if c not in report.checks]

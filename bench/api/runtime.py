@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -54,6 +54,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def untouched_rng(devices: Iterable[torch.device] = ()) -> Iterator[None]:
+    """Run a block that seeds or draws from the global generators (python, numpy, torch CPU
+    and the CUDA `devices`) and give the caller's streams back as they were: building a
+    teacher, a slot library or a validation score must not shift the run's own draws."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

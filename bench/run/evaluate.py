@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ocl_bench.api.errors import ConfigError, DataError, UnknownPluginError
-from ocl_bench.api.runtime import resolve_device, seed_everything
+from ocl_bench.api.runtime import resolve_device, seed_everything, untouched_rng
 from ocl_bench.api.tasking import EvalContext, MetricRecord, Task
 from ocl_bench.run import checkpoint
 from ocl_bench.run.compose import SlotModel, build_model, build_objectives
@@ -46,15 +44,12 @@ def load_run(
     if found is None:
         raise DataError(f"no checkpoint in {run_dir / 'checkpoint'}; train the run first")
     image_size = make_dataset(cfg.dataset, cfg.eval.split).image_size
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with untouched_rng():
         # Seeded as training built it: frozen modules with random init (tiny runs) come
         # back identical, since the checkpoint holds only their hash. The caller's RNG
         # (a trainer building a teacher) is left untouched.
         seed_everything(cfg.seed)
         model = build_model(cfg, image_size)
-    random.setstate(py_state)
-    np.random.set_state(np_state)
     checkpoint.load_into(model, found / checkpoint.MODEL_FILE)
     if cfg.train.ema_decay > 0:
         ema_path = found / checkpoint.EMA_FILE
@@ -238,15 +233,12 @@ def validation_probe(
     devices = [device] if device.type == "cuda" else []
 
     def probe() -> dict[str, float]:
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=devices):
+        with untouched_rng(devices):
             seed_everything(cfg.seed)
             try:
                 records = task.evaluate(ctx).records
             finally:
                 model.train()
-                random.setstate(py_state)
-                np.random.set_state(np_state)
         return {r.key: r.value for r in records}
 
     return probe

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ocl_bench.api.errors import ConfigError, DataError
-from ocl_bench.api.runtime import resolve_device, seed_everything
+from ocl_bench.api.runtime import resolve_device, seed_everything, untouched_rng
 from ocl_bench.api.tasking import ordered_loader
 from ocl_bench.run.data import make_dataset
 from ocl_bench.run.evaluate import load_run
@@ -218,7 +218,11 @@ def build_library(
     device: str | None = None,
     progress: bool = True,
 ) -> SlotLibrary:
-    """Cluster a run's slots over `split` and save the library in the run directory."""
+    """Cluster a run's slots over `split` and save the library in the run directory.
+
+    The caller's random streams are left as they were: a run that builds its library on
+    the way (the masked_slots objective) then initialises exactly as one that finds it
+    made."""
     from safetensors.torch import save_file
 
     if centroids < 1 or batch_size < 1 or epochs < 1 or max_images < 0:
@@ -232,13 +236,15 @@ def build_library(
         dataset = make_dataset(cfg.dataset, split)
     except (KeyError, ValueError) as err:
         raise ConfigError(f"slot-library: split '{split}' of {cfg.dataset.name}: {err}") from None
-    seed_everything(seed)  # slot attention's initial noise, when it samples
-    slots, images = collect_slots(
-        model, dataset, cfg.eval.batch_size, torch_device, max_images, progress
-    )
-    centres, settings = fit_centroids(
-        slots, centroids, batch_size, epochs, seed, init, progress, torch_device
-    )
+    devices = [torch_device] if torch_device.type == "cuda" else []
+    with untouched_rng(devices):
+        seed_everything(seed)  # slot attention's initial noise, when it samples
+        slots, images = collect_slots(
+            model, dataset, cfg.eval.batch_size, torch_device, max_images, progress
+        )
+        centres, settings = fit_centroids(
+            slots, centroids, batch_size, epochs, seed, init, progress, torch_device
+        )
     provenance = {
         "run_dir": str(run_dir.resolve()),
         "config_hash": cfg.digest(),
