@@ -582,6 +582,22 @@ def load_grid(
         if "seeds" in spec:
             raise ConfigError(f"{path}: give the seeds once, as `seeds` or as the axis 'seed'")
         spec["seeds"] = axes.pop("seed")
+    cells = _axis_cells(path, spec, base, axes, overrides)
+    workers = spec.get("workers", 1)
+    if isinstance(workers, bool) or workers < 1:
+        raise ConfigError(f"{path}: workers must be a number >= 1, got {workers!r}")
+    return Grid(spec.get("name", path.stem), _with_needs(cells), workers)
+
+
+def _axis_cells(
+    path: Path,
+    spec: dict[str, Any],
+    base: dict[str, Any],
+    axes: dict[str, list[Any]],
+    overrides: list[str] | None,
+) -> list[GridCell]:
+    """One cell per combination of `axes` values and seed, in that order, minus the
+    combinations an `exclude` rule matches."""
     first = base.get("seed", 0)  # checked when the cells resolve
     first = first if isinstance(first, int) and not isinstance(first, bool) else 0
     seeds = seed_list(spec.get("seeds", 1), first, str(path))
@@ -611,10 +627,7 @@ def load_grid(
             label = _seed_label(row, seed, seeds, keys)
             needs = _needs(raw, overrides, seed if len(seeds) > 1 else None)
             cells.append(GridCell(label, cell_overrides, resolve(raw), needs, row))
-    workers = spec.get("workers", 1)
-    if isinstance(workers, bool) or workers < 1:
-        raise ConfigError(f"{path}: workers must be a number >= 1, got {workers!r}")
-    return Grid(spec.get("name", path.stem), _with_needs(cells), workers)
+    return cells
 
 
 def _value_key(value: Any) -> str:
