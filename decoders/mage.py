@@ -52,6 +52,7 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
 from ocl_bench.encoders.mage import (
+    TINY_MAGE_ENCODER,
     MageBlock,
     MageEncoder,
     Vocabulary,
@@ -118,34 +119,25 @@ class MageDecoderParams:
     )
 
 
+# The tiny MAGE encoder (masked pass on) with a 1-block decoder predicting its ids: the
+# conformance run of the MAGE decoder and of what reads its predictions.
+TINY_MAGE_RUN: dict[str, Any] = {
+    **TINY_MAGE_ENCODER,
+    "encoder.masking": "mage",
+    "decoder.name": "mage",
+    "decoder.depth": 1,
+    "decoder.num_heads": 2,
+    "objectives": {"token_cross_entropy": {}},
+}
+
+
 class MageDecoder(nn.Module, Decoder):
     """MAGE decoder + tied MLM head over the codebook, conditioned on slots; MaskGIT sampling."""
 
     kind = "decoder"
     name = "mage"
     Params = MageDecoderParams
-    # A random 1-block MAGE encoder (masked pass on) over a random tiny VQGAN.
-    conformance = {
-        "encoder.name": "mage_vitb16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
-        "encoder.tokenizer": {
-            "name": "vqgan",
-            "random_init": True,
-            "ch": 8,
-            "ch_mult": [1, 2],
-            "n_embed": 32,
-            "embed_dim": 8,
-            "norm_groups": 4,
-        },
-        "encoder.masking": "mage",
-        "decoder.depth": 1,
-        "decoder.num_heads": 2,
-        "objectives": {"token_cross_entropy": {}},
-    }
+    conformance = TINY_MAGE_RUN
     output = TokenPrediction
     requires = frozenset(
         {

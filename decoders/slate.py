@@ -95,22 +95,27 @@ class SlateParams:
     )
 
 
+# One SLATE block of width 32 over a 32-code dVAE of 8 channels trained alongside: the
+# conformance run of SLATE and of its dVAE and objectives (ocl_bench.testing).
+TINY_SLATE_RUN: dict[str, Any] = {
+    "decoder.name": "slate",
+    "decoder.d_model": 32,
+    "decoder.num_layers": 1,
+    "decoder.num_heads": 2,
+    "decoder.vocab_size": 32,
+    "decoder.tokenizer_channels": 8,
+    "decoder.tau_steps": 4,
+    "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
+}
+
+
 class SlateDecoder(nn.Module, Decoder):
     """SLATE: autoregressive transformer over its own dVAE's tokens, conditioned on slots."""
 
     kind = "decoder"
     name = "slate"
     Params = SlateParams
-    # One block of width 32 over a 32-code dVAE of 8 channels, trained alongside.
-    conformance = {
-        "decoder.d_model": 32,
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
-        "decoder.vocab_size": 32,
-        "decoder.tokenizer_channels": 8,
-        "decoder.tau_steps": 4,
-        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
-    }
+    conformance = TINY_SLATE_RUN
     output = TokenPrediction
     requires = frozenset({"slots.slots"})
 

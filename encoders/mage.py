@@ -355,31 +355,36 @@ class MageParams:
     )
 
 
+# A random tiny MAGE over a random 2-level VQGAN with 32 codes at 32 px (16x16 ids): the
+# encoder part of every MAGE-family plugin's conformance run (ocl_bench.testing).
+TINY_MAGE_ENCODER: dict[str, Any] = {
+    "encoder.name": "mage_vitb16",
+    "encoder.random_init": True,
+    "encoder.image_size": 32,
+    "encoder.embed_dim": 32,
+    "encoder.depth": 1,
+    "encoder.num_heads": 2,
+    "encoder.tokenizer": {
+        "name": "vqgan",
+        "random_init": True,
+        "ch": 8,
+        "ch_mult": [1, 2],
+        "n_embed": 32,
+        "embed_dim": 8,
+        "norm_groups": 4,
+    },
+}
+
+
 class MageEncoder(nn.Module, Encoder):
     """MAGE ViT-B/16 over VQGAN ids: visible-token features, and a masked pass for MAGE."""
 
     kind = "encoder"
     name = "mage_vitb16"
     Params = MageParams
-    # A random 2-block MAGE over a random tiny VQGAN at 32 px (16x16 ids); its second block
-    # trains, so both the frozen part (stored by hash) and the gradients are checked.
-    conformance = {
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 2,
-        "encoder.num_heads": 2,
-        "encoder.finetune_from": 1,
-        "encoder.tokenizer": {
-            "name": "vqgan",
-            "random_init": True,
-            "ch": 8,
-            "ch_mult": [1, 2],
-            "n_embed": 32,
-            "embed_dim": 8,
-            "norm_groups": 4,
-        },
-    }
+    # Two blocks, the second trainable: both the frozen part (stored by hash) and the
+    # gradients are checked.
+    conformance = {**TINY_MAGE_ENCODER, "encoder.depth": 2, "encoder.finetune_from": 1}
     provides = frozenset(
         {"features.tokens", "features.targets", "features.token_ids", "features.token_mask"}
     )

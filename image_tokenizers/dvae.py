@@ -38,6 +38,7 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.api.weights import read_state_dict, strict_load, strip_wrappers
+from ocl_bench.decoders.slate import TINY_SLATE_RUN
 
 WEIGHTS_ENV = "OCL_BENCH_DVAE"
 
@@ -115,16 +116,7 @@ class DVAE(ImageTokenizer):
     name = "dvae"
     Params = DVAEParams
     # Owned by SLATE's decoder, which trains it through the tokenizer_loss objective.
-    conformance = {
-        "decoder.name": "slate",
-        "decoder.d_model": 32,
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
-        "decoder.vocab_size": 32,
-        "decoder.tokenizer_channels": 8,
-        "decoder.tau_steps": 4,
-        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
-    }
+    conformance = TINY_SLATE_RUN
     trainable = True
     downsample = 4
 

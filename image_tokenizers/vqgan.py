@@ -42,6 +42,7 @@ from ocl_bench.api.params import param
 from ocl_bench.api.runtime import autocast_dtype
 from ocl_bench.api.tokenizing import ImageTokenizer
 from ocl_bench.api.weights import read_state_dict, state_sha256, strict_load, torch_hub_checkpoint
+from ocl_bench.encoders.mage import TINY_MAGE_ENCODER
 from ocl_bench.run.feature_cache import FeatureCache, sample_ids
 
 ENV_VAR = "OCL_BENCH_VQGAN"
@@ -296,25 +297,8 @@ class VQGANTokenizer(ImageTokenizer):
 
     name = "vqgan"
     Params = VQGANParams
-    # Owned by a random 1-block MAGE encoder at 32 px; a random 2-level VQGAN with 32
-    # codes (no pretrained file in tests).
-    conformance = {
-        "encoder.name": "mage_vitb16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
-        "encoder.tokenizer": {
-            "name": "vqgan",
-            "random_init": True,
-            "ch": 8,
-            "ch_mult": [1, 2],
-            "n_embed": 32,
-            "embed_dim": 8,
-            "norm_groups": 4,
-        },
-    }
+    # Owned by the tiny MAGE encoder (no pretrained file in tests).
+    conformance = TINY_MAGE_ENCODER
     trainable = False
 
     def __init__(self, params: VQGANParams):

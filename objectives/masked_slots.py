@@ -45,6 +45,7 @@ from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import ConformanceRun, Objective
+from ocl_bench.decoders.mage import TINY_MAGE_RUN
 from ocl_bench.run.slot_library import SlotLibrary, library_file, load_library
 
 
@@ -75,54 +76,8 @@ class MaskedSlots(nn.Module, Objective):
     Params = MaskedSlotsParams
     # A 4-centroid library made from an untrained run of the same tiny MAGE model.
     conformance = {
-        "encoder.name": "mage_vitb16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
-        "encoder.tokenizer": {
-            "name": "vqgan",
-            "random_init": True,
-            "ch": 8,
-            "ch_mult": [1, 2],
-            "n_embed": 32,
-            "embed_dim": 8,
-            "norm_groups": 4,
-        },
-        "encoder.masking": "mage",
-        "decoder.name": "mage",
-        "decoder.depth": 1,
-        "decoder.num_heads": 2,
-        "objectives": {
-            "masked_slots": {
-                "library": ConformanceRun(
-                    {
-                        "encoder.name": "mage_vitb16",
-                        "encoder.random_init": True,
-                        "encoder.image_size": 32,
-                        "encoder.embed_dim": 32,
-                        "encoder.depth": 1,
-                        "encoder.num_heads": 2,
-                        "encoder.tokenizer": {
-                            "name": "vqgan",
-                            "random_init": True,
-                            "ch": 8,
-                            "ch_mult": [1, 2],
-                            "n_embed": 32,
-                            "embed_dim": 8,
-                            "norm_groups": 4,
-                        },
-                        "encoder.masking": "mage",
-                        "decoder.name": "mage",
-                        "decoder.depth": 1,
-                        "decoder.num_heads": 2,
-                        "objectives": {"token_cross_entropy": {}},
-                    }
-                ),
-                "centroids": 4,
-            }
-        },
+        **TINY_MAGE_RUN,
+        "objectives": {"masked_slots": {"library": ConformanceRun(TINY_MAGE_RUN), "centroids": 4}},
     }
     requires = frozenset(
         {"decoding.logits", "decoding.target_ids", "decoding.predicted", "slots.slots"}

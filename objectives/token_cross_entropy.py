@@ -12,6 +12,7 @@ from ocl_bench.api.contracts import Batch, ModelOutput, Progress, TokenPredictio
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Objective
+from ocl_bench.decoders.slate import TINY_SLATE_RUN
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,7 @@ class TokenCrossEntropy(nn.Module, Objective):
     name = "token_cross_entropy"
     Params = TokenCrossEntropyParams
     # SLATE's tiny decoder predicts its dVAE's ids.
-    conformance = {
-        "decoder.name": "slate",
-        "decoder.d_model": 32,
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
-        "decoder.vocab_size": 32,
-        "decoder.tokenizer_channels": 8,
-        "decoder.tau_steps": 4,
-        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
-    }
+    conformance = TINY_SLATE_RUN
     requires = frozenset({"decoding.logits", "decoding.target_ids", "decoding.predicted"})
 
     def __init__(self, params: TokenCrossEntropyParams):

@@ -16,6 +16,7 @@ from ocl_bench.api.contracts import Batch, ModelOutput, Progress
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Objective
+from ocl_bench.decoders.slate import TINY_SLATE_RUN
 
 PREFIX = "tokenizer_loss."
 
@@ -32,16 +33,7 @@ class TokenizerLoss(nn.Module, Objective):
     name = "tokenizer_loss"
     Params = TokenizerLossParams
     # SLATE's tiny decoder returns its dVAE's losses.
-    conformance = {
-        "decoder.name": "slate",
-        "decoder.d_model": 32,
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
-        "decoder.vocab_size": 32,
-        "decoder.tokenizer_channels": 8,
-        "decoder.tau_steps": 4,
-        "objectives": {"token_cross_entropy": {}, "tokenizer_loss": {}},
-    }
+    conformance = TINY_SLATE_RUN
     requires = frozenset({"decoding.tokenizer_losses"})
 
     def __init__(self, params: TokenizerLossParams):

@@ -29,6 +29,7 @@ from ocl_bench.api.errors import DataError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.tasking import EvalContext, Metric, Task, TaskResult, per_image_record
+from ocl_bench.decoders.mage import TINY_MAGE_RUN
 
 
 @dataclass(frozen=True)
@@ -66,29 +67,8 @@ class TokenReconstruction(Task):
     )
     name = "token_reconstruction"
     Params = TokenReconstructionParams
-    # A random 1-block MAGE encoder and decoder over a random tiny VQGAN.
-    conformance = {
-        "encoder.name": "mage_vitb16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
-        "encoder.tokenizer": {
-            "name": "vqgan",
-            "random_init": True,
-            "ch": 8,
-            "ch_mult": [1, 2],
-            "n_embed": 32,
-            "embed_dim": 8,
-            "norm_groups": 4,
-        },
-        "encoder.masking": "mage",
-        "decoder.name": "mage",
-        "decoder.depth": 1,
-        "decoder.num_heads": 2,
-        "objectives": {"token_cross_entropy": {}},
-    }
+    # Scores the tiny MAGE decoder's predictions.
+    conformance = TINY_MAGE_RUN
     requires = frozenset({"decoding.logits", "decoding.target_ids", "decoding.predicted"})
 
     def __init__(self, params: TokenReconstructionParams):
