@@ -61,7 +61,7 @@ are taken after dropout (OCLF's DINOSAUR uses dropout 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,7 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import Decoder
 from ocl_bench.api.transformer import Attention, DecoderBlock, causal_mask, linear
+from ocl_bench.encoders.vit import TINY_VIT_ENCODER
 
 # The official order of the 9 permutations (S:spot.py); index 0 is the raster order.
 ORDER_NAMES = (
@@ -184,23 +185,23 @@ class SpotARParams:
     )
 
 
+# One spot_ar block over the tiny ViT (its features are the targets): the conformance run
+# of SPOT's decoder and of the objectives that train with it.
+TINY_SPOT_RUN: dict[str, Any] = {
+    **TINY_VIT_ENCODER,
+    "decoder.name": "spot_ar",
+    "decoder.num_layers": 1,
+    "decoder.num_heads": 2,
+}
+
+
 class SpotARDecoder(nn.Module, Decoder):
     """SPOT's autoregressive transformer decoder over encoder features, 9 patch orders."""
 
     kind = "decoder"
     name = "spot_ar"
     Params = SpotARParams
-    # One block over a random 1-block ViT-S/16 of width 32 (its features are the targets).
-    conformance = {
-        "encoder.name": "dino_vits16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
-    }
+    conformance = TINY_SPOT_RUN
     requires = frozenset({"features.targets", "slots.slots"})
     provides = frozenset({"decoding.masks"})
 

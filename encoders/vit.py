@@ -23,7 +23,7 @@ import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +173,18 @@ def _embed(vit: nn.Module, x: Tensor) -> Tensor:
     x = vit._pos_embed(x)
     x = vit.patch_drop(x)
     return vit.norm_pre(x)
+
+
+# A random 1-block ViT-S/16 of width 32 at 32 px: the encoder of the conformance runs of
+# the plugins that read ViT features (SPOT's decoder and objectives; ocl_bench.testing).
+TINY_VIT_ENCODER: dict[str, Any] = {
+    "encoder.name": "dino_vits16",
+    "encoder.random_init": True,
+    "encoder.image_size": 32,
+    "encoder.embed_dim": 32,
+    "encoder.depth": 1,
+    "encoder.num_heads": 2,
+}
 
 
 class ViTEncoder(nn.Module, Encoder):

@@ -34,6 +34,7 @@ from ocl_bench.api.errors import ConfigError
 from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.params import build_params, param
 from ocl_bench.api.plugin import Objective
+from ocl_bench.encoders.vit import TINY_VIT_ENCODER
 
 
 @dataclass(frozen=True)
@@ -57,14 +58,9 @@ class AuxiliaryDecoder(nn.Module, Objective):
     kind = "objective"
     name = "auxiliary_decoder"
     Params = AuxiliaryDecoderParams
-    # A 1-block spot_ar beside the main decoder, over a random 1-block ViT's features.
+    # A 1-block spot_ar beside the main decoder, over the tiny ViT's features.
     conformance = {
-        "encoder.name": "dino_vits16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
+        **TINY_VIT_ENCODER,
         "objectives.auxiliary_decoder.decoder": {
             "name": "spot_ar",
             "num_layers": 1,

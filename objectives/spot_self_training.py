@@ -38,6 +38,7 @@ from ocl_bench.api.hookspecs import hookimpl
 from ocl_bench.api.matching import hungarian_match, mask_overlap
 from ocl_bench.api.params import param
 from ocl_bench.api.plugin import ConformanceRun, Objective
+from ocl_bench.decoders.spot_ar import TINY_SPOT_RUN
 
 
 @dataclass(frozen=True)
@@ -97,36 +98,13 @@ class SpotSelfTraining(nn.Module, Objective):
     kind = "objective"
     name = "spot_self_training"
     Params = SpotSelfTrainingParams
-    # Student and teacher: a 1-block spot_ar over a random 1-block ViT; the teacher is an
-    # untrained run of that model.
+    # Student and teacher: the tiny spot_ar run; the teacher is an untrained run of it.
     conformance = {
-        "encoder.name": "dino_vits16",
-        "encoder.random_init": True,
-        "encoder.image_size": 32,
-        "encoder.embed_dim": 32,
-        "encoder.depth": 1,
-        "encoder.num_heads": 2,
+        **TINY_SPOT_RUN,
         "grouping.init": "learned_queries",
-        "decoder.name": "spot_ar",
-        "decoder.num_layers": 1,
-        "decoder.num_heads": 2,
         "objectives": {
             "reconstruction": {},
-            "spot_self_training": {
-                "teacher": ConformanceRun(
-                    {
-                        "encoder.name": "dino_vits16",
-                        "encoder.random_init": True,
-                        "encoder.image_size": 32,
-                        "encoder.embed_dim": 32,
-                        "encoder.depth": 1,
-                        "encoder.num_heads": 2,
-                        "decoder.name": "spot_ar",
-                        "decoder.num_layers": 1,
-                        "decoder.num_heads": 2,
-                    }
-                ),
-            },
+            "spot_self_training": {"teacher": ConformanceRun(TINY_SPOT_RUN)},
         },
     }
     requires = frozenset({"slots.logits", "slots.attn", "decoding.masks"})
