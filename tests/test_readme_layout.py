@@ -8,6 +8,8 @@ import importlib.util
 import subprocess
 from pathlib import Path
 
+from tests.test_layering import PLUGIN_PACKAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ("api", "run", "report")
 
@@ -37,17 +39,7 @@ def test_every_top_level_folder_is_in_the_layout_table() -> None:
 
 def test_the_path_rule_finds_every_module() -> None:
     found = 0
-    for folder in (
-        "bench",
-        "datasets",
-        "encoders",
-        "groupings",
-        "decoders",
-        "objectives",
-        "tasks",
-        "importers",
-        "image_tokenizers",
-    ):
+    for folder in ("bench", *PLUGIN_PACKAGES):
         for path in sorted((ROOT / folder).rglob("*.py")):
             if path.stem == "__init__":
                 continue
