@@ -419,10 +419,26 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+# What build_parser hands each group of subcommands to add its parser to.
+Subparsers = argparse._SubParsersAction
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ocl-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # in this order in `ocl-bench --help`
+    _add_run_commands(sub)
+    _add_import(sub)
+    _add_grid(sub)
+    _add_result_commands(sub)
+    _add_slot_library(sub)
+    _add_generate_dataset(sub)
+    _add_board_commands(sub)
+    return parser
 
+
+def _add_run_commands(sub: Subparsers) -> None:
+    """plugins, train, presets, protocols and eval."""
     p = sub.add_parser("plugins", help="list installed plugins, or show one's params")
     p.add_argument("action", nargs="?", choices=None, help="'show'")
     p.add_argument("name", nargs="?")
@@ -460,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_import(sub: Subparsers) -> None:
     p = sub.add_parser("import", help="turn another code base's checkpoint into a run directory")
     p.add_argument("format", nargs="?", help="checkpoint format: an importer plugin (see --list)")
     p.add_argument("path", nargs="?", help="the checkpoint file")
@@ -475,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{option.replace('_', '-')}", dest=option, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_import)
 
+
+def _add_grid(sub: Subparsers) -> None:
     p = sub.add_parser("grid", help="run an ablation grid into the results database")
     p.add_argument(
         "grid",
@@ -507,11 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="take over a cell whose runner sent no heartbeat for this long",
     )
-    p.add_argument("--executor", choices=["local", "submitit"], default="local")
-    p.add_argument("--partition", help="Slurm partition (submitit)")
-    p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
-    p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
+    _add_executor_options(p)
     p.add_argument(
         "--seeds",
         type=_positive(int),
@@ -523,6 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_grid)
 
+
+def _add_executor_options(p: argparse.ArgumentParser) -> None:
+    """Where `grid` runs its cells: here, or as Slurm jobs through submitit."""
+    p.add_argument("--executor", choices=["local", "submitit"], default="local")
+    p.add_argument("--partition", help="Slurm partition (submitit)")
+    p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
+    p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
+
+
+def _add_result_commands(sub: Subparsers) -> None:
+    """results and compare: reading the results database."""
     p = sub.add_parser("results", help="list the cells stored in the results database")
     p.add_argument("--db", default=DEFAULT_DB)
     p.add_argument("--json", action="store_true")
@@ -546,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_slot_library(sub: Subparsers) -> None:
     p = sub.add_parser(
         "slot-library", help="k-means centroids of a run's slots (a slot library for generation)"
     )
@@ -561,6 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_slot_library)
 
+
+def _add_generate_dataset(sub: Subparsers) -> None:
     p = sub.add_parser(
         "generate-dataset",
         help="images generated from a dataset's prompts + diffusion pseudo masks (resumable)",
@@ -587,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate_dataset)
 
+
+def _add_board_commands(sub: Subparsers) -> None:
+    """leaderboard and figure: published numbers beside measured ones."""
     p = sub.add_parser("leaderboard", help="published vs measured tables")
     p.add_argument("name", nargs="?", help="leaderboard name (see --list)")
     p.add_argument(
@@ -611,7 +646,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--json", action="store_true", help="print the drawn values as JSON")
     p.set_defaults(func=_cmd_figure)
-    return parser
 
 
 def _split_config(args: argparse.Namespace) -> None:
