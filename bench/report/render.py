@@ -127,70 +127,78 @@ def render(board: Leaderboard, fmt: str = "md") -> str:
         raise UserError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}")
     headers, body = table(board)
     if fmt == "md":
-        for i, j in marked_cells(board):
-            body[i][j] = f"**{body[i][j]}**"
-        head = f"## {board.name}: {board.title}\n"
-        if board.source:
-            head += (
-                f"Published: {board.source.get('document', '')} {board.source.get('table', '')}\n"
-            )
-        if board.overrides:
-            head += f"Measured with: {' '.join(board.overrides)}\n"
-        text = head + "\n" + tabulate(body, headers=headers, tablefmt="github")
-        if any(s.n > 1 for r in board.rows for s in r.spreads.values()):
-            text += f"\n\n{SPREAD_NOTE}"
-        if any(r.spreads for r in board.rows):
-            text += f"\n\n{MARK_NOTE}"
-        if _protocols_matter(board):
-            text += f"\n\n{COMPARABLE_NOTE}"
-        if board.conclusion:
-            text += "\n\nConclusion:\n" + "".join(f"- {line}\n" for line in board.conclusion)
-        notes = protocol_notes(board)
-        if notes:
-            text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
-        return text
+        return _markdown(board, headers, body)
     if fmt == "csv":
         return _csv(board)
     if fmt == "json":
-        best = best_rows(board)
-        return json.dumps(
-            {
-                "name": board.name,
-                "title": board.title,
-                "source": board.source,
-                "columns": [c.__dict__ for c in board.columns],
-                "measured_with": board.overrides,
-                "protocols": protocol_notes(board),
-                "conclusion": board.conclusion,
-                "rows": [
-                    {
-                        "label": r.label,
-                        "published": r.published,
-                        "measured": r.measured,
-                        "missing": r.missing,
-                        "config_hashes": r.config_hashes,
-                        "protocol": r.protocols,
-                        "evaluation_protocol": r.protocol,
-                        "measured_with": {
-                            ds: {"dataset": evaluated, "protocol": protocol}
-                            for ds, (evaluated, protocol) in r.measured_with.items()
-                        },
-                        "diff": {c.key: _diff(r, c) for c in board.columns},
-                        "stats": {
-                            key: {
-                                **_stats_fields(spread, _comparable_published(r, key, board)),
-                                "best": best.get(key) == i,
-                            }
-                            for key, spread in r.spreads.items()
-                        },
-                    }
-                    for i, r in enumerate(board.rows)
-                ],
-            },
-            indent=2,
-        )
-
+        return _json(board)
     return leaderboard_html(board, headers, body, marked_cells(board))
+
+
+def _markdown(board: Leaderboard, headers: list[str], body: list[list[str]]) -> str:
+    """The board as a GitHub table (best cells bold) under its source, with its notes."""
+    for i, j in marked_cells(board):
+        body[i][j] = f"**{body[i][j]}**"
+    head = f"## {board.name}: {board.title}\n"
+    if board.source:
+        head += f"Published: {board.source.get('document', '')} {board.source.get('table', '')}\n"
+    if board.overrides:
+        head += f"Measured with: {' '.join(board.overrides)}\n"
+    text = head + "\n" + tabulate(body, headers=headers, tablefmt="github")
+    if any(s.n > 1 for r in board.rows for s in r.spreads.values()):
+        text += f"\n\n{SPREAD_NOTE}"
+    if any(r.spreads for r in board.rows):
+        text += f"\n\n{MARK_NOTE}"
+    if _protocols_matter(board):
+        text += f"\n\n{COMPARABLE_NOTE}"
+    if board.conclusion:
+        text += "\n\nConclusion:\n" + "".join(f"- {line}\n" for line in board.conclusion)
+    notes = protocol_notes(board)
+    if notes:
+        text += "\n\nProtocols:\n" + "".join(f"- {note}\n" for note in notes)
+    return text
+
+
+def _json(board: Leaderboard) -> str:
+    best = best_rows(board)
+    return json.dumps(
+        {
+            "name": board.name,
+            "title": board.title,
+            "source": board.source,
+            "columns": [c.__dict__ for c in board.columns],
+            "measured_with": board.overrides,
+            "protocols": protocol_notes(board),
+            "conclusion": board.conclusion,
+            "rows": [_json_row(board, r, i, best) for i, r in enumerate(board.rows)],
+        },
+        indent=2,
+    )
+
+
+def _json_row(board: Leaderboard, r: Row, i: int, best: dict[str, int]) -> dict[str, Any]:
+    """Row `i` of the JSON board; `best`: column key -> index of its best row."""
+    return {
+        "label": r.label,
+        "published": r.published,
+        "measured": r.measured,
+        "missing": r.missing,
+        "config_hashes": r.config_hashes,
+        "protocol": r.protocols,
+        "evaluation_protocol": r.protocol,
+        "measured_with": {
+            ds: {"dataset": evaluated, "protocol": protocol}
+            for ds, (evaluated, protocol) in r.measured_with.items()
+        },
+        "diff": {c.key: _diff(r, c) for c in board.columns},
+        "stats": {
+            key: {
+                **_stats_fields(spread, _comparable_published(r, key, board)),
+                "best": best.get(key) == i,
+            }
+            for key, spread in r.spreads.items()
+        },
+    }
 
 
 def _comparable_published(row: Row, key: str, board: Leaderboard) -> float | None:
