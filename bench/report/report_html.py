@@ -151,17 +151,7 @@ def leaderboard_html(
     marked: set[tuple[int, int]] | None = None,
 ) -> str:
     """The page; `marked` (row, cell) positions of `body` are the resolved best rows."""
-    marked = marked or set()
-
-    def cell(i: int, j: int, text: str) -> str:
-        shown = html.escape(text)
-        return f"<td><strong>{shown}</strong></td>" if (i, j) in marked else f"<td>{shown}</td>"
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    rows = "".join(
-        "<tr>" + "".join(cell(i, j, text) for j, text in enumerate(line)) + "</tr>"
-        for i, line in enumerate(body)
-    )
+    table = _table_html(headers, body, marked or set())
     figures = "".join(
         f"<figure>{_img(path)}<figcaption>{html.escape(row.label)}</figcaption></figure>"
         for row in board.rows
@@ -169,29 +159,9 @@ def leaderboard_html(
         if Path(path).is_file()
     )
     source = " ".join(str(v) for v in board.source.values())
-
-    several_seeds = any(s.n > 1 for r in board.rows for s in r.spreads.values())
-    spread_note = f"<p class='spread'>{html.escape(SPREAD_NOTE)}</p>" if several_seeds else ""
-    # the charts draw a one-seed row with its per-image interval: say it is within-seed
-    if any(s.n == 1 and s.images is not None for r in board.rows for s in r.spreads.values()):
-        spread_note += f"<p class='within-seed'>{html.escape(WITHIN_SEED_NOTE)}</p>"
-    if any(r.spreads for r in board.rows):
-        spread_note += f"<p class='marks'>{html.escape(MARK_NOTE)}</p>"
-    notes = protocol_notes(board)
-    protocols = (
-        "<section class='protocols'><h2>Protocols</h2><ul>"
-        + "".join(f"<li>{html.escape(note)}</li>" for note in notes)
-        + "</ul></section>"
-        if notes
-        else ""
-    )
-    conclusion = (
-        "<section class='conclusion'><h2>Conclusion</h2><ul>"
-        + "".join(f"<li>{html.escape(line)}</li>" for line in board.conclusion)
-        + "</ul></section>"
-        if board.conclusion
-        else ""
-    )
+    spread_note = _spread_notes(board)
+    protocols = _list_section("protocols", "Protocols", protocol_notes(board))
+    conclusion = _list_section("conclusion", "Conclusion", board.conclusion)
     measured_with = (
         f"<p>Measured with: <code>{html.escape(' '.join(board.overrides))}</code></p>"
         if board.overrides
@@ -202,7 +172,40 @@ def leaderboard_html(
         f"<title>{html.escape(board.name)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(board.name)}</h1><p>{html.escape(board.title)}</p>"
         f"<p>Published numbers: {html.escape(source)}</p>{measured_with}"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        f"{table}"
         f"{_board_figure(board)}{conclusion}{protocols}{spread_note}{_charts(board)}{figures}"
         "</body></html>"
     )
+
+
+def _table_html(headers: list[str], body: list[list[str]], marked: set[tuple[int, int]]) -> str:
+    def cell(i: int, j: int, text: str) -> str:
+        shown = html.escape(text)
+        return f"<td><strong>{shown}</strong></td>" if (i, j) in marked else f"<td>{shown}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    rows = "".join(
+        "<tr>" + "".join(cell(i, j, text) for j, text in enumerate(line)) + "</tr>"
+        for i, line in enumerate(body)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _spread_notes(board: Leaderboard) -> str:
+    """What the ± intervals and the bold marks of the board's numbers mean."""
+    several_seeds = any(s.n > 1 for r in board.rows for s in r.spreads.values())
+    notes = f"<p class='spread'>{html.escape(SPREAD_NOTE)}</p>" if several_seeds else ""
+    # the charts draw a one-seed row with its per-image interval: say it is within-seed
+    if any(s.n == 1 and s.images is not None for r in board.rows for s in r.spreads.values()):
+        notes += f"<p class='within-seed'>{html.escape(WITHIN_SEED_NOTE)}</p>"
+    if any(r.spreads for r in board.rows):
+        notes += f"<p class='marks'>{html.escape(MARK_NOTE)}</p>"
+    return notes
+
+
+def _list_section(css: str, title: str, lines: list[str]) -> str:
+    """A titled bullet list, or nothing without lines."""
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f"<section class='{css}'><h2>{title}</h2><ul>{items}</ul></section>"
