@@ -223,8 +223,6 @@ def build_library(
     The caller's random streams are left as they were: a run that builds its library on
     the way (the masked_slots objective) then initialises exactly as one that finds it
     made."""
-    from safetensors.torch import save_file
-
     if centroids < 1 or batch_size < 1 or epochs < 1 or max_images < 0:
         raise ConfigError(
             "slot-library: --centroids, --batch and --epochs must be positive, --max-images >= 0"
@@ -259,7 +257,14 @@ def build_library(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **settings,
     }
-    path = library_file(run_dir, centroids)
+    path = _save_library(library_file(run_dir, centroids), centres, provenance)
+    return SlotLibrary(torch.from_numpy(centres), provenance, path)
+
+
+def _save_library(path: Path, centres: np.ndarray, provenance: dict[str, Any]) -> Path:
+    """Write the centroids with their provenance to `path`, whole or not at all."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(
@@ -268,7 +273,7 @@ def build_library(
         metadata={"provenance": json.dumps(provenance)},
     )
     tmp.replace(path)
-    return SlotLibrary(torch.from_numpy(centres), provenance, path)
+    return path
 
 
 def load_library(where: str | Path, centroids: int | None = None) -> SlotLibrary:
