@@ -311,7 +311,7 @@ def test_heartbeat_extends_a_lease_and_notices_a_takeover(tmp_path: Path) -> Non
 def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ocl_bench.run.train
+    import ocl_bench.run.grid
 
     grid = load_grid(write_grid(tmp_path / "g.toml"), TINY)
     cell = grid.cells[0]
@@ -320,7 +320,7 @@ def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ocl_bench.run.train, "train", interrupted)
+    monkeypatch.setattr(ocl_bench.run.grid, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_cell(cell, "tiny", runs, db, False)
     store = ResultStore(db)
@@ -331,7 +331,7 @@ def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ocl_bench.run.train, "train", broken)
+    monkeypatch.setattr(ocl_bench.run.grid, "train", broken)
     assert run_cell(cell, "tiny", runs, db, False) == "failed"
     stored = store.get(digest)
     assert stored.status == "failed" and stored.error_line == "RuntimeError: disk full"

@@ -283,9 +283,10 @@ def _error_bars(fig: Any) -> list[tuple[float, float, float]]:
 
 
 def test_column_chart_draws_each_rows_mean_and_interval() -> None:
+    from ocl_bench.report.leaderboard import Spread
     from ocl_bench.report.report_html import column_chart
     from ocl_bench.report.stats import summarize
-    from ocl_bench.run.boards import Column, Row, Spread
+    from ocl_bench.run.boards import Column, Row
 
     images = summarize([40.0, 50.0, 45.0, 55.0])
     rows = [
