@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -82,6 +83,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = evaluate(cfg, model, Path(args.out), step, progress=not args.quiet)
     _print_metrics(metrics, f"trained {result.step} steps in {result.seconds:.1f}s")
     return 0
+
+
+def _job_settings(args: argparse.Namespace, grid: Any) -> dict[str, Any]:
+    """What each cell's submitit job asks for: --gpus/--nodes, else the grid file's."""
+    if args.executor != "submitit":
+        given = [f"--{k}" for k in ("gpus", "nodes", "partition", "cluster") if getattr(args, k)]
+        if given:
+            raise UserError(
+                f"{' and '.join(given)} need --executor submitit (`--executor submitit --cluster"
+                " local` runs the jobs on this machine)"
+            )
+        if grid.gpus or grid.nodes > 1:
+            print(
+                f"note: the grid's gpus = {grid.gpus}, nodes = {grid.nodes} apply to"
+                " --executor submitit; here each cell runs in one process",
+                file=sys.stderr,
+            )
+        return {"time": args.time}
+    gpus = grid.gpus if args.gpus is None else args.gpus
+    nodes = grid.nodes if args.nodes is None else args.nodes
+    slurm = {"partition": args.partition, "time": args.time, "gpus": gpus, "nodes": nodes}
+    if args.cluster:
+        slurm["cluster"] = args.cluster
+    return slurm
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -172,16 +197,21 @@ def _cmd_grid(args: argparse.Namespace) -> int:
 
     from ocl_bench.report.leaderboard import load_leaderboard
     from ocl_bench.report.render import render
-    from ocl_bench.run.grid import RUNNING_ELSEWHERE, load_grid, run_grid, status_detail
+    from ocl_bench.run.grid import (
+        RUNNING_ELSEWHERE,
+        check_jobs,
+        load_grid,
+        run_grid,
+        status_detail,
+    )
     from ocl_bench.run.store import ResultStore
 
     grid = load_grid(args.grid, args.overrides, args.seeds)
     db, runs = Path(args.db), Path(args.runs)
     ResultStore(db)  # an unusable --db fails here, in one line, before anything runs or prints
+    slurm = _job_settings(args, grid)
+    check_jobs(grid, args.executor, slurm)  # before anything prints
     print(f"grid '{grid.name}': {len(grid.cells)} cells -> {db}", file=sys.stderr)
-    slurm = {"partition": args.partition, "time": args.time, "gpus": args.gpus}
-    if args.cluster:
-        slurm["cluster"] = args.cluster
     # A job stopped by its scheduler (SIGTERM) releases its cells' leases on the way out.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -419,6 +449,21 @@ def _positive(kind: type) -> Callable[[str], float]:
     return parse
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for a whole number >= `low` (argparse's own error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an int: '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
+
+
 # What build_parser hands each group of subcommands to add its parser to.
 Subparsers = argparse._SubParsersAction
 
@@ -545,7 +590,21 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=["local", "submitit"], default="local")
     p.add_argument("--partition", help="Slurm partition (submitit)")
     p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per Slurm job")
+    p.add_argument(
+        "--gpus",
+        type=_at_least(0),
+        default=None,
+        metavar="G",
+        help="GPUs per node of each cell's job, one process each, all in one process group"
+        " (default: the grid file's `gpus`, else 0: one CPU process per node)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=_at_least(1),
+        default=None,
+        metavar="N",
+        help="nodes of each cell's job (default: the grid file's `nodes`, else 1)",
+    )
     p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
 
 

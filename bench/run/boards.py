@@ -239,6 +239,8 @@ _SPEC_TYPES: dict[str, Any] = {
     "seeds": (int, list),
     "labels": dict,
     "workers": int,
+    "gpus": int,
+    "nodes": int,
     "figure": dict,
 }
 _ROW_TYPES: dict[str, Any] = {
@@ -504,6 +506,8 @@ GRID_KEYS = (
     "seeds",
     "labels",
     "workers",
+    "gpus",
+    "nodes",
 )
 
 
@@ -527,6 +531,10 @@ class Grid:
     cells: list[GridCell]
     # Local processes the file suggests (`workers = N`); --workers replaces it.
     workers: int = 1
+    # Each cell's submitit job (`gpus = G`, `nodes = N`): N x G processes in one process
+    # group (--gpus and --nodes replace them; the local executor runs a cell in one process).
+    gpus: int = 0
+    nodes: int = 1
 
 
 def _format(value: Any) -> str:
@@ -583,10 +591,12 @@ def load_grid(
             raise ConfigError(f"{path}: give the seeds once, as `seeds` or as the axis 'seed'")
         spec["seeds"] = axes.pop("seed")
     cells = _axis_cells(path, spec, base, axes, overrides)
-    workers = spec.get("workers", 1)
-    if isinstance(workers, bool) or workers < 1:
-        raise ConfigError(f"{path}: workers must be a number >= 1, got {workers!r}")
-    return Grid(spec.get("name", path.stem), _with_needs(cells), workers)
+    least = {"workers": 1, "gpus": 0, "nodes": 1}
+    for key, low in least.items():
+        if spec.get(key, low) < low:
+            raise ConfigError(f"{path}: {key} must be a number >= {low}, got {spec[key]!r}")
+    counts = {key: spec.get(key, low) for key, low in least.items()}
+    return Grid(spec.get("name", path.stem), _with_needs(cells), **counts)
 
 
 def _axis_cells(

@@ -7,10 +7,17 @@ Several grids may share one database (a grid launched twice, several cluster job
 process runs a cell only while it holds the cell's lease in the store, kept alive by a
 heartbeat thread and released when the cell ends however it ends. A cell leased by a live
 process elsewhere is skipped, or with `wait` waited for once everything else has run.
+
+Under submitit (ocl_bench.run.cluster) the grid takes each cell's lease itself and keeps it
+alive while the cell's job waits, runs, is preempted and requeued; the job's rank 0 beats
+it too, and releases it with the cell's outcome. A job that ends without one (cancelled for
+good, killed) has its lease released and its cell failed by the grid; if the grid is gone
+too, the lease expires by its heartbeat timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -24,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ocl_bench.api.errors import ConfigError, UserError
+from ocl_bench.api.runtime import resolve_device
+from ocl_bench.run import cluster, distributed
 from ocl_bench.run.boards import Grid, GridCell, demo_grid_path, load_grid
 from ocl_bench.run.config import RunConfig, apply_overrides, resolve
 from ocl_bench.run.evaluate import evaluate, load_run
@@ -147,9 +156,7 @@ def run_cell(
     store = ResultStore(db_path)
     claim = _claim(store, cell, leases)
     if claim.lease is None:
-        if claim.holder is not None:
-            return RUNNING_ELSEWHERE
-        return DONE_ELSEWHERE if claim.status == "complete" else FAILED_ELSEWHERE
+        return _unclaimed(claim)
     outcome = "interrupted"  # what the lease history says if neither status is reached
     try:
         with _Heartbeat(store, claim.lease, leases.timeout, cell.label):
@@ -157,6 +164,13 @@ def run_cell(
     finally:
         store.release(claim.lease, outcome)
     return outcome
+
+
+def _unclaimed(claim: Claim) -> str:
+    """The status of a cell whose claim found no lease to take."""
+    if claim.holder is not None:
+        return RUNNING_ELSEWHERE
+    return DONE_ELSEWHERE if claim.status == "complete" else FAILED_ELSEWHERE
 
 
 def status_detail(store: ResultStore, cell: GridCell, status: str) -> str | None:
@@ -193,7 +207,19 @@ def _claim(store: ResultStore, cell: GridCell, leases: LeaseSettings) -> Claim:
 def _run_claimed(
     cell: GridCell, grid_name: str, runs_dir: Path, store: ResultStore, progress: bool
 ) -> str:
+    run_dir = _start(cell, grid_name, runs_dir, store)
+    try:
+        cfg = _resolve_needs(cell, store, runs_dir)
+        train(cfg, run_dir, progress=progress)
+        metrics = _evaluated(run_dir, progress)
+    except Exception as err:  # a failing cell is recorded and the grid goes on
+        return _failed(store, cell, err)
+    store.complete(cell.config.digest(), metrics["records"])
+    return "complete"
 
+
+def _start(cell: GridCell, grid_name: str, runs_dir: Path, store: ResultStore) -> Path:
+    """Mark the cell running in the store; its run directory."""
     cfg = cell.config
     digest = cfg.digest()
     run_dir = runs_dir / digest
@@ -212,17 +238,20 @@ def _run_claimed(
             run_dir=str(run_dir),
         )
     )
-    try:
-        cfg = _resolve_needs(cell, store, runs_dir)
-        train(cfg, run_dir, progress=progress)
-        cfg2, model, step = load_run(run_dir)
-        metrics = evaluate(cfg2, model, run_dir, step, progress=progress)
-    except Exception as err:  # a failing cell is recorded and the grid goes on
-        detail = str(err) if isinstance(err, UserError) else traceback.format_exc(limit=3)
-        store.fail(digest, f"{type(err).__name__}: {detail}")
-        return "failed"
-    store.complete(digest, metrics["records"])
-    return "complete"
+    return run_dir
+
+
+def _evaluated(run_dir: Path, progress: bool) -> dict[str, Any]:
+    """The metrics of the run trained into `run_dir`."""
+    cfg, model, step = load_run(run_dir)
+    return evaluate(cfg, model, run_dir, step, progress=progress)
+
+
+def _failed(store: ResultStore, cell: GridCell, err: Exception) -> str:
+    """Record the cell failed with `err` (inside its except block: the traceback is read)."""
+    detail = str(err) if isinstance(err, UserError) else traceback.format_exc(limit=3)
+    store.fail(cell.config.digest(), f"{type(err).__name__}: {detail}")
+    return "failed"
 
 
 def _resolve_needs(cell: GridCell, store: ResultStore, runs_dir: Path) -> RunConfig:
@@ -261,6 +290,7 @@ def run_grid(
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if lease_timeout <= 0:
         raise ConfigError(f"the lease timeout must be positive, got {lease_timeout}")
+    check_jobs(grid, executor, slurm or {})
     leases = LeaseSettings(lease_timeout, wait=False, since=time.time())
     store = ResultStore(db_path)
     todo: list[GridCell] = []
@@ -354,6 +384,26 @@ def share_cores(workers: int) -> None:
     torch.set_num_threads(max(1, (cores or 1) // workers))
 
 
+def check_jobs(grid: Grid, executor: str, slurm: dict[str, Any]) -> None:
+    """Refuse job settings no cell can run with, before anything runs."""
+    if executor != "submitit":
+        if slurm.get("gpus") or (slurm.get("nodes") or 1) > 1:
+            raise ConfigError(
+                "gpus and nodes are for --executor submitit (the local executor runs each"
+                " cell in one process; --executor submitit --cluster local runs jobs here)"
+            )
+        return
+    jobs = cluster.JobResources.from_settings(slurm)
+    for cell in grid.cells:
+        t = cell.config.train
+        if t.batch_size % (jobs.tasks * t.accumulate):
+            raise ConfigError(
+                f"'{cell.label}': train.batch_size ({t.batch_size}) does not split into"
+                f" {jobs.tasks} processes ({jobs.nodes} node(s) x {jobs.tasks_per_node}) x"
+                f" train.accumulate ({t.accumulate}) equal micro-batches"
+            )
+
+
 def _run_submitit(
     name: str,
     cells: list[GridCell],
@@ -362,23 +412,157 @@ def _run_submitit(
     slurm: dict[str, Any],
     leases: LeaseSettings,
 ) -> dict[str, str]:
-    """One Slurm job per cell ('local' cluster runs them as local processes, for tests)."""
+    """One submitit job per cell ('local' cluster: local processes), each of nodes x
+    tasks_per_node processes; this process holds the cells' leases until their jobs end."""
+    submitter = cluster.executor(runs_dir / "submitit", cluster.JobResources.from_settings(slurm))
+    store = ResultStore(db_path)
+    statuses: dict[str, str] = {}
+    running: dict[str, tuple[Any, Lease]] = {}
+    with _JobLeases(store, leases.timeout) as kept:
+        try:
+            for cell in cells:
+                claim = _claim(store, cell, leases)
+                if claim.lease is None:
+                    statuses[cell.label] = _unclaimed(claim)
+                    continue
+                kept.add(claim.lease)
+                call = cluster.Requeueable(
+                    _job_cell, cell, name, runs_dir, db_path, claim.lease, leases.timeout
+                )
+                running[cell.label] = (submitter.submit(call), claim.lease)
+            jobs = {label: job for label, (job, _) in running.items()}
+            for label, result, error in cluster.finished(jobs, leases.poll):
+                lease = running.pop(label)[1]
+                kept.drop(lease)
+                statuses[label] = _job_ended(store, lease, result, error)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): its jobs go with it
+            for job, lease in running.values():
+                cluster.cancel(job)
+                store.release(lease, "interrupted: the grid stopped and cancelled its job")
+            raise
+    return {cell.label: statuses[cell.label] for cell in cells}
+
+
+class _JobLeases:
+    """Keeps alive, from one daemon thread, the leases of cells whose jobs have not ended:
+    nothing else beats a lease while its job waits in the queue, or between a preemption
+    and the requeued job's start. A lease no longer held (its job released it) is dropped
+    quietly: the job's own heartbeat warns if it was taken over."""
+
+    def __init__(self, store: ResultStore, timeout: float) -> None:
+        self.store, self.timeout = store, timeout
+        self._leases: dict[int, Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="job-leases", daemon=True)
+
+    def __enter__(self) -> _JobLeases:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[lease.id] = lease
+
+    def drop(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop(lease.id, None)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.timeout / 5):  # several beats per timeout, as _Heartbeat
+            with self._lock:
+                leases = list(self._leases.values())
+            for lease in leases:
+                try:
+                    held = self.store.heartbeat(lease, self.timeout)
+                except Exception as err:  # noqa: BLE001 - a failed beat must not end the thread
+                    print(f"warning: lease heartbeat: {err}", file=sys.stderr)
+                    continue
+                if not held:
+                    self.drop(lease)
+
+
+def _job_ended(store: ResultStore, lease: Lease, result: Any, error: str | None) -> str:
+    """A cell's status once its job ended; a job that ended without reporting (cancelled,
+    killed, out of requeues) leaves its cell failed with why, and its lease released."""
+    if error is None and isinstance(result, str):
+        return result
+    why = error or f"the job returned {result!r}"
+    if store.status(lease.config_hash) != "complete":
+        store.fail(lease.config_hash, f"JobEnded: {why}")
+    store.release(lease, f"failed: {why}")
+    return "failed"
+
+
+def _job_cell(
+    cell: GridCell,
+    grid_name: str,
+    runs_dir: Path,
+    db_path: Path,
+    lease: Lease,
+    timeout: float,
+) -> str:
+    """A cell on one task of its submitit job (cluster.Requeueable calls it on every task,
+    in one process group). Every rank trains; rank 0 alone writes the store and the run
+    directory, beats the lease the grid took, evaluates and releases the lease."""
+    world, _ = distributed.setup(resolve_device(cell.config.train.device))
+    store = ResultStore(db_path) if world.main else None
+    beat = _Heartbeat(store, lease, timeout, cell.label) if store else contextlib.nullcontext()
+    with beat:
+        start = _job_start(cell, grid_name, runs_dir, store, lease, timeout) if store else None
+        status, cfg = distributed.from_main(start)
+        if cfg is not None:
+            status = _job_train(cell, cfg, runs_dir, store, world.rank)
+    if store is not None:  # after the heartbeat stopped (a no-op on a lease taken over)
+        store.release(lease, status)
+    return status
+
+
+def _job_train(
+    cell: GridCell, cfg: RunConfig, runs_dir: Path, store: ResultStore | None, rank: int
+) -> str:
+    """Train on every rank; rank 0 then evaluates into the store. Raises Preempted to have
+    the job requeued."""
+    run_dir = runs_dir / cell.config.digest()
     try:
-        import submitit
-    except ImportError:
-        raise UserError(
-            "--executor submitit needs the 'submitit' package: pip install submitit"
-        ) from None
-    folder = runs_dir / "submitit"
-    executor = submitit.AutoExecutor(folder=folder, cluster=slurm.get("cluster"))
-    params: dict[str, Any] = {"timeout_min": slurm.get("time", 60)}
-    if slurm.get("partition"):
-        params["slurm_partition"] = slurm["partition"]
-    if slurm.get("gpus"):
-        params["gpus_per_node"] = slurm["gpus"]
-    executor.update_parameters(**params)
-    jobs = [
-        (cell.label, executor.submit(run_cell, cell, name, runs_dir, db_path, False, leases))
-        for cell in cells
-    ]
-    return {label: job.result() for label, job in jobs}
+        try:
+            train(cfg, run_dir, progress=False)
+        finally:
+            distributed.teardown()
+    except Exception as err:
+        if store is None:
+            raise
+        return _failed(store, cell, err)
+    if store is None:
+        return f"trained (rank {rank})"
+    if distributed.stop_asked():  # the signal came as training ended: evaluate after requeue
+        raise distributed.Preempted(cfg.train.steps)
+    return _evaluate_into(store, cell, run_dir)
+
+
+def _job_start(
+    cell: GridCell, grid_name: str, runs_dir: Path, store: ResultStore, lease: Lease, timeout: float
+) -> tuple[str, RunConfig | None]:
+    """Rank 0 of a cell's job: ("running", the config to train) once the cell is marked
+    running, or (its status, None) when it is not to run here."""
+    if not store.heartbeat(lease, timeout):  # taken over while the job waited
+        return RUNNING_ELSEWHERE, None
+    _start(cell, grid_name, runs_dir, store)
+    try:
+        return "running", _resolve_needs(cell, store, runs_dir)
+    except Exception as err:
+        return _failed(store, cell, err), None
+
+
+def _evaluate_into(store: ResultStore, cell: GridCell, run_dir: Path) -> str:
+    """Evaluate a trained cell into the store; its status."""
+    try:
+        metrics = _evaluated(run_dir, False)
+    except Exception as err:
+        return _failed(store, cell, err)
+    store.complete(cell.config.digest(), metrics["records"])
+    return "complete"

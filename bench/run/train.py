@@ -311,6 +311,8 @@ class _Run:
     ema: WeightEMA | None
     start: int = 0
     found: Path | None = None  # the checkpoint resumed from
+    # Every rank's RNG state at the checkpoint resumed from (saved under DDP only).
+    rank_rng: list[dict[str, torch.Tensor]] | None = None
     trained: nn.Module | None = None  # the model, or its DDP wrapper
 
     @property
@@ -360,7 +362,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
     events = EventLog(run.run_dir, run.start, t.tensorboard and run.world.main)
     meter = ThroughputMeter()
     log_path = run.run_dir / "train_log.jsonl" if run.world.main else os.devnull
-    with open(log_path, "a") as log, contextlib.closing(events):
+    with open(log_path, "a") as log, contextlib.closing(events), distributed.stop_point():
         eval_log_path = run.run_dir / "eval_log.jsonl"
         report = _Reporter(log, events, bar, meter, probe, shown_metrics, eval_log_path, progress)
         for step in range(run.start, t.steps):
@@ -369,6 +371,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> TrainResult:
             losses = _log_step(run, report, step, step_terms)
             _probe(run, report, step)
             _checkpoint_if_due(run, report, step)
+            _stop_if_agreed(run, report, step)
     bar.close()
     _finish(run)
     return TrainResult(t.steps, run.start, time.perf_counter() - began, losses)
@@ -448,6 +451,7 @@ def _resume(run: _Run) -> None:
         run.ema.load_state_dict(checkpoint.load_weights(ema_path), str(ema_path))
     set_rng_state(state["rng"])
     run.found, run.start = found, int(state["step"])
+    run.rank_rng = state.get("rank_rng")
 
 
 def _distribute(run: _Run) -> None:
@@ -455,8 +459,12 @@ def _distribute(run: _Run) -> None:
     run.trained = run.model
     if run.world.size == 1:
         return
-    # Different slot-init noise per rank, as a single process would draw for its batch.
-    torch.manual_seed(run.cfg.seed * 7919 + run.start * 104729 + run.world.rank)
+    if run.rank_rng is not None and len(run.rank_rng) == run.world.size:
+        # Each rank draws on where it stopped, as it would have without the interruption.
+        set_rng_state(run.rank_rng[run.world.rank])
+    else:
+        # Different slot-init noise per rank, as a single process would draw for its batch.
+        torch.manual_seed(run.cfg.seed * 7919 + run.start * 104729 + run.world.rank)
     run.trained = torch.nn.parallel.DistributedDataParallel(
         run.model, device_ids=[run.device.index] if run.device.type == "cuda" else None
     )
@@ -614,22 +622,43 @@ def _checkpoint_if_due(run: _Run, report: _Reporter, step: int) -> None:
 
 
 def _save(run: _Run, step: int) -> None:
-    """The checkpoint of `step` (rank 0 writes it)."""
+    """The checkpoint of `step` (rank 0 writes it; under DDP with every rank's RNG state,
+    which every rank must call this for)."""
+    ranks = distributed.gather(rng_state()) if run.world.size > 1 else None
     if not run.world.main:
         return
+    state = {
+        "step": step,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "objectives": run.objectives.state_dict(),
+        "rng": rng_state(),
+    }
+    if ranks is not None:
+        state["rank_rng"] = ranks
     checkpoint.save(
         run.ckpt_dir,
         run.model,
-        {
-            "step": step,
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "objectives": run.objectives.state_dict(),
-            "rng": rng_state(),
-        },
+        state,
         frozen=run.frozen,
         ema=run.ema.state_dict() if run.ema is not None else None,
     )
+
+
+def _stop_if_agreed(run: _Run, report: _Reporter, step: int) -> None:
+    """After a step that is not the last: if the ranks agree a stop was asked for (a
+    scheduler's signal, see distributed), save this step's checkpoint unless just saved and
+    raise Preempted on every rank."""
+    t = run.cfg.train
+    if step + 1 == t.steps or not distributed.stop_agreed(run.device):
+        return
+    if (step + 1) % t.checkpoint_every:
+        report.log.flush()
+        report.events.flush()
+        _save(run, step + 1)
+    report.bar.close()
+    distributed.barrier()  # the checkpoint is complete before any rank leaves
+    raise distributed.Preempted(step + 1)
 
 
 def _finish(run: _Run) -> None:

@@ -1,0 +1,167 @@
+"""Grid cells as submitit jobs, through submitit's local executor on CPU (gloo): a cell of
+2 tasks, signalled mid-training as the local executor does at a time limit (and Slurm on
+preemption), checkpoints, requeues itself and ends with exactly the weights of
+`torchrun --nproc_per_node=2`, its lease never taken by another copy of the grid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ocl_bench.cli import main
+from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.store import ResultStore
+from tests.conftest import TINY
+
+pytest.importorskip("submitit")
+
+# Enough steps that a signal sent after step 10 lands mid-training; the default slot
+# initialisation draws noise every step, so each rank's random stream must resume too.
+STEPS = 24
+ARGS = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=10", "eval.num_images=8"]
+BASE = "[base]\ntasks = { object_discovery = {} }\n"
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def torchrun_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The cell trained by `torchrun --standalone --nproc_per_node=2 ... train`."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "ocl_bench.cli", "train"]
+    cmd += ["--out", str(out), "--no-eval", "-q", *ARGS]
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=600)
+    return _weights(out)
+
+
+def _one_cell_grid(tmp_path: Path):  # noqa: ANN202 - a Grid
+    path = tmp_path / "one.toml"
+    path.write_text('name = "one"\n' + BASE)
+    return load_grid(path, ARGS)
+
+
+def _job_tasks(folder: Path) -> list[int]:
+    """The pids of the task processes submitit's local controller started for `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(b"SUBMITIT_LOCAL_GLOBALID=" in e for e in environ) and any(
+            str(folder).encode() in e for e in environ
+        ):
+            found.append(int(proc.name))
+    return found
+
+
+COMPETITOR = """
+import sys, time
+from ocl_bench.run.store import ResultStore
+store, digest = ResultStore(sys.argv[1]), sys.argv[2]
+while True:  # another copy of the grid, trying to take the cell all along
+    claim = store.claim(digest, 1.5)
+    if claim.lease is not None:
+        store.release(claim.lease, "taken by the competitor")
+        print("taken"); break
+    if claim.status == "complete":
+        print("never taken"); break
+    time.sleep(0.05)
+"""
+
+
+def test_a_two_task_job_preempted_mid_training_ends_with_torchruns_weights(
+    tmp_path: Path, torchrun_weights: dict[str, torch.Tensor]
+) -> None:
+    """One test for both claims (each job start costs seconds): the job's 2 tasks train
+    as torchrun's 2 processes, and the preemption, its checkpoint and the requeue change
+    nothing (torchrun's run is uninterrupted)."""
+    grid = _one_cell_grid(tmp_path)
+    digest = grid.cells[0].config.digest()
+    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    ResultStore(db)
+    statuses: dict[str, str] = {}
+    # A lease timeout of 1.5 s: the requeue takes longer, so the lease lives only if it is
+    # kept alive meanwhile (a dead holder pid on this host would lose it at once).
+    driver = threading.Thread(
+        target=lambda: statuses.update(
+            run_grid(
+                grid,
+                db,
+                runs,
+                executor="submitit",
+                slurm={"cluster": "local", "gpus": 2, "time": 10},
+                lease_timeout=1.5,
+            )
+        )
+    )
+    driver.start()
+    competitor = subprocess.Popen(
+        [sys.executable, "-c", COMPETITOR, str(db), digest], env=ENV, stdout=subprocess.PIPE
+    )
+    log = runs / digest / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 10):  # flushed at step 10
+        assert time.monotonic() < deadline and driver.is_alive(), "the job never trained"
+        time.sleep(0.02)
+    time.sleep(0.25)  # a step or two on: the stop then saves a checkpoint of its own
+    tasks = _job_tasks(runs / "submitit")
+    assert len(tasks) == 2
+    for pid in tasks:  # what the local controller sends at the time limit, and Slurm on preemption
+        os.kill(pid, signal.SIGUSR2)
+    driver.join(300)
+    assert statuses == {"base": "complete"}
+    assert competitor.communicate(timeout=60)[0].decode().strip() == "never taken"
+    _assert_same_weights(_weights(runs / digest), torchrun_weights)
+    stopped = [
+        line
+        for path in (runs / "submitit").glob("*_0_log.err")
+        for line in path.read_text().splitlines()
+        if "preempted after step" in line
+    ]
+    assert len(stopped) == 1 and int(stopped[0].split("step ")[1].split(":")[0]) < STEPS, stopped
+    # one lease all along, released once, by the cell's end
+    (lease,) = ResultStore(db).leases(digest)
+    assert lease.outcome == "complete"
+    # both tasks ran (each attempt); rank 0 alone wrote the store
+    assert {p.name.split("_")[1] for p in (runs / "submitit").glob("*_log.out")} == {"0", "1"}
+    (cell,) = ResultStore(db).cells()
+    assert cell.status == "complete" and cell.value("object_discovery", "fg_ari") is not None
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (["--gpus", "2"], "--gpus need --executor submitit"),
+        (["--executor", "submitit", "--cluster", "local", "--nodes", "2"], "--nodes 2:"),
+        (["--executor", "submitit", "--cluster", "local", "--gpus", "3"], "does not split"),
+    ],
+)
+def test_job_options_that_cannot_run_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], error: str
+) -> None:
+    (tmp_path / "one.toml").write_text('name = "one"\n')
+    argv = ["grid", str(tmp_path / "one.toml"), *TINY, "--db", str(tmp_path / "r.sqlite")]
+    assert main([*argv, "--runs", str(tmp_path / "runs"), *options]) == 2
+    err = capsys.readouterr().err
+    assert error in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
