@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ocl_bench.api.errors import ConfigError
 from ocl_bench.cli import main
-from ocl_bench.run.grid import load_grid, run_grid
+from ocl_bench.run.grid import _job_ended, _start, load_grid, run_grid
 from ocl_bench.run.store import ResultStore
 from tests.conftest import TINY
 
@@ -165,3 +166,35 @@ def test_job_options_that_cannot_run_fail_in_one_line(
     err = capsys.readouterr().err
     assert error in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_that_ended_without_a_result_fails_its_cell_and_frees_its_lease(
+    tmp_path: Path,
+) -> None:
+    """What the grid does when a cell's job is cancelled for good or killed: the cell is
+    failed with why (a rerun resumes it), its lease released at once for other copies."""
+    grid = _one_cell_grid(tmp_path)
+    cell = grid.cells[0]
+    store = ResultStore(tmp_path / "r.sqlite")
+    lease = store.claim(cell.config.digest(), 60.0).lease
+    assert lease is not None
+    _start(cell, grid.name, tmp_path / "runs", store)
+    why = "job 7 (CANCELLED): it ended without a result (cancelled or killed)"
+    assert _job_ended(store, lease, None, why) == "failed"
+    stored = store.get(cell.config.digest())
+    assert stored is not None and stored.status == "failed"
+    assert stored.error_line == f"JobEnded: {why}"
+    (released,) = store.leases(cell.config.digest())
+    assert released.released is not None and why in (released.outcome or "")
+    # a job that reported its cell leaves the status it reported
+    assert _job_ended(store, lease, "complete", None) == "complete"
+
+
+def test_a_grid_file_sets_gpus_and_nodes(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\ngpus = 4\nnodes = 2\n')
+    grid = load_grid(path)
+    assert (grid.gpus, grid.nodes) == (4, 2)
+    path.write_text('name = "g"\nnodes = 0\n')
+    with pytest.raises(ConfigError, match="nodes must be a number >= 1"):
+        load_grid(path)

@@ -167,13 +167,18 @@ def finished(jobs: dict[str, Any], poll: float = 1.0) -> Iterator[tuple[str, Any
 
 
 def _outcome(job: Any) -> tuple[Any, str | None]:
+    from submitit.core.utils import UncompletedJobError
+
     first = job.task(0)  # rank 0 reports the cell; the other ranks only train
     error = first.exception()
     if error is None:
         return first.result(), None
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    failing = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
-    what = failing[-1] if failing else (lines[0] if lines else type(error).__name__)
+    if isinstance(error, UncompletedJobError):  # no result file: nothing ran to the end
+        what = "it ended without a result (cancelled or killed)"
+    else:  # the job's traceback: its last error line says what went wrong
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        failing = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+        what = failing[-1] if failing else (lines[0] if lines else type(error).__name__)
     return None, f"job {job.job_id} ({job.state}): {what[:300]}; log: {first.paths.stderr}"
 
 
