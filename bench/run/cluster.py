@@ -19,6 +19,7 @@ imported where it is used.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -130,8 +131,11 @@ class Requeueable:
         distributed.take_stops()
         usr = _usr_signal()
         submitits = signal.getsignal(usr)
+        task = os.getpid()
 
         def asked(signum: int, frame: Any) -> None:
+            if os.getpid() != task:  # a forked DataLoader worker: its task handles the stop
+                return
             # In the training loop the stop waits for the end of the step and its checkpoint;
             # anywhere else submitit checkpoints and requeues now (rank 0; the others wait).
             if not distributed.ask_stop() and callable(submitits):
