@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -190,6 +191,21 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 DEFAULT_DB = "runs/results.sqlite"
+DB_HELP = (
+    "results database: an SQLite file, or postgresql://user@host/dbname shared by many hosts"
+    f" (default: $OCL_BENCH_DB, else {DEFAULT_DB})"
+)
+
+
+def _default_db() -> str:
+    """--db when none is given: $OCL_BENCH_DB (a lab's one database for every command),
+    else the local file."""
+    return os.environ.get("OCL_BENCH_DB") or DEFAULT_DB
+
+
+def _no_file(db: str, kind: str = "exists") -> bool:
+    """Whether --db names a file that is not there (a server URL is checked on opening)."""
+    return "://" not in db and not getattr(Path(db), kind)()
 
 
 def _cmd_grid(args: argparse.Namespace) -> int:
@@ -207,11 +223,11 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     from ocl_bench.run.store import ResultStore
 
     grid = load_grid(args.grid, args.overrides, args.seeds)
-    db, runs = Path(args.db), Path(args.runs)
-    ResultStore(db)  # an unusable --db fails here, in one line, before anything runs or prints
+    db, runs = args.db, Path(args.runs)  # db: a path or a URL (Path would mangle a URL)
+    where = ResultStore(db).where  # an unusable --db fails here, before anything runs
     slurm = _job_settings(args, grid)
     check_jobs(grid, args.executor, slurm)  # before anything prints
-    print(f"grid '{grid.name}': {len(grid.cells)} cells -> {db}", file=sys.stderr)
+    print(f"grid '{grid.name}': {len(grid.cells)} cells -> {where}", file=sys.stderr)
     # A job stopped by its scheduler (SIGTERM) releases its cells' leases on the way out.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -253,7 +269,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ocl_bench.report.compare import compare_rows
     from ocl_bench.run.store import ResultStore
 
-    if not Path(args.db).is_file():
+    if _no_file(args.db, "is_file"):
         raise UserError(f"results database not found: {args.db}")
     task, _, metric = (args.metric or "").rpartition(".")
     found = compare_rows(
@@ -264,62 +280,57 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
+    from ocl_bench.run.store import ResultStore
+
+    if _no_file(args.db):
+        raise UserError(f"results database not found: {args.db}")
+    store = ResultStore(args.db)
+    if args.export:
+        from ocl_bench.run.store_copy import copy_store
+
+        target = ResultStore(args.export)
+        print(copy_store(store, target).line(store.where, target.where))
+        return 0
+    cells = store.cells()
+    if args.json:
+        print(json.dumps([c.__dict__ for c in cells], indent=2, default=str))
+        return 0
+    live = {lease.config_hash: lease for lease in store.leases(live=True)}
+    headers = ["config", "grid", "cell", "dataset", "protocol", "status", "headline (dec)"]
+    print(tabulate([_result_row(c, live) for c in cells], headers=[*headers, "error"]))
+    return 0
+
+
+def _result_row(c: Any, live: dict[str, Any]) -> list[str]:
+    """One stored cell as `ocl-bench results` lists it."""
     import time
 
     from ocl_bench.report.compare import headline_of
     from ocl_bench.run.protocol import stored_protocol
     from ocl_bench.run.registry import registry
-    from ocl_bench.run.store import ResultStore
 
-    if not Path(args.db).exists():
-        raise UserError(f"results database not found: {args.db}")
-    cells = ResultStore(args.db).cells()
-    if args.json:
-        print(json.dumps([c.__dict__ for c in cells], indent=2, default=str))
-        return 0
-    live = {lease.config_hash: lease for lease in ResultStore(args.db).leases(live=True)}
-    rows = []
-    for c in cells:
-        headline = headline_of(c)
-        shown = ""
-        if headline is not None:
-            # decoder masks where the task scores masks (what SPOT and DINOSAUR report)
-            masks = "decoder" if registry().get("task", headline[0]).scores_masks else None
-            value = c.value(*headline, masks)
-            shown = "" if value is None else f"{headline[1]} {value:.3f}"
-        status = c.status
-        if c.status == "running":  # a running row without a live lease was interrupted
-            held = live.get(c.config_hash)
-            alive = held is not None and held.expired(time.time()) is None
-            status = f"running ({held.host}, pid {held.pid})" if alive else "interrupted"
-        rows.append(
-            [
-                c.config_hash,
-                c.grid or "",
-                c.label or "",
-                c.dataset,
-                stored_protocol(c.config),
-                status,
-                shown,
-                (c.error_line or "")[:100],
-            ]
-        )
-    print(
-        tabulate(
-            rows,
-            headers=[
-                "config",
-                "grid",
-                "cell",
-                "dataset",
-                "protocol",
-                "status",
-                "headline (dec)",
-                "error",
-            ],
-        )
-    )
-    return 0
+    headline = headline_of(c)
+    shown = ""
+    if headline is not None:
+        # decoder masks where the task scores masks (what SPOT and DINOSAUR report)
+        masks = "decoder" if registry().get("task", headline[0]).scores_masks else None
+        value = c.value(*headline, masks)
+        shown = "" if value is None else f"{headline[1]} {value:.3f}"
+    status = c.status
+    if c.status == "running":  # a running row without a live lease was interrupted
+        held = live.get(c.config_hash)
+        alive = held is not None and held.expired(time.time()) is None
+        status = f"running ({held.host}, pid {held.pid})" if alive else "interrupted"
+    return [
+        c.config_hash,
+        c.grid or "",
+        c.label or "",
+        c.dataset,
+        stored_protocol(c.config),
+        status,
+        shown,
+        (c.error_line or "")[:100],
+    ]
 
 
 def _cmd_slot_library(args: argparse.Namespace) -> int:
@@ -395,7 +406,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from ocl_bench.report.leaderboard import list_leaderboards, load_leaderboard
     from ocl_bench.report.render import render
 
-    db = Path(args.db)
+    db = args.db  # a path or a URL
     if args.list or not args.name:
         rows = []
         for path in list_leaderboards():
@@ -412,8 +423,8 @@ def _cmd_figure(args: argparse.Namespace) -> int:
     from ocl_bench.report.board_figures import write_board_figure
     from ocl_bench.report.leaderboard import load_leaderboard
 
-    board = load_leaderboard(args.name, Path(args.db), overrides=args.overrides)
-    if board.figure and not Path(args.db).is_file():  # a board without one says so first
+    board = load_leaderboard(args.name, args.db, overrides=args.overrides)
+    if board.figure and _no_file(args.db, "is_file"):  # a board without one says so first
         raise UserError(f"results database not found: {args.db}")
     drawn = write_board_figure(board, Path(args.out))
     if args.json:
@@ -552,7 +563,7 @@ def _add_grid(sub: Subparsers) -> None:
         nargs="*",
         help="dotted overrides applied to the grid's base (to a leaderboard's rows, last)",
     )
-    p.add_argument("--db", default=DEFAULT_DB, help="results database (SQLite file)")
+    p.add_argument("--db", default=_default_db(), help=DB_HELP)
     p.add_argument("--runs", default="runs", help="where cell run directories go")
     p.add_argument(
         "--workers",
@@ -611,8 +622,14 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
 def _add_result_commands(sub: Subparsers) -> None:
     """results and compare: reading the results database."""
     p = sub.add_parser("results", help="list the cells stored in the results database")
-    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--db", default=_default_db(), help=DB_HELP)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--export",
+        metavar="DB",
+        help="copy the cells, metrics, per-image values and lease history into another store"
+        " (a file or postgresql:// URL; a merge: rerunning copies nothing twice)",
+    )
     p.set_defaults(func=_cmd_results)
 
     p = sub.add_parser(
@@ -689,7 +706,7 @@ def _add_board_commands(sub: Subparsers) -> None:
         help="the overrides its cells were run with (`ocl-bench grid NAME overrides...`)",
     )
     p.add_argument("--list", action="store_true", help="list leaderboards and runnable rows")
-    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--db", default=_default_db(), help=DB_HELP)
     p.add_argument("--dataset", help="only the columns of this dataset")
     p.add_argument("--format", choices=["md", "csv", "html", "json"], default="md")
     p.set_defaults(func=_cmd_leaderboard)
@@ -701,7 +718,7 @@ def _add_board_commands(sub: Subparsers) -> None:
         nargs="*",
         help="the overrides its cells were run with (`ocl-bench grid NAME overrides...`)",
     )
-    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--db", default=_default_db(), help=DB_HELP)
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--json", action="store_true", help="print the drawn values as JSON")
     p.set_defaults(func=_cmd_figure)

@@ -333,7 +333,7 @@ def test_another_programs_sqlite_file_is_refused_not_extended(tmp_path: Path) ->
     assert _files(tmp_path) == before
 
 
-def _results_database(path: Path, cells: int) -> None:
+def _results_database(path: Path | str, cells: int) -> None:
     from ocl_bench.run.store import Cell, ResultStore
 
     store = ResultStore(path)
@@ -368,15 +368,17 @@ def test_a_truncated_database_is_named_and_left_alone(tmp_path: Path) -> None:
     assert _files(folder) == before  # no -wal/-shm left beside it either
 
 
-def test_a_damaged_row_names_the_database_and_the_cell(tmp_path: Path) -> None:
-    import sqlite3
+def test_a_damaged_row_names_the_database_and_the_cell(
+    tmp_path: Path, store_db: Path | str
+) -> None:
+    from ocl_bench.run.store_postgres import redacted
+    from tests.conftest import execute
 
-    _results_database(tmp_path / "r.sqlite", cells=3)
-    db = sqlite3.connect(tmp_path / "r.sqlite")
-    db.execute("UPDATE cells SET config = '{not json' WHERE config_hash = 'h1'")
-    db.commit()
-    db.close()
-    user_error(cli(tmp_path, "results", "--db", "r.sqlite"), "r.sqlite", "h1", "invalid JSON")
+    _results_database(store_db, cells=3)
+    execute(store_db, "UPDATE cells SET config = '{not json' WHERE config_hash = 'h1'")
+    named = "r.sqlite" if isinstance(store_db, Path) else redacted(store_db)
+    result = cli(tmp_path, "results", "--db", str(store_db))
+    user_error(result, named, "h1", "invalid JSON")
 
 
 def test_a_directory_as_database_is_named(tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from ocl_bench.api.errors import ConfigError
+from ocl_bench.api.errors import ConfigError, DataError
 from ocl_bench.report.leaderboard import load_leaderboard
 from ocl_bench.report.render import render
 from ocl_bench.run.grid import _Heartbeat, load_grid, run_cell, run_grid, status_detail
 from ocl_bench.run.store import SCHEMA, Cell, ResultStore, this_host
 from tests.conftest import TINY as ALL_TINY
-from tests.conftest import write_old_store
+from tests.conftest import execute, write_old_store
 
 # The grids below choose their own tasks.
 TINY = [o for o in ALL_TINY if not o.startswith("tasks.")]
@@ -69,8 +69,8 @@ def test_unknown_grid_key_and_bad_axis_are_errors(tmp_path: Path) -> None:
         load_grid(bad)
 
 
-def test_store_roundtrip_and_atomic_completion(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_store_roundtrip_and_atomic_completion(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     cell = Cell(
         "abc", {"seed": 0}, {"encoder.cnn": "ocl-bench 0.1.0"}, "shapes", "val", 0, "running"
     )
@@ -96,14 +96,17 @@ def test_store_roundtrip_and_atomic_completion(tmp_path: Path) -> None:
         store.complete("def", [{"metric": "no task key", "value": 1.0}])
     assert store.status("def") == "running"
     assert store.get("def").metrics == []
-    with sqlite3.connect(tmp_path / "r.sqlite") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    if isinstance(store_db, Path):
+        with sqlite3.connect(store_db) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_grid_runs_skips_completed_and_records_failures(tmp_path: Path) -> None:
+def test_grid_runs_skips_completed_and_records_failures(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     path = write_grid(tmp_path / "g.toml")
     grid = load_grid(path, TINY)
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     # Make one cell fail: an unreadable checkpoint directory in its run dir.
     failing = grid.cells[1].config.digest()
     (runs / failing / "checkpoint").mkdir(parents=True)
@@ -131,9 +134,11 @@ def test_grid_runs_skips_completed_and_records_failures(tmp_path: Path) -> None:
     assert html.count("<img") - charts == 2 and charts >= 1 and "<table>" in html
 
 
-def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Path) -> None:
+def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     path = write_grid(tmp_path / "g.toml", steps=8)
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     cmd = [
         sys.executable,
         "-m",
@@ -153,10 +158,10 @@ def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Pat
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if db.exists():
+        if isinstance(db, str) or db.exists():
             try:
                 cells = ResultStore(db).cells()
-            except sqlite3.OperationalError:
+            except (sqlite3.OperationalError, DataError):  # the grid may be creating it
                 cells = []
             if sum(c.status == "complete" for c in cells) == 1 and any(
                 c.status == "running" and Path(c.run_dir, "checkpoint", "COMPLETE").exists()
@@ -174,12 +179,14 @@ def test_grid_killed_during_second_cell_ends_with_one_row_per_cell(tmp_path: Pat
     assert len({c.config_hash for c in cells}) == 3
 
 
-def test_submitit_local_executor_runs_each_cell_as_a_job(tmp_path: Path) -> None:
+def test_submitit_local_executor_runs_each_cell_as_a_job(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     pytest.importorskip("submitit")
     path = write_grid(tmp_path / "g.toml")
     grid = load_grid(path, TINY)
     grid.cells = grid.cells[:2]
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     statuses = run_grid(grid, db, runs, executor="submitit", slurm={"cluster": "local", "time": 10})
     assert list(statuses.values()) == ["complete", "complete"]
     # each cell ran as its own submitit job, with its own log folder entries
@@ -218,15 +225,15 @@ def test_published_leaderboard_names_missing_plugins_and_renders(tmp_path: Path)
     assert len(csv_text.splitlines()) == 1 + len(board.rows)
 
 
-def _hold(db: Path, config_hash: str, host: str, pid: int, heartbeat_age: float) -> None:
+def _hold(db: Path | str, config_hash: str, host: str, pid: int, heartbeat_age: float) -> None:
     """A live lease row as another process would have written it."""
     beat = time.time() - heartbeat_age
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
-            " VALUES (?,?,?,?,?,?)",
-            (config_hash, host, pid, beat - 5, beat, beat + 60),
-        )
+    execute(
+        db,
+        "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
+        " VALUES (?,?,?,?,?,?)",
+        (config_hash, host, pid, beat - 5, beat, beat + 60),
+    )
 
 
 def _dead_pid() -> int:
@@ -235,8 +242,8 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_a_cell_is_leased_once_and_the_holder_is_named(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_a_cell_is_leased_once_and_the_holder_is_named(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     mine = store.claim("abc", timeout=60)
     assert mine.lease is not None and mine.holder is None
     assert (mine.lease.host, mine.lease.pid) == (this_host(), os.getpid())
@@ -254,8 +261,10 @@ def test_a_cell_is_leased_once_and_the_holder_is_named(tmp_path: Path) -> None:
     ]
 
 
-def test_stale_leases_are_taken_over_and_live_ones_on_other_hosts_kept(tmp_path: Path) -> None:
-    db = tmp_path / "r.sqlite"
+def test_stale_leases_are_taken_over_and_live_ones_on_other_hosts_kept(
+    store_db: Path | str,
+) -> None:
+    db = store_db
     store = ResultStore(db)
     dead = _dead_pid()
     _hold(db, "dead-pid", this_host(), dead, heartbeat_age=0)  # fresh heartbeat, pid gone
@@ -276,8 +285,8 @@ def test_stale_leases_are_taken_over_and_live_ones_on_other_hosts_kept(tmp_path:
     assert [lease.outcome for lease in store.leases("busy")] == [None]
 
 
-def test_claim_reports_finished_cells_instead_of_leasing_them(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_claim_reports_finished_cells_instead_of_leasing_them(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     for digest in ("done", "failed-before", "failed-after"):
         store.start(Cell(digest, {}, {}, "shapes", "val", 0, "running"))
     store.complete("done", [])
@@ -295,8 +304,8 @@ def test_claim_reports_finished_cells_instead_of_leasing_them(tmp_path: Path) ->
     assert store.leases("done") == [] and store.leases("failed-after") == []
 
 
-def test_heartbeat_extends_a_lease_and_notices_a_takeover(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_heartbeat_extends_a_lease_and_notices_a_takeover(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     lease = store.claim("abc", timeout=60).lease
     assert lease is not None
     with _Heartbeat(store, lease, timeout=0.25, label="abc"):
@@ -309,13 +318,13 @@ def test_heartbeat_extends_a_lease_and_notices_a_takeover(tmp_path: Path) -> Non
 
 
 def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_db: Path | str
 ) -> None:
     import ocl_bench.run.grid
 
     grid = load_grid(write_grid(tmp_path / "g.toml"), TINY)
     cell = grid.cells[0]
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -340,8 +349,25 @@ def test_run_cell_releases_its_lease_when_interrupted_and_stores_errors(
     assert printed == "RuntimeError: disk full"
 
 
-def test_an_old_database_gains_the_protocol_column_and_keeps_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
+def table_columns(db: Path | str, table: str) -> list[str]:
+    """A table's columns as the database lists them (duplicates would show twice)."""
+    if isinstance(db, str):
+        return [
+            r[0]
+            for r in execute(
+                db,
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?",
+                (table,),
+            )
+        ]
+    return [r[1] for r in execute(db, f"PRAGMA table_info({table})")]
+
+
+def test_an_old_database_gains_the_protocol_column_and_keeps_its_rows(
+    store_db: Path | str,
+) -> None:
+    path = store_db
     # The tables as they were before protocols and leases.
     without_protocol = SCHEMA.replace("    protocol TEXT,\n", "")
     old_schema = without_protocol.split("CREATE TABLE IF NOT EXISTS leases")[0]
@@ -356,6 +382,4 @@ def test_an_old_database_gains_the_protocol_column_and_keeps_its_rows(tmp_path: 
     store.complete("new", [{**record, "protocol": protocol}])
     assert store.get("new").record("conditional_generation", "fid")["protocol"] == protocol
     ResultStore(path)  # opening it again adds nothing twice
-    with sqlite3.connect(path) as conn:
-        columns = [r[1] for r in conn.execute("PRAGMA table_info(metrics)")]
-    assert columns.count("protocol") == 1
+    assert table_columns(path, "metrics").count("protocol") == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import socket
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,19 @@ from ocl_bench.cli import main
 from ocl_bench.run.grid import load_grid, run_grid
 from ocl_bench.run.store import Cell, ResultStore
 from tests.conftest import TINY as ALL_TINY
+from tests.conftest import execute
+from tests.store_workers import (
+    CELLS_PER_WRITER,
+    GRID_CELLS,
+    SHARED,
+    WRITERS,
+    cell_writer,
+    claimer,
+    grid_writer,
+    records,
+    run_processes,
+    writer_cell,
+)
 
 # The grids below choose their own tasks; runs are a few steps on a few images.
 TINY = [o for o in ALL_TINY if not o.startswith("tasks.")]
@@ -192,81 +203,13 @@ def test_failing_cells_under_workers_are_stored_failed_and_the_rest_complete(
     assert store.get(cells[build_fails].config.digest()).status == "failed"
 
 
-WRITERS = 4
-CELLS_PER_WRITER = 24
-SHARED = "shared-cell"
-
-
-def _records(writer: int, i: int) -> list[dict]:
-    return [
-        {
-            "task": "object_discovery",
-            "metric": metric,
-            "masks": "decoder",
-            "value": writer * 1000 + i + k / 10,
-            "resolution": [32, 32],
-            "num_images": 16,
-        }
-        for k, metric in enumerate(("fg_ari", "mbo_i", "miou"))
-    ]
-
-
-def _cell(config_hash: str, writer: int, i: int) -> Cell:
-    return Cell(
-        config_hash=config_hash,
-        config={"writer": writer, "i": i},
-        plugins={"encoder.cnn": "ocl-bench 0"},
-        dataset="shapes",
-        split="val",
-        seed=i,
-        status="running",
-        grid="concurrent",
-        label=config_hash,
-    )
-
-
-def _writer(db: str, errors: str, writer: int, barrier) -> None:
-    """A worker process: its own cells (some failing), plus one cell every writer shares."""
-    try:
-        barrier.wait(timeout=120)
-        store = ResultStore(db)
-        for i in range(CELLS_PER_WRITER):
-            digest = f"w{writer}-{i}"
-            store.start(_cell(digest, writer, i))
-            if i % 4 == 3:
-                store.fail(digest, f"RuntimeError: cell {digest}")
-            else:
-                store.complete(digest, _records(writer, i))
-            if i == CELLS_PER_WRITER // 2:
-                store.start(_cell(SHARED, writer, i))
-                store.complete(SHARED, _records(writer, i))
-            store.cells(grid="concurrent")  # readers interleave with the writers
-    except BaseException:
-        (Path(errors) / f"writer{writer}.txt").write_text(traceback.format_exc())
-        raise
-
-
-def _run_processes(target, args: list[tuple]) -> list[int | None]:
-    """Start one spawned process per args tuple, released together; their exit codes."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(len(args))
-    procs = [ctx.Process(target=target, args=(*a, barrier)) for a in args]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
-
-
-def test_concurrent_writer_processes_lose_no_cell_and_never_hit_a_lock(tmp_path: Path) -> None:
-    db, errors = tmp_path / "r.sqlite", tmp_path / "errors"
+def test_concurrent_writer_processes_lose_no_cell_and_never_hit_a_lock(
+    tmp_path: Path, store_db: Path | str
+) -> None:
+    db, errors = store_db, tmp_path / "errors"
     errors.mkdir()
     ResultStore(db)  # as run_grid does before it starts its workers
-    codes = _run_processes(_writer, [(str(db), str(errors), w) for w in range(WRITERS)])
+    codes = run_processes(cell_writer, [(str(db), str(errors), w) for w in range(WRITERS)])
     reports = sorted(p.read_text() for p in errors.iterdir())
     assert reports == [], reports[0]  # e.g. sqlite3.OperationalError: database is locked
     assert codes == [0] * WRITERS
@@ -283,14 +226,14 @@ def test_concurrent_writer_processes_lose_no_cell_and_never_hit_a_lock(tmp_path:
             else:
                 assert cell.status == "complete" and cell.error is None
                 assert metric_values(cell) == {
-                    (r["task"], r["metric"], r["masks"]): r["value"] for r in _records(w, i)
+                    (r["task"], r["metric"], r["masks"]): r["value"] for r in records(w, i)
                 }
     # The shared cell: one row, whose metrics are one writer's complete set (not a mix).
     shared = cells[SHARED]
     assert shared.status == "complete" and len(shared.metrics) == 3
     values = sorted(metric_values(shared).values())
     w = int(values[0]) // 1000
-    assert values == [r["value"] for r in _records(w, CELLS_PER_WRITER // 2)]
+    assert values == [r["value"] for r in records(w, CELLS_PER_WRITER // 2)]
 
 
 def test_opening_a_new_store_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
@@ -318,20 +261,13 @@ def test_opening_a_new_store_waits_for_another_writer_instead_of_failing(tmp_pat
     assert result["cells"] == []
 
 
-def _claimer(db: str, results: str, index: int, barrier) -> None:
-    """A process that claims the one shared cell the moment all are ready."""
-    store = ResultStore(db)
-    barrier.wait(timeout=120)
-    claim = store.claim("shared", timeout=60)
-    taken = "lease" if claim.lease is not None else f"held by {claim.holder.pid}"
-    (Path(results) / f"{index}.txt").write_text(f"{os.getpid()} {taken}")
-
-
-def test_processes_claiming_one_cell_together_get_one_lease(tmp_path: Path) -> None:
-    db, results = tmp_path / "r.sqlite", tmp_path / "results"
+def test_processes_claiming_one_cell_together_get_one_lease(
+    tmp_path: Path, store_db: Path | str
+) -> None:
+    db, results = store_db, tmp_path / "results"
     results.mkdir()
     ResultStore(db)
-    codes = _run_processes(_claimer, [(str(db), str(results), i) for i in range(4)])
+    codes = run_processes(claimer, [(str(db), str(results), i) for i in range(4)])
     assert codes == [0] * 4
     said = [p.read_text().split(" ", 1) for p in sorted(results.iterdir())]
     winners = [pid for pid, taken in said if taken == "lease"]
@@ -344,7 +280,38 @@ def test_processes_claiming_one_cell_together_get_one_lease(tmp_path: Path) -> N
     ]
 
 
-def _grid_command(path: Path, db: Path, runs: Path, *extra: str) -> list[str]:
+def test_four_writers_claiming_a_grid_run_every_cell_exactly_once(
+    tmp_path: Path, store_db: Path | str
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    codes = run_processes(grid_writer, [(str(store_db), str(results), w) for w in range(WRITERS)])
+    errors = sorted(p.read_text() for p in results.glob("error*.txt"))
+    assert errors == [], errors[0]
+    assert codes == [0] * WRITERS
+    ran = {w: json.loads((results / f"{w}.json").read_text()) for w in range(WRITERS)}
+    everything = [digest for digests in ran.values() for digest in digests]
+    assert sorted(everything) == sorted(f"cell-{i}" for i in range(GRID_CELLS))  # none twice
+    assert sum(bool(digests) for digests in ran.values()) > 1  # the writers did share the work
+
+    store = ResultStore(store_db)
+    runner = {digest: w for w, digests in ran.items() for digest in digests}
+    cells = {c.config_hash: c for c in store.cells(grid="concurrent")}
+    assert len(cells) == GRID_CELLS
+    leases = store.leases()
+    assert sorted(lease.config_hash for lease in leases) == sorted(cells)  # one lease each
+    for lease in leases:
+        i, w = int(lease.config_hash.split("-")[1]), runner[lease.config_hash]
+        cell = cells[lease.config_hash]
+        want = "failed" if i % 7 == 6 else "complete"
+        assert (cell.status, lease.outcome, cell.config) == (want, want, {"writer": w, "i": i})
+        assert lease.released is not None
+        if want == "complete":
+            expected = {(r["task"], r["metric"], r["masks"]): r["value"] for r in records(w, i)}
+            assert metric_values(cell) == expected
+
+
+def _grid_command(path: Path, db: Path | str, runs: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ocl_bench.cli", "grid", str(path), *TINY] + [
         "--db",
         str(db),
@@ -355,10 +322,12 @@ def _grid_command(path: Path, db: Path, runs: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_two_grids_started_together_run_each_cell_once(tmp_path: Path) -> None:
+def test_two_grids_started_together_run_each_cell_once(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [2, 3, 4]', "")
     digests = {c.label: c.config.digest() for c in load_grid(path, [*TINY, "train.steps=6"]).cells}
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     cmd = _grid_command(path, db, runs, "train.steps=6")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [
@@ -396,11 +365,11 @@ def test_two_grids_started_together_run_each_cell_once(tmp_path: Path) -> None:
 
 
 def test_grid_skips_a_cell_another_process_holds_and_names_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], store_db: Path | str
 ) -> None:
     path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
     (cell,) = load_grid(path, TINY).cells
-    db = tmp_path / "r.sqlite"
+    db = store_db
     holder = ResultStore(db).claim(cell.config.digest(), timeout=60).lease  # this process
     assert main(["grid", str(path), *TINY, "--db", str(db), "--runs", str(tmp_path), "-q"]) == 0
     err = capsys.readouterr().err
@@ -412,11 +381,13 @@ def test_grid_skips_a_cell_another_process_holds_and_names_it(
     assert not (tmp_path / cell.config.digest()).exists()
 
 
-def test_grid_wait_waits_for_the_holder_and_reports_its_result(tmp_path: Path) -> None:
+def test_grid_wait_waits_for_the_holder_and_reports_its_result(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
     (cell,) = load_grid(path, TINY).cells
     digest = cell.config.digest()
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     store = ResultStore(db)
     lease = store.claim(digest, timeout=60).lease
     cmd = _grid_command(path, db, runs, "--wait")
@@ -429,8 +400,8 @@ def test_grid_wait_waits_for_the_holder_and_reports_its_result(tmp_path: Path) -
     time.sleep(1.0)
     assert proc.poll() is None  # still waiting for us
     # This process finishes the cell (as another grid would) and lets go of it.
-    store.start(_cell(digest, 0, 0))
-    store.complete(digest, _records(0, 0))
+    store.start(writer_cell(digest, 0, 0))
+    store.complete(digest, records(0, 0))
     store.release(lease, "complete")
     _, rest = proc.communicate(timeout=120)
     assert proc.returncode == 0, rest
@@ -440,21 +411,21 @@ def test_grid_wait_waits_for_the_holder_and_reports_its_result(tmp_path: Path) -
     assert not (runs / digest).exists()
 
 
-def test_grid_takes_over_a_cell_whose_holder_died(tmp_path: Path) -> None:
+def test_grid_takes_over_a_cell_whose_holder_died(tmp_path: Path, store_db: Path | str) -> None:
     path = write_grid(tmp_path / "g.toml", '"grouping.num_slots" = [3]', "")
     (cell,) = load_grid(path, TINY).cells
     digest = cell.config.digest()
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     ResultStore(db)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     now = time.time()
-    with sqlite3.connect(db) as conn:  # a lease whose heartbeat is fresh but whose pid is gone
-        conn.execute(
-            "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
-            " VALUES (?,?,?,?,?,?)",
-            (digest, socket.gethostname(), dead.pid, now, now, now + 600),
-        )
+    execute(  # a lease whose heartbeat is fresh but whose pid is gone
+        db,
+        "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
+        " VALUES (?,?,?,?,?,?)",
+        (digest, socket.gethostname(), dead.pid, now, now, now + 600),
+    )
     statuses = run_grid(load_grid(path, TINY), db, runs, progress=False)
     assert statuses == {cell.label: "complete"}
     leases = ResultStore(db).leases(digest)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import numpy as np
 from ocl_bench.report.stats import summarize
 from ocl_bench.run.grid import load_grid, run_grid
 from ocl_bench.run.store import SCHEMA, Cell, ResultStore
-from tests.conftest import TINY, write_old_store
+from tests.conftest import TINY, execute, write_old_store
 
 NAN = float("nan")
 
@@ -29,8 +28,8 @@ def _record(metric: str, masks: str | None, values: list[float]) -> dict:
     }
 
 
-def test_per_image_values_round_trip_with_nan_for_skipped_images(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_per_image_values_round_trip_with_nan_for_skipped_images(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     store.start(Cell("abc", {}, {}, "shapes", "val", 0, "running"))
     store.complete(
         "abc",
@@ -58,19 +57,19 @@ def test_per_image_values_round_trip_with_nan_for_skipped_images(tmp_path: Path)
     assert again.image_values("object_discovery", "fg_ari") is None
 
 
-def test_per_image_values_of_a_replaced_run_are_deleted_with_it(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path / "r.sqlite")
+def test_per_image_values_of_a_replaced_run_are_deleted_with_it(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
     store.start(Cell("abc", {}, {}, "shapes", "val", 0, "running"))
     store.complete("abc", [_record("miou", "decoder", [0.5, 0.6])])
-    with sqlite3.connect(tmp_path / "r.sqlite") as db:
-        db.execute("UPDATE cells SET status = 'failed'")
+    execute(store_db, "UPDATE cells SET status = 'failed'")
     store.start(Cell("abc", {}, {}, "shapes", "val", 1, "running"))  # the rerun replaces it
-    with sqlite3.connect(tmp_path / "r.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM per_image").fetchone()[0] == 0
+    assert execute(store_db, "SELECT COUNT(*) FROM per_image") == [(0,)]
 
 
-def test_an_old_database_gains_the_per_image_table_and_reads_no_values(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
+def test_an_old_database_gains_the_per_image_table_and_reads_no_values(
+    store_db: Path | str,
+) -> None:
+    path = store_db
     write_old_store(path, SCHEMA.split("CREATE TABLE IF NOT EXISTS per_image")[0])
     store = ResultStore(path)
     old = store.get("old", per_image=True)
@@ -82,7 +81,9 @@ def test_an_old_database_gains_the_per_image_table_and_reads_no_values(tmp_path:
     np.testing.assert_array_equal(new.image_values("object_discovery", "fg_ari"), [0.5, 0.7])
 
 
-def test_a_grid_cell_stores_object_discovery_values_per_image(tmp_path: Path) -> None:
+def test_a_grid_cell_stores_object_discovery_values_per_image(
+    tmp_path: Path, store_db: Path | str
+) -> None:
     path = tmp_path / "g.toml"
     path.write_text(
         """
@@ -96,7 +97,7 @@ steps = 2
 """
     )
     overrides = [o for o in TINY if not o.startswith("tasks.")]
-    db, runs = tmp_path / "r.sqlite", tmp_path / "runs"
+    db, runs = store_db, tmp_path / "runs"
     assert list(run_grid(load_grid(path, overrides), db, runs, progress=False).values()) == [
         "complete"
     ]

@@ -31,7 +31,7 @@ from ocl_bench.run.boards import (
 from ocl_bench.run.config import RunConfig, read_toml
 from ocl_bench.run.protocol import evaluated_dataset, load_protocol
 from ocl_bench.run.registry import registry
-from ocl_bench.run.store import Cell, ResultStore
+from ocl_bench.run.store import Cell, ResultStore, store_exists
 
 FORMATS = ("md", "csv", "html", "json")
 # Under a table whose rows have several seeds: what "±" and "n" mean.
@@ -99,7 +99,7 @@ class Leaderboard:
 
 def load_leaderboard(
     name_or_path: str | Path,
-    db: Path | None = None,
+    db: Path | str | None = None,
     dataset: str | None = None,
     overrides: list[str] | None = None,
 ) -> Leaderboard:
@@ -117,7 +117,7 @@ def load_leaderboard(
     if dataset:
         columns = [c for c in columns if c.dataset in (dataset, None, "mixed")]
     rows = board_rows(spec, path)
-    store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
+    store = _Stored(ResultStore(db) if store_exists(db) else None)  # db: a path or a URL
     base = dict(spec.get("base", {}))
     for row in rows:
         _measure(row, columns, base, store, overrides)
@@ -355,11 +355,11 @@ def _latest_figure(cell: Any) -> list[str]:
     return masks + [str(p) for p in figures.glob("conditional_generation.png")]
 
 
-def _from_grid(path: Path, db: Path | None, overrides: list[str] | None) -> Leaderboard:
+def _from_grid(path: Path, db: Path | str | None, overrides: list[str] | None) -> Leaderboard:
     spec = read_toml(path)
     grid = load_grid(path, overrides)
     columns = grid_columns(spec, [t.name for t in grid.cells[0].config.tasks] if grid.cells else [])
-    store = _Stored(ResultStore(db) if db is not None and Path(db).exists() else None)
+    store = _Stored(ResultStore(db) if store_exists(db) else None)  # db: a path or a URL
     groups: dict[str, list[Any]] = {}  # a row per group of cells that differ only by seed
     for cell in grid.cells:
         groups.setdefault(cell.row, []).append(cell)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,7 +36,7 @@ from ocl_bench.run.boards import Grid, GridCell, demo_grid_path, load_grid
 from ocl_bench.run.config import RunConfig, apply_overrides, resolve
 from ocl_bench.run.evaluate import evaluate, load_run
 from ocl_bench.run.registry import registry
-from ocl_bench.run.store import Cell, Claim, Lease, ResultStore
+from ocl_bench.run.store import STORE_ERRORS, Cell, Claim, Lease, ResultStore
 from ocl_bench.run.train import train
 
 __all__ = ["Grid", "GridCell", "demo_grid_path", "load_grid", "run_cell", "run_grid"]
@@ -88,7 +87,7 @@ class _Heartbeat:
         while not self._stop.wait(self.timeout / 5):
             try:
                 held = self.store.heartbeat(self.lease, self.timeout)
-            except sqlite3.Error as err:
+            except STORE_ERRORS as err:  # busy or unreachable for now
                 print(f"warning: lease heartbeat for '{self.label}': {err}", file=sys.stderr)
                 continue
             if not held:

@@ -1,4 +1,7 @@
-"""The results database: one SQLite file (WAL mode), safe with several local writers.
+"""The results database: an SQLite file (the default; WAL mode, safe with several writers on
+one machine) or a PostgreSQL database (`postgresql://user@host/dbname`: many hosts, e.g. the
+jobs of a Slurm grid). Both hold the same tables, with the same semantics; the SQL below is
+shared, and store_sqlite.py / store_postgres.py adapt what differs (store_sql.py).
 
 A cell's metrics and its 'complete' status are written in one transaction, so a worker
 killed mid-write leaves either nothing or the whole row.
@@ -23,7 +26,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -31,62 +34,67 @@ from typing import Any
 
 import numpy as np
 
-from ocl_bench.api.errors import DataError
+from ocl_bench.api.errors import DataError, UserError
+from ocl_bench.run.store_postgres import (
+    SCHEMES,
+    PostgresBackend,
+    StoreUnavailable,
+    is_postgres_url,
+)
+from ocl_bench.run.store_sql import (
+    ADDED_COLUMNS,
+    SCHEMA,
+    SCHEMA_KEY,
+    TABLES,
+    Backend,
+    Mode,
+    Session,
+    statements,
+)
+from ocl_bench.run.store_sqlite import SqliteBackend
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cells (
-    id INTEGER PRIMARY KEY,
-    config_hash TEXT NOT NULL UNIQUE,
-    grid TEXT,
-    label TEXT,
-    config TEXT NOT NULL,
-    plugins TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    split TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    code_version TEXT,
-    run_dir TEXT,
-    status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'failed')),
-    error TEXT,
-    started REAL,
-    ended REAL
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    cell_id INTEGER NOT NULL REFERENCES cells(id) ON DELETE CASCADE,
-    task TEXT NOT NULL,
-    metric TEXT NOT NULL,
-    masks TEXT,
-    value REAL,
-    resolution TEXT,
-    num_images INTEGER,
-    protocol TEXT,
-    UNIQUE (cell_id, task, metric, masks)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    id INTEGER PRIMARY KEY,
-    config_hash TEXT NOT NULL,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    started REAL NOT NULL,
-    heartbeat REAL NOT NULL,
-    expires REAL NOT NULL,
-    released REAL,
-    outcome TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_live_lease ON leases (config_hash) WHERE released IS NULL;
-CREATE TABLE IF NOT EXISTS per_image (
-    cell_id INTEGER NOT NULL REFERENCES cells(id) ON DELETE CASCADE,
-    task TEXT NOT NULL,
-    metric TEXT NOT NULL,
-    masks TEXT,
-    image INTEGER NOT NULL,
-    value REAL,
-    UNIQUE (cell_id, task, metric, masks, image)
-);
-"""
+__all__ = [
+    "ADDED_COLUMNS",
+    "SCHEMA",
+    "STORE_ERRORS",
+    "Cell",
+    "Claim",
+    "Lease",
+    "ResultStore",
+    "is_url",
+    "store_exists",
+    "this_host",
+]
 
-# Columns added after a database may have been created, with their SQL type.
-ADDED_COLUMNS = {"metrics": {"protocol": "TEXT"}}
+# What a store operation may raise when the database is busy or away for a while (a lease
+# heartbeat warns and tries again at its next beat).
+STORE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, StoreUnavailable)
+
+
+def is_url(target: str | Path | None) -> bool:
+    """Whether a --db names a server (`scheme://...`) rather than an SQLite file."""
+    return isinstance(target, str) and "://" in target
+
+
+def store_exists(target: str | Path | None) -> bool:
+    """Whether there may be results to read: an existing file, or any server URL (a server
+    that cannot be reached says so when the store is opened)."""
+    if target is None:
+        return False
+    return is_url(target) or Path(target).exists()
+
+
+def open_backend(target: str | Path) -> Backend:
+    """The backend a --db names: a postgresql:// URL or an SQLite file path."""
+    if is_postgres_url(target):
+        return PostgresBackend(str(target))
+    if is_url(target):
+        scheme = str(target).split("://", 1)[0]
+        raise UserError(
+            f"results database {target}: unknown scheme '{scheme}://'; use an SQLite file"
+            f" path or {SCHEMES[0]}://user@host/dbname"
+        )
+    return SqliteBackend(Path(target))
 
 
 def this_host() -> str:
@@ -200,182 +208,143 @@ class Cell:
         return self.per_image.get((task, metric, found["masks"]))
 
 
-def _wal(db: sqlite3.Connection, patience: float = 60.0) -> None:
-    """Switch to WAL mode, waiting out other writers.
-
-    On a file not yet in WAL mode the switch needs a write lock, and SQLite answers
-    "database is locked" at once instead of waiting (busy_timeout does not apply), so two
-    commands opening a new store together would fail without this retry."""
-    deadline = time.monotonic() + patience
-    delay = 0.01
-    while True:
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-# What sqlite says when the file itself is bad (not when a query is): these become one line
-# naming the file; anything else (locks, constraint violations) is left to the caller.
-_BAD_FILE = ("not a database", "malformed", "unable to open", "disk i/o", "readonly", "encrypted")
-
-
-def _unreadable(path: Path, err: sqlite3.Error) -> DataError:
-    return DataError(
-        f"results database {path} cannot be used ({err}); expected an SQLite file written by"
-        " `ocl-bench grid` (pass another --db, or move this file away to start a new one)"
-    )
-
-
-def _stored_json(text: str | None, path: Path, where: str) -> Any:
-    """A JSON column's value; a damaged one fails in one line naming the file and the row."""
+def _stored_json(text: str | None, where: str, row: str) -> Any:
+    """A JSON column's value; a damaged one fails in one line naming the store and the row."""
     if not text:
         return None
     try:
         return json.loads(text)
     except ValueError:
         raise DataError(
-            f"results database {path} is damaged: {where} holds invalid JSON {text[:40]!r}"
+            f"results database {where} is damaged: {row} holds invalid JSON {text[:40]!r}"
         ) from None
 
 
-def _absent_sidecars(path: Path) -> list[Path]:
-    """The -wal/-shm files sqlite would create beside `path` that do not exist yet."""
-    return [p for p in (Path(f"{path}-wal"), Path(f"{path}-shm")) if not p.exists()]
+# The cells columns a Cell carries, in the order INSERT names them.
+CELL_COLUMNS = (
+    "config_hash",
+    "grid",
+    "label",
+    "config",
+    "plugins",
+    "dataset",
+    "split",
+    "seed",
+    "code_version",
+    "run_dir",
+    "status",
+    "error",
+    "started",
+    "ended",
+)
 
 
-def _remove(paths: list[Path]) -> None:
-    """Leave a refused database's folder as it was (sqlite made these to read a WAL file)."""
-    for p in paths:
-        p.unlink(missing_ok=True)
+def insert_cell(db: Session, cell: Cell) -> int:
+    """Insert a cell row as it is (status and times included); its id."""
+    values = {**cell.__dict__, "config": json.dumps(cell.config)}
+    values["plugins"] = json.dumps(cell.plugins)
+    return db.insert(
+        f"INSERT INTO cells ({', '.join(CELL_COLUMNS)})"
+        f" VALUES ({', '.join('?' * len(CELL_COLUMNS))})",
+        [values[c] for c in CELL_COLUMNS],
+    )
 
 
-def _check_file(path: Path) -> None:
-    """Refuse, before sqlite writes anything into it, a file that is not a results database.
-
-    Opening would otherwise add our tables to any other SQLite file, and print a traceback
-    for a file of random bytes."""
-    if path.is_dir():
-        raise DataError(f"results database {path} is a directory; expected an SQLite file")
-    if not path.is_file() or path.stat().st_size == 0:
-        return  # a new database
-    try:
-        with path.open("rb") as f:
-            header = f.read(len(SQLITE_HEADER))
-    except OSError as err:
-        raise DataError(f"results database {path} cannot be read: {err.strerror}") from None
-    if header != SQLITE_HEADER:
-        raise DataError(
-            f"results database {path} is not an SQLite file (corrupt, or another kind of file);"
-            " expected one written by `ocl-bench grid`"
-        )
-    expected = sqlite3.connect(":memory:")
-    expected.executescript(SCHEMA)
-    fresh = _absent_sidecars(path)
-    try:
-        found = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
-        try:
-            tables = {
-                r[0] for r in found.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            if not tables:
-                return
-            missing = []
-            for table in ("cells", "metrics"):
-                want = {r[1] for r in expected.execute(f"PRAGMA table_info({table})")}
-                have = {r[1] for r in found.execute(f"PRAGMA table_info({table})")}
-                late = set(ADDED_COLUMNS.get(table, {}))
-                if not have:
-                    missing.append(f"table {table}")
-                else:
-                    missing += [f"{table}.{c}" for c in sorted(want - have - late)]
-        finally:
-            found.close()
-    except sqlite3.DatabaseError as err:
-        _remove(fresh)
-        raise _unreadable(path, err) from None
-    finally:
-        expected.close()
-    if missing:
-        raise DataError(
-            f"results database {path} is an SQLite file but not an ocl-bench results database"
-            f" (missing {', '.join(missing)}; tables found: {', '.join(sorted(tables))})"
-        )
+def insert_metrics(db: Session, cell_id: int, records: list[dict[str, Any]]) -> None:
+    """A cell's metric records (and their per-image values), replacing what it had."""
+    db.run("DELETE FROM metrics WHERE cell_id = ?", (cell_id,))
+    db.many(
+        "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution,"
+        " num_images, protocol) VALUES (?,?,?,?,?,?,?,?)",
+        [
+            (
+                cell_id,
+                r["task"],
+                r["metric"],
+                r.get("masks"),
+                _real(r["value"]),
+                json.dumps(r.get("resolution")),
+                r.get("num_images", 0),
+                None if r.get("protocol") is None else json.dumps(r["protocol"]),
+            )
+            for r in records
+        ],
+    )
+    db.run("DELETE FROM per_image WHERE cell_id = ?", (cell_id,))
+    db.many(
+        "INSERT INTO per_image (cell_id, task, metric, masks, image, value) VALUES (?,?,?,?,?,?)",
+        [
+            (cell_id, r["task"], r["metric"], r.get("masks"), i, _real(v))
+            for r in records
+            for i, v in enumerate(r.get("per_image") or ())
+        ],
+    )
 
 
 class ResultStore:
-    """Cells (one per resolved config) and their metrics."""
+    """Cells (one per resolved config) and their metrics, in an SQLite file or on a
+    PostgreSQL server (`target`: a path, or a postgresql:// URL)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        _check_file(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
-            self._add_columns(db)
+    def __init__(self, target: str | Path):
+        self._backend = open_backend(target)
+        self.where = self._backend.where  # the file, or the URL without its password
+        self.target = target
+        self._create()
+
+    def close(self) -> None:
+        """Close the store's connections (PostgreSQL; a dropped store closes them too)."""
+        self._backend.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def session(self, mode: Mode, key: str | None = None) -> AbstractContextManager[Session]:
+        """A Session inside a transaction (see store_sql.Mode): for copying stores."""
+        return self._backend.session(mode, key)
+
+    def _create(self) -> None:
+        """Create the tables, or bring a database made by an older version up to SCHEMA,
+        in one transaction (another process never sees half of them). The usual case, a
+        database with everything, takes no write lock."""
+        backend = self._backend
+
+        def missing(db: Session) -> tuple[bool, list[tuple[str, str, str]]]:
+            have = {t: backend.columns(db, t) for t in TABLES}
+            absent = [(t, n, s) for t, cols in ADDED_COLUMNS.items() for n, s in cols.items()]
+            late = [(t, n, s) for t, n, s in absent if have[t] and n not in have[t]]
+            return not all(have.values()), late
+
+        with backend.session("read") as db:
+            tables, columns = missing(db)
+        if not tables and not columns:
+            return
+        with backend.session("write", SCHEMA_KEY) as db:
+            for statement in statements(backend.schema):
+                db.run(statement)
+            for table, name, sql_type in missing(db)[1]:
+                db.run(f"ALTER TABLE {table} ADD COLUMN {name} {backend.sql_type(sql_type)}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        fresh = _absent_sidecars(self.path)
-        try:
-            db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        except sqlite3.Error as err:
-            raise _unreadable(self.path, err) from None
-        bad: sqlite3.DatabaseError | None = None
-        try:
-            _wal(db)
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=60000")
+    def _write(self, config_hash: str) -> Iterator[Session]:
+        with self._backend.session("write", config_hash) as db:
             yield db
-        except sqlite3.DatabaseError as err:
-            if not any(s in str(err).lower() for s in _BAD_FILE):
-                raise
-            bad = err
-        finally:
-            db.close()
-        if bad is not None:  # after close: sqlite keeps its -wal/-shm files while open
-            _remove(fresh)
-            raise _unreadable(self.path, bad) from None
-
-    @staticmethod
-    def _add_columns(db: sqlite3.Connection) -> None:
-        """Bring a database made by an older version up to SCHEMA (ALTER TABLE, once)."""
-
-        def missing() -> list[tuple[str, str, str]]:
-            found = []
-            for table, columns in ADDED_COLUMNS.items():
-                have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-                found += [(table, n, t) for n, t in columns.items() if n not in have]
-            return found
-
-        if not missing():  # the usual case takes no write lock
-            return
-        db.execute("BEGIN IMMEDIATE")  # two processes opening an old file add each column once
-        for table, name, sql_type in missing():
-            db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
-        db.execute("COMMIT")
 
     def claim(self, config_hash: str, timeout: float, failed_since: float | None = None) -> Claim:
         """Take the cell's lease unless it is complete, held by a live process, or (when
         `failed_since` is given) failed in another process since that time."""
         now = time.time()
-        with self._connect() as db:
-            db.row_factory = sqlite3.Row
-            db.execute("BEGIN IMMEDIATE")
-            cell = db.execute(
+        with self._write(config_hash) as db:
+            cell = db.one(
                 "SELECT status, error, ended FROM cells WHERE config_hash = ?", (config_hash,)
-            ).fetchone()
-            last = db.execute(
+            )
+            last = db.one(
                 "SELECT * FROM leases WHERE config_hash = ? ORDER BY id DESC LIMIT 1",
                 (config_hash,),
-            ).fetchone()
-            last_lease = Lease(**dict(last)) if last else None
+            )
+            last_lease = Lease(**last) if last else None
             finished = cell is not None and (
                 cell["status"] == "complete"
                 or (
@@ -385,40 +354,37 @@ class ResultStore:
                 )
             )
             if finished:
-                db.execute("COMMIT")
                 return Claim(status=cell["status"], error=cell["error"], last=last_lease)
             if last_lease is not None and last_lease.released is None:
                 why = last_lease.expired(now)
                 if why is None:
-                    db.execute("COMMIT")
                     return Claim(holder=last_lease, last=last_lease)
-                db.execute(
+                db.run(
                     "UPDATE leases SET released = ?, outcome = ? WHERE id = ?",
                     (now, why, last_lease.id),
                 )
             host, pid = this_host(), os.getpid()
-            cursor = db.execute(
+            lease_id = db.insert(
                 "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
                 " VALUES (?,?,?,?,?,?)",
                 (config_hash, host, pid, now, now, now + timeout),
             )
-            db.execute("COMMIT")
-        lease = Lease(cursor.lastrowid, config_hash, host, pid, now, now, now + timeout)
+        lease = Lease(lease_id, config_hash, host, pid, now, now, now + timeout)
         return Claim(lease=lease, last=last_lease)
 
     def heartbeat(self, lease: Lease, timeout: float) -> bool:
         """Extend a lease we hold; False when it was taken over (we stalled too long)."""
         now = time.time()
-        with self._connect() as db:
-            changed = db.execute(
+        with self._backend.session("auto") as db:
+            changed = db.run(
                 "UPDATE leases SET heartbeat = ?, expires = ? WHERE id = ? AND released IS NULL",
                 (now, now + timeout, lease.id),
-            ).rowcount
+            )
         return changed == 1
 
     def release(self, lease: Lease, outcome: str) -> None:
-        with self._connect() as db:
-            db.execute(
+        with self._backend.session("auto") as db:
+            db.run(
                 "UPDATE leases SET released = ?, outcome = ? WHERE id = ? AND released IS NULL",
                 (time.time(), outcome, lease.id),
             )
@@ -428,97 +394,45 @@ class ResultStore:
         terms = [*(["config_hash = ?"] if config_hash else []), *(["released IS NULL"] * live)]
         where = f"WHERE {' AND '.join(terms)}" if terms else ""
         args = (config_hash,) if config_hash else ()
-        with self._connect() as db:
-            db.row_factory = sqlite3.Row
-            rows = db.execute(f"SELECT * FROM leases {where} ORDER BY id", args).fetchall()
-        return [Lease(**dict(r)) for r in rows]
+        with self._backend.session("auto") as db:
+            rows = db.rows(f"SELECT * FROM leases {where} ORDER BY id", args)
+        return [Lease(**r) for r in rows]
 
     def start(self, cell: Cell) -> None:
         """Mark a cell running (a failed or interrupted earlier attempt is replaced)."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute(
+        with self._write(cell.config_hash) as db:
+            db.run(
                 "DELETE FROM cells WHERE config_hash = ? AND status != 'complete'",
                 (cell.config_hash,),
             )
-            db.execute(
-                "INSERT OR IGNORE INTO cells (config_hash, grid, label, config, plugins, dataset,"
-                " split, seed, code_version, run_dir, status, started)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    cell.config_hash,
-                    cell.grid,
-                    cell.label,
-                    json.dumps(cell.config),
-                    json.dumps(cell.plugins),
-                    cell.dataset,
-                    cell.split,
-                    cell.seed,
-                    cell.code_version,
-                    cell.run_dir,
-                    "running",
-                    time.time(),
-                ),
-            )
-            db.execute("COMMIT")
+            if db.one("SELECT id FROM cells WHERE config_hash = ?", (cell.config_hash,)):
+                return  # complete already: kept
+            fresh = {"status": "running", "error": None, "started": time.time(), "ended": None}
+            insert_cell(db, Cell(**{**cell.__dict__, **fresh}))
 
     def complete(self, config_hash: str, records: list[dict[str, Any]]) -> None:
         """Store every metric and mark the cell complete, atomically."""
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute(
-                "SELECT id FROM cells WHERE config_hash = ?", (config_hash,)
-            ).fetchone()
+        with self._write(config_hash) as db:
+            row = db.one("SELECT id FROM cells WHERE config_hash = ?", (config_hash,))
             if row is None:
-                db.execute("ROLLBACK")
                 raise KeyError(f"no cell with config hash {config_hash}")
-            db.execute("DELETE FROM metrics WHERE cell_id = ?", (row[0],))
-            db.executemany(
-                "INSERT INTO metrics (cell_id, task, metric, masks, value, resolution,"
-                " num_images, protocol) VALUES (?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        row[0],
-                        r["task"],
-                        r["metric"],
-                        r.get("masks"),
-                        r["value"],
-                        json.dumps(r.get("resolution")),
-                        r.get("num_images", 0),
-                        None if r.get("protocol") is None else json.dumps(r["protocol"]),
-                    )
-                    for r in records
-                ],
-            )
-            db.execute("DELETE FROM per_image WHERE cell_id = ?", (row[0],))
-            db.executemany(
-                "INSERT INTO per_image (cell_id, task, metric, masks, image, value)"
-                " VALUES (?,?,?,?,?,?)",
-                (
-                    (row[0], r["task"], r["metric"], r.get("masks"), i, _real(v))
-                    for r in records
-                    for i, v in enumerate(r.get("per_image") or ())
-                ),
-            )
-            db.execute(
+            insert_metrics(db, row["id"], records)
+            db.run(
                 "UPDATE cells SET status='complete', error=NULL, ended=? WHERE id=?",
-                (time.time(), row[0]),
+                (time.time(), row["id"]),
             )
-            db.execute("COMMIT")
 
     def fail(self, config_hash: str, error: str) -> None:
-        with self._connect() as db:
-            db.execute(
+        with self._backend.session("auto") as db:
+            db.run(
                 "UPDATE cells SET status='failed', error=?, ended=? WHERE config_hash=?",
                 (error, time.time(), config_hash),
             )
 
     def status(self, config_hash: str) -> str | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT status FROM cells WHERE config_hash=?", (config_hash,)
-            ).fetchone()
-        return row[0] if row else None
+        with self._backend.session("auto") as db:
+            row = db.one("SELECT status FROM cells WHERE config_hash=?", (config_hash,))
+        return row["status"] if row else None
 
     def cells(self, grid: str | None = None, per_image: bool = False) -> list[Cell]:
         if grid:
@@ -532,44 +446,38 @@ class ResultStore:
     def _select(self, where: str, args: tuple[Any, ...], per_image: bool = False) -> list[Cell]:
         """The cells matching `where`, with their metrics only (not the whole table's), and
         with `per_image` their per-image values."""
-        with self._connect() as db:
-            db.row_factory = sqlite3.Row
-            db.execute("BEGIN")  # one snapshot: a cell's status and its metrics agree
-            rows = db.execute(f"SELECT * FROM cells {where} ORDER BY id", args).fetchall()
-            metrics = db.execute(
-                f"SELECT * FROM metrics WHERE cell_id IN (SELECT id FROM cells {where})", args
-            ).fetchall()
+        cells = f"SELECT id FROM cells {where}"
+        with self._backend.session("read") as db:  # one snapshot: status and metrics agree
+            rows = db.rows(f"SELECT * FROM cells {where} ORDER BY id", args)
+            metrics = db.rows(f"SELECT * FROM metrics WHERE cell_id IN ({cells})", args)
             images = (
-                db.execute(
+                db.rows(
                     "SELECT cell_id, task, metric, masks, value FROM per_image"
-                    f" WHERE cell_id IN (SELECT id FROM cells {where})"
-                    " ORDER BY cell_id, task, metric, masks, image",
+                    f" WHERE cell_id IN ({cells}) ORDER BY cell_id, task, metric, masks, image",
                     args,
-                ).fetchall()
+                )
                 if per_image
                 else []
             )
-            db.execute("COMMIT")
         by_cell: dict[int, list[dict[str, Any]]] = {}
-        for m in metrics:
-            entry = dict(m)
+        for entry in metrics:
             where_m = f"metric {entry['task']}/{entry['metric']} of cell id {entry['cell_id']}"
-            entry["resolution"] = _stored_json(entry["resolution"], self.path, where_m)
-            entry["protocol"] = _stored_json(entry["protocol"], self.path, where_m)
+            entry["resolution"] = _stored_json(entry["resolution"], self.where, where_m)
+            entry["protocol"] = _stored_json(entry["protocol"], self.where, where_m)
             by_cell.setdefault(entry.pop("cell_id"), []).append(entry)
-        values = _group_images([tuple(r) for r in images])
+        values = _group_images([tuple(r.values()) for r in images])
         out = []
-        for r in rows:
-            d = dict(r)
+        for d in rows:
             cid = d.pop("id")
-            d["config"] = _stored_json(d["config"], self.path, f"cell {d['config_hash']}")
-            d["plugins"] = _stored_json(d["plugins"], self.path, f"cell {d['config_hash']}")
+            d["config"] = _stored_json(d["config"], self.where, f"cell {d['config_hash']}")
+            d["plugins"] = _stored_json(d["plugins"], self.where, f"cell {d['config_hash']}")
             out.append(Cell(**d, metrics=by_cell.get(cid, []), per_image=values.get(cid, {})))
         return out
 
 
 def _real(value: float | None) -> float | None:
-    """NaN as NULL: what SQLite would store anyway, said here so reading maps it back."""
+    """NaN as NULL: what SQLite stores anyway (PostgreSQL would keep a NaN), said here so
+    both backends read it back the same."""
     return None if value is None or value != value else float(value)
 
 
