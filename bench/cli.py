@@ -228,20 +228,22 @@ def _cmd_grid(args: argparse.Namespace) -> int:
     slurm = _job_settings(args, grid)
     check_jobs(grid, args.executor, slurm)  # before anything prints
     print(f"grid '{grid.name}': {len(grid.cells)} cells -> {where}", file=sys.stderr)
+    display, bars = _grid_display(args, grid, db)
     # A job stopped by its scheduler (SIGTERM) releases its cells' leases on the way out.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        statuses = run_grid(
-            grid,
-            db,
-            runs,
-            args.workers or grid.workers,
-            args.executor,
-            slurm,
-            not args.quiet,
-            wait=args.wait,
-            lease_timeout=args.lease_timeout,
-        )
+        with display:
+            statuses = run_grid(
+                grid,
+                db,
+                runs,
+                args.workers or grid.workers,
+                args.executor,
+                slurm,
+                bars,
+                wait=args.wait,
+                lease_timeout=args.lease_timeout,
+            )
     finally:
         signal.signal(signal.SIGTERM, previous)
     store = ResultStore(db)
@@ -263,6 +265,22 @@ def _cmd_grid(args: argparse.Namespace) -> int:
         board = load_leaderboard(args.grid or demo_grid_path(), db, overrides=args.overrides)
         print(render(board, "md"))
     return 1 if any(s.startswith("failed") for s in statuses.values()) else 0
+
+
+def _grid_display(args: argparse.Namespace, grid: Any, db: str) -> tuple[Any, bool]:
+    """The grid's one progress display when its cells run in other processes (workers,
+    submitit jobs: they report through the store), and whether run_grid still draws its
+    own progress (one process: its progress bars)."""
+    import contextlib
+
+    from ocl_bench.run.grid_status import GridProgress
+
+    workers = args.workers or grid.workers
+    if args.quiet or (workers <= 1 and args.executor != "submitit"):
+        return contextlib.nullcontext(), not args.quiet
+    cells = {c.config.digest(): (c.label, c.config.train.steps) for c in grid.cells}
+    lanes = workers if args.executor == "local" else 0  # jobs: as many as are running
+    return GridProgress(db, grid.name, cells, lanes), False
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -298,6 +316,16 @@ def _cmd_results(args: argparse.Namespace) -> int:
     live = {lease.config_hash: lease for lease in store.leases(live=True)}
     headers = ["config", "grid", "cell", "dataset", "protocol", "status", "headline (dec)"]
     print(tabulate([_result_row(c, live) for c in cells], headers=[*headers, "error"]))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ocl_bench.run.grid_status import status_report
+    from ocl_bench.run.store import ResultStore
+
+    if _no_file(args.db):
+        raise UserError(f"results database not found: {args.db}")
+    print("\n".join(status_report(ResultStore(args.db))))
     return 0
 
 
@@ -620,7 +648,7 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_result_commands(sub: Subparsers) -> None:
-    """results and compare: reading the results database."""
+    """results, status and compare: reading the results database."""
     p = sub.add_parser("results", help="list the cells stored in the results database")
     p.add_argument("--db", default=_default_db(), help=DB_HELP)
     p.add_argument("--json", action="store_true")
@@ -631,6 +659,13 @@ def _add_result_commands(sub: Subparsers) -> None:
         " (a file or postgresql:// URL; a merge: rerunning copies nothing twice)",
     )
     p.set_defaults(func=_cmd_results)
+
+    p = sub.add_parser(
+        "status",
+        help="the running cells: host, pid or Slurm job, step, seconds per step, heartbeat age",
+    )
+    p.add_argument("--db", default=_default_db(), help=DB_HELP)
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(
         "compare",

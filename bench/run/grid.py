@@ -35,6 +35,7 @@ from ocl_bench.run import cluster, distributed
 from ocl_bench.run.boards import Grid, GridCell, demo_grid_path, load_grid
 from ocl_bench.run.config import RunConfig, apply_overrides, resolve
 from ocl_bench.run.evaluate import evaluate, load_run
+from ocl_bench.run.progress import TRAINING
 from ocl_bench.run.registry import registry
 from ocl_bench.run.store import STORE_ERRORS, Cell, Claim, Lease, ResultStore
 from ocl_bench.run.train import train
@@ -44,6 +45,9 @@ __all__ = ["Grid", "GridCell", "demo_grid_path", "load_grid", "run_cell", "run_g
 # Seconds without a heartbeat after which another process takes a cell over (a dead
 # process on this host loses its cells at once: its pid is gone).
 LEASE_TIMEOUT = 300.0
+# At most this many seconds between a training cell's heartbeats: each carries its step,
+# which `ocl-bench status` and the grid's progress display show.
+PROGRESS_EVERY = 15.0
 
 # What run_cell and run_grid report for a cell, besides "complete" and "failed" (its own run).
 STORED = "complete (stored)"  # complete before this grid started
@@ -67,7 +71,8 @@ class LeaseSettings:
 
 
 class _Heartbeat:
-    """Keeps a lease alive from a daemon thread while the cell trains."""
+    """Keeps a lease alive from a daemon thread while the cell trains, with the training's
+    progress (progress.TRAINING, which the trainer of this process reports to)."""
 
     def __init__(self, store: ResultStore, lease: Lease, timeout: float, label: str) -> None:
         self.store, self.lease, self.timeout, self.label = store, lease, timeout, label
@@ -75,6 +80,7 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
 
     def __enter__(self) -> _Heartbeat:
+        TRAINING.reset()  # what an earlier cell of this process reported is not this one's
         self._thread.start()
         return self
 
@@ -84,9 +90,9 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         # Several beats per timeout, so that one slow write does not lose the lease.
-        while not self._stop.wait(self.timeout / 5):
+        while not self._stop.wait(min(self.timeout / 5, PROGRESS_EVERY)):
             try:
-                held = self.store.heartbeat(self.lease, self.timeout)
+                held = self.store.heartbeat(self.lease, self.timeout, **TRAINING.columns())
             except STORE_ERRORS as err:  # busy or unreachable for now
                 print(f"warning: lease heartbeat for '{self.label}': {err}", file=sys.stderr)
                 continue

@@ -64,6 +64,7 @@ __all__ = [
     "is_url",
     "store_exists",
     "this_host",
+    "this_job",
 ]
 
 # What a store operation may raise when the database is busy or away for a while (a lease
@@ -101,6 +102,16 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def this_job() -> str | None:
+    """The Slurm job this process runs in (an array job's as JOB_TASK), or the job of
+    submitit's local executor (as local:ID), if any."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    local = os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+    return os.environ.get("SLURM_JOB_ID") or (f"local:{local}" if local else None)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process of this host has that pid (one of another user counts)."""
     try:
@@ -129,6 +140,12 @@ class Lease:
     expires: float
     released: float | None = None
     outcome: str | None = None
+    # What the heartbeat of the process training the cell last reported (None before it
+    # did, or in a database older than these columns).
+    job: str | None = None  # its Slurm job id
+    step: int | None = None  # steps done
+    steps: int | None = None  # of how many
+    step_time: float | None = None  # recent wall seconds per step
 
     def holder(self) -> str:
         return f"host {self.host}, pid {self.pid}, since {_when(self.started)}"
@@ -363,22 +380,34 @@ class ResultStore:
                     "UPDATE leases SET released = ?, outcome = ? WHERE id = ?",
                     (now, why, last_lease.id),
                 )
-            host, pid = this_host(), os.getpid()
+            host, pid, job = this_host(), os.getpid(), this_job()
             lease_id = db.insert(
-                "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires)"
-                " VALUES (?,?,?,?,?,?)",
-                (config_hash, host, pid, now, now, now + timeout),
+                "INSERT INTO leases (config_hash, host, pid, started, heartbeat, expires, job)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (config_hash, host, pid, now, now, now + timeout, job),
             )
-        lease = Lease(lease_id, config_hash, host, pid, now, now, now + timeout)
+        lease = Lease(lease_id, config_hash, host, pid, now, now, now + timeout, job=job)
         return Claim(lease=lease, last=last_lease)
 
-    def heartbeat(self, lease: Lease, timeout: float) -> bool:
-        """Extend a lease we hold; False when it was taken over (we stalled too long)."""
+    def heartbeat(
+        self,
+        lease: Lease,
+        timeout: float,
+        step: int | None = None,
+        steps: int | None = None,
+        step_time: float | None = None,
+    ) -> bool:
+        """Extend a lease we hold, with the training's progress when given (the process
+        that reports it also records its Slurm job); False when the lease was taken over
+        (we stalled too long). A beat without progress leaves the last one standing."""
         now = time.time()
+        job = this_job() if step is not None else None
         with self._backend.session("auto") as db:
             changed = db.run(
-                "UPDATE leases SET heartbeat = ?, expires = ? WHERE id = ? AND released IS NULL",
-                (now, now + timeout, lease.id),
+                "UPDATE leases SET heartbeat = ?, expires = ?, job = COALESCE(?, job),"
+                " step = COALESCE(?, step), steps = COALESCE(?, steps),"
+                " step_time = COALESCE(?, step_time) WHERE id = ? AND released IS NULL",
+                (now, now + timeout, job, step, steps, step_time, lease.id),
             )
         return changed == 1
 
@@ -428,6 +457,13 @@ class ResultStore:
                 "UPDATE cells SET status='failed', error=?, ended=? WHERE config_hash=?",
                 (error, time.time(), config_hash),
             )
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """config hash -> the cell's grid, label, status and end time: what progress
+        displays poll (without the metrics `cells()` reads)."""
+        with self._backend.session("auto") as db:
+            rows = db.rows("SELECT config_hash, grid, label, status, ended FROM cells")
+        return {r.pop("config_hash"): r for r in rows}
 
     def status(self, config_hash: str) -> str | None:
         with self._backend.session("auto") as db:

@@ -51,7 +51,11 @@ CREATE TABLE IF NOT EXISTS leases (
     heartbeat REAL NOT NULL,
     expires REAL NOT NULL,
     released REAL,
-    outcome TEXT
+    outcome TEXT,
+    job TEXT,
+    step INTEGER,
+    steps INTEGER,
+    step_time REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_lease ON leases (config_hash) WHERE released IS NULL;
 CREATE TABLE IF NOT EXISTS per_image (
@@ -65,8 +69,13 @@ CREATE TABLE IF NOT EXISTS per_image (
 );
 """
 
-# Columns added after a database may have been created, with their (SQLite) type.
-ADDED_COLUMNS: dict[str, dict[str, str]] = {"metrics": {"protocol": "TEXT"}}
+# Columns added after a database may have been created, with their (SQLite) type. A lease's
+# progress (the Slurm job, the step reached of how many, seconds per step) comes with its
+# heartbeat, for `ocl-bench status` and a grid's progress display.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "metrics": {"protocol": "TEXT"},
+    "leases": {"job": "TEXT", "step": "INTEGER", "steps": "INTEGER", "step_time": "REAL"},
+}
 
 # The tables a results database must have (the others are added when missing).
 REQUIRED_TABLES = ("cells", "metrics")

@@ -68,6 +68,7 @@ from ocl_bench.run.ema import WeightEMA
 from ocl_bench.run.evaluate import probe_task, validation_probe
 from ocl_bench.run.event_log import EventLog
 from ocl_bench.run.figures import training_figure
+from ocl_bench.run.progress import TRAINING
 from ocl_bench.run.throughput import ThroughputMeter
 
 # Settings that may change between a run and its resumption without changing its result.
@@ -591,6 +592,7 @@ def _log_step(
         wait=f"{speed['data_wait']:.0%}",
     )
     report.bar.update(1)
+    TRAINING.report(step + 1, t.steps)  # for whoever shows this process's progress elsewhere
     return losses
 
 
