@@ -246,3 +246,17 @@ def test_the_job_is_slurms_or_the_local_executors(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert this_job() == "120_3"
+
+
+def test_a_lease_a_job_beats_outlives_its_grid_process() -> None:
+    # The grid process (this host, a pid that is gone) took the lease; a submitit job beats
+    # it: the lease holds until its heartbeat runs out, not when the grid's pid dies.
+    from ocl_bench.run.store import Lease, this_host
+
+    gone = 2**22 + 12345  # above the default pid_max: no process has it
+    now = time.time()
+    grid_only = Lease(1, "h", this_host(), gone, now, now, now + 60)
+    beaten = Lease(2, "h", this_host(), gone, now, now, now + 60, job="local:7")
+    assert grid_only.expired(now) is not None
+    assert beaten.expired(now) is None
+    assert beaten.expired(now + 61) is not None

@@ -151,8 +151,11 @@ class Lease:
         return f"host {self.host}, pid {self.pid}, since {_when(self.started)}"
 
     def expired(self, now: float) -> str | None:
-        """Why this live lease no longer holds its cell, or None while it does."""
-        if self.host == this_host() and not pid_alive(self.pid):
+        """Why this live lease no longer holds its cell, or None while it does. A lease a
+        Slurm job beats (`job` set) outlives the grid process that took it, so only its
+        heartbeat decides: a new copy of the grid on that host must not take the cell
+        while the job still trains it."""
+        if self.job is None and self.host == this_host() and not pid_alive(self.pid):
             return f"expired: pid {self.pid} on {self.host} is gone"
         if self.expires < now:
             return f"expired: no heartbeat from {self.holder()} after {_when(self.heartbeat)}"
