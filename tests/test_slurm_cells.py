@@ -25,9 +25,10 @@ from tests.conftest import TINY
 
 pytest.importorskip("submitit")
 
-# Enough steps that a signal sent after step 10 lands mid-training; the default slot
+# Enough steps that a signal sent after step 10 lands mid-training on a fast machine too
+# (24 did not: a quiet CI machine ran the last 14 before the signal came); the default slot
 # initialisation draws noise every step, so each rank's random stream must resume too.
-STEPS = 24
+STEPS = 200
 ARGS = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=10", "eval.num_images=8"]
 BASE = "[base]\ntasks = { object_discovery = {} }\n"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
