@@ -86,10 +86,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options that only a submitit job reads (refused with the local executor).
+_JOB_OPTIONS = ("gpus", "nodes", "cpus_per_task", "mem_gb", "sbatch", "partition", "cluster")
+
+
 def _job_settings(args: argparse.Namespace, grid: Any) -> dict[str, Any]:
-    """What each cell's submitit job asks for: --gpus/--nodes, else the grid file's."""
+    """What each cell's submitit job asks for: --gpus/--nodes/--cpus-per-task, else the
+    grid file's, and the other job options."""
     if args.executor != "submitit":
-        given = [f"--{k}" for k in ("gpus", "nodes", "partition", "cluster") if getattr(args, k)]
+        given = [f"--{k.replace('_', '-')}" for k in _JOB_OPTIONS if getattr(args, k)]
         if given:
             raise UserError(
                 f"{' and '.join(given)} need --executor submitit (`--executor submitit --cluster"
@@ -102,9 +107,15 @@ def _job_settings(args: argparse.Namespace, grid: Any) -> dict[str, Any]:
                 file=sys.stderr,
             )
         return {"time": args.time}
-    gpus = grid.gpus if args.gpus is None else args.gpus
-    nodes = grid.nodes if args.nodes is None else args.nodes
-    slurm = {"partition": args.partition, "time": args.time, "gpus": gpus, "nodes": nodes}
+    slurm: dict[str, Any] = {
+        "partition": args.partition,
+        "time": args.time,
+        "mem_gb": args.mem_gb,
+        "timeout_requeues": args.timeout_requeues,
+        "sbatch": dict(args.sbatch or []),
+    }
+    for key in ("gpus", "nodes", "cpus_per_task"):  # the command line wins over the file
+        slurm[key] = getattr(grid, key) if getattr(args, key) is None else getattr(args, key)
     if args.cluster:
         slurm["cluster"] = args.cluster
     return slurm
@@ -644,7 +655,41 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="nodes of each cell's job (default: the grid file's `nodes`, else 1)",
     )
+    p.add_argument(
+        "--cpus-per-task",
+        type=_at_least(1),
+        default=None,
+        metavar="C",
+        help="CPUs of each process, for its DataLoader workers (default: the grid file's"
+        " `cpus_per_task`, else the cluster's default)",
+    )
+    p.add_argument("--mem-gb", type=float, metavar="M", help="memory per node in GB")
+    p.add_argument(
+        "--timeout-requeues",
+        type=_at_least(0),
+        default=3,
+        metavar="K",
+        help="how often a cell's job that reaches --time is requeued (default 3, submitit's);"
+        " a preempted job is requeued however often it is preempted",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        type=_sbatch_option,
+        metavar="NAME=VALUE",
+        help="any other sbatch option submitit knows, repeatable: --sbatch account=lab"
+        " --sbatch qos=high --sbatch constraint=a100 (a bare NAME is a flag: exclusive)",
+    )
     p.add_argument("--cluster", help="submitit cluster override ('local' runs jobs locally)")
+
+
+def _sbatch_option(text: str) -> tuple[str, str | bool]:
+    """NAME=VALUE (or a bare NAME, a flag) as submitit's slurm_NAME parameter takes it."""
+    name, eq, value = text.partition("=")
+    name = name.strip().lstrip("-").replace("-", "_")
+    if not name or (eq and not value):
+        raise argparse.ArgumentTypeError(f"'{text}': give NAME=VALUE, or NAME for a flag")
+    return name, value if eq else True
 
 
 def _add_result_commands(sub: Subparsers) -> None:

@@ -199,3 +199,83 @@ def test_a_grid_file_sets_gpus_and_nodes(tmp_path: Path) -> None:
     path.write_text('name = "g"\nnodes = 0\n')
     with pytest.raises(ConfigError, match="nodes must be a number >= 1"):
         load_grid(path)
+
+
+def _parsed_grid_args(argv: list[str]):  # noqa: ANN202 - argparse's Namespace
+    from ocl_bench.cli import build_parser
+
+    return build_parser().parse_args(["grid", "g.toml", *argv])
+
+
+def test_job_options_reach_the_sbatch_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a Slurm user asks for on the command line (or in the grid file) is what the
+    job's sbatch script books: CPUs, memory, account/qos/flags, the timeout requeues."""
+    from submitit.slurm.slurm import SlurmExecutor
+
+    from ocl_bench.cli import _job_settings
+    from ocl_bench.run import cluster
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))  # no srun here
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\ngpus = 4\ncpus_per_task = 6\n')
+    grid = load_grid(path)
+    args = _parsed_grid_args(
+        ["--executor", "submitit", "--cluster", "slurm", "--partition", "gpu", "--nodes", "2"]
+        + ["--mem-gb", "64", "--timeout-requeues", "7", "--time", "1440"]
+        + ["--sbatch", "account=lab", "--sbatch", "qos=high", "--sbatch", "exclusive"]
+    )
+    resources = cluster.JobResources.from_settings(_job_settings(args, grid))
+    submitter = cluster.executor(tmp_path / "submitit", resources)
+    submitter.update_parameters(name=cluster.job_name(grid.name, "attention prior / seed 0"))
+    script = submitter._executor._make_submission_file_text("true", "uid")
+    booked = {line for line in script.splitlines() if line.startswith("#SBATCH")}
+    expected = {
+        "--account=lab", "--qos=high", "--exclusive", "--partition=gpu", "--nodes=2",
+        "--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=6", "--mem=64GB",
+        "--time=1440", "--job-name=g:attention-prior-seed-0",
+    }  # fmt: skip
+    assert {f"#SBATCH {option}" for option in expected} <= booked, script
+    assert submitter._executor.max_num_timeout == 7
+    # --cpus-per-task replaces the grid file's
+    args = _parsed_grid_args(["--executor", "submitit", "--cpus-per-task", "2"])
+    assert _job_settings(args, grid)["cpus_per_task"] == 2
+
+
+def test_an_sbatch_option_submitit_does_not_know_fails_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "one.toml").write_text('name = "one"\n')
+    argv = ["grid", str(tmp_path / "one.toml"), *TINY, "--db", str(tmp_path / "r.sqlite")]
+    argv += ["--executor", "submitit", "--cluster", "local", "--sbatch", "acount=lab"]
+    assert main([*argv, "--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sbatch acount: not an sbatch option submitit knows" in err, err
+    assert "account," in err, err
+    assert len(err.splitlines()) == 1, err
+    assert ResultStore(tmp_path / "r.sqlite").leases() == []  # nothing was claimed
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"cpus_per_task": -1}, "cannot be negative"),
+        ({"timeout_requeues": -2}, "cannot be negative"),
+        ({"mem_gb": -1.0}, "cannot be negative"),
+    ],
+)
+def test_job_resources_refuse_impossible_requests(settings: dict, error: str) -> None:
+    from ocl_bench.run.cluster import JobResources
+
+    with pytest.raises(ConfigError, match=error):
+        JobResources.from_settings(settings)
+
+
+def test_a_grid_file_sets_cpus_per_task(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('name = "g"\ncpus_per_task = 8\n')
+    assert load_grid(path).cpus_per_task == 8
+    path.write_text('name = "g"\ncpus_per_task = -1\n')
+    with pytest.raises(ConfigError, match="cpus_per_task must be a number >= 0"):
+        load_grid(path)

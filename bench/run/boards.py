@@ -241,6 +241,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "workers": int,
     "gpus": int,
     "nodes": int,
+    "cpus_per_task": int,
     "figure": dict,
 }
 _ROW_TYPES: dict[str, Any] = {
@@ -508,6 +509,7 @@ GRID_KEYS = (
     "workers",
     "gpus",
     "nodes",
+    "cpus_per_task",
 )
 
 
@@ -535,6 +537,9 @@ class Grid:
     # group (--gpus and --nodes replace them; the local executor runs a cell in one process).
     gpus: int = 0
     nodes: int = 1
+    # CPUs each of those processes books (`cpus_per_task = C`; --cpus-per-task replaces
+    # it): 0 leaves it to the cluster's default, often 1, too few for DataLoader workers.
+    cpus_per_task: int = 0
 
 
 def _format(value: Any) -> str:
@@ -591,7 +596,7 @@ def load_grid(
             raise ConfigError(f"{path}: give the seeds once, as `seeds` or as the axis 'seed'")
         spec["seeds"] = axes.pop("seed")
     cells = _axis_cells(path, spec, base, axes, overrides)
-    least = {"workers": 1, "gpus": 0, "nodes": 1}
+    least = {"workers": 1, "gpus": 0, "nodes": 1, "cpus_per_task": 0}
     for key, low in least.items():
         if spec.get(key, low) < low:
             raise ConfigError(f"{path}: {key} must be a number >= {low}, got {spec[key]!r}")

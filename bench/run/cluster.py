@@ -20,6 +20,7 @@ imported where it is used.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -41,6 +42,14 @@ class JobResources:
     time: int = 60  # minutes, the job's time limit
     gpus: int = 0  # per node
     nodes: int = 1
+    cpus_per_task: int = 0  # per process; 0: the cluster's default
+    mem_gb: float = 0.0  # per node; 0: the cluster's default
+    # How often a job that reaches its time limit is requeued (submitit's max_num_timeout;
+    # a preempted job is requeued however often it is preempted).
+    timeout_requeues: int = 3
+    # Any other sbatch option submitit knows (account, qos, constraint, exclude, ...), as
+    # (name, value) pairs; True for a flag such as exclusive.
+    sbatch: tuple[tuple[str, str | bool], ...] = ()
 
     @property
     def tasks_per_node(self) -> int:
@@ -53,25 +62,71 @@ class JobResources:
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> JobResources:
-        """From run_grid's `slurm` dict (cluster, partition, time, gpus, nodes), checked."""
+        """From run_grid's `slurm` dict (cluster, partition, time, gpus, nodes,
+        cpus_per_task, mem_gb, timeout_requeues, sbatch), checked."""
         found = cls(
             cluster=settings.get("cluster"),
             partition=settings.get("partition"),
             time=int(settings.get("time") or 60),
             gpus=int(settings.get("gpus") or 0),
             nodes=int(settings.get("nodes") or 1),
+            cpus_per_task=int(settings.get("cpus_per_task") or 0),
+            mem_gb=float(settings.get("mem_gb") or 0),
+            timeout_requeues=int(settings.get("timeout_requeues", 3)),
+            sbatch=tuple(dict(settings.get("sbatch") or {}).items()),
         )
-        if found.gpus < 0 or found.nodes < 1 or found.time < 1:
+        if min(found.gpus, found.cpus_per_task, found.mem_gb, found.timeout_requeues) < 0:
             raise ConfigError(
-                f"a job needs gpus >= 0, nodes >= 1 and a time limit >= 1 minute; got"
-                f" gpus {found.gpus}, nodes {found.nodes}, time {found.time}"
+                f"gpus, cpus_per_task, mem_gb and timeout_requeues cannot be negative; got"
+                f" {found.gpus}, {found.cpus_per_task}, {found.mem_gb}, {found.timeout_requeues}"
             )
+        if found.nodes < 1 or found.time < 1:
+            raise ConfigError(
+                f"a job needs nodes >= 1 and a time limit >= 1 minute; got nodes {found.nodes},"
+                f" time {found.time}"
+            )
+        _check_sbatch(found.sbatch)
         if found.cluster == "local" and found.nodes > 1:
             raise ConfigError(
                 f"--nodes {found.nodes}: submitit's local executor runs on this machine only;"
                 " use --nodes 1 there (several nodes need a Slurm cluster)"
             )
         return found
+
+    def parameters(self) -> dict[str, Any]:
+        """submitit's update_parameters for this job (sbatch options as slurm_NAME)."""
+        params: dict[str, Any] = {
+            "timeout_min": self.time,
+            "nodes": self.nodes,
+            "tasks_per_node": self.tasks_per_node,
+        }
+        if self.partition:
+            params["slurm_partition"] = self.partition
+        if self.gpus:
+            params["gpus_per_node"] = self.gpus
+        if self.cpus_per_task:
+            params["cpus_per_task"] = self.cpus_per_task
+        if self.mem_gb:
+            params["mem_gb"] = self.mem_gb
+        params.update({f"slurm_{name}": value for name, value in self.sbatch})
+        return params
+
+
+def _check_sbatch(options: tuple[tuple[str, Any], ...]) -> None:
+    """Refuse an sbatch option submitit does not know before anything is submitted."""
+    if not options:
+        return
+    try:
+        from submitit.slurm.slurm import SlurmExecutor
+    except ImportError:
+        return  # executor() says how to install it
+    known = SlurmExecutor._valid_parameters()
+    unknown = [name for name, _ in options if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"--sbatch {unknown[0]}: not an sbatch option submitit knows; known:"
+            f" {', '.join(sorted(known))}"
+        )
 
 
 def executor(folder: Path, resources: JobResources) -> Any:
@@ -83,18 +138,21 @@ def executor(folder: Path, resources: JobResources) -> Any:
             "--executor submitit needs the 'submitit' package: pip install submitit"
             " (or the 'slurm' extra)"
         ) from None
-    found = submitit.AutoExecutor(folder=folder, cluster=resources.cluster)
-    params: dict[str, Any] = {
-        "timeout_min": resources.time,
-        "nodes": resources.nodes,
-        "tasks_per_node": resources.tasks_per_node,
-    }
-    if resources.partition:
-        params["slurm_partition"] = resources.partition
-    if resources.gpus:
-        params["gpus_per_node"] = resources.gpus
-    found.update_parameters(**params)
+    requeues = resources.timeout_requeues
+    found = submitit.AutoExecutor(
+        folder=folder,
+        cluster=resources.cluster,
+        slurm_max_num_timeout=requeues,
+        local_max_num_timeout=requeues,
+    )
+    found.update_parameters(**resources.parameters())
     return found
+
+
+def job_name(grid: str, cell: str) -> str:
+    """The name `squeue` shows for a cell's job: grid and cell label, in the characters a
+    job name keeps unquoted in an sbatch script."""
+    return re.sub(r"[^A-Za-z0-9_.+:=-]+", "-", f"{grid}:{cell}").strip("-")[:128]
 
 
 def join_job_group() -> None:

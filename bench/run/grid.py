@@ -434,6 +434,7 @@ def _run_submitit(
                 call = cluster.Requeueable(
                     _job_cell, cell, name, runs_dir, db_path, claim.lease, leases.timeout
                 )
+                submitter.update_parameters(name=cluster.job_name(name, cell.label))
                 running[cell.label] = (submitter.submit(call), claim.lease)
             jobs = {label: job for label, (job, _) in running.items()}
             for label, result, error in cluster.finished(jobs, leases.poll):
