@@ -260,3 +260,49 @@ def test_a_lease_a_job_beats_outlives_its_grid_process() -> None:
     assert grid_only.expired(now) is not None
     assert beaten.expired(now) is None
     assert beaten.expired(now + 61) is not None
+
+
+def _fake_squeue(folder: Path, states: dict[str, str]) -> None:
+    """An `squeue` that knows `states` (job -> state) and fails on any other job, as
+    Slurm's does for a job it has forgotten."""
+    cases = "".join(f'  "{job}") echo {state} ;;\n' for job, state in states.items())
+    script = folder / "squeue"
+    script.write_text(
+        "#!/bin/sh\n# called as: squeue --noheader --jobs JOB --format %T\n"
+        f'case "$3" in\n{cases}  *) echo "slurm_load_jobs error: Invalid job id" >&2;'
+        " exit 1 ;;\nesac\n"
+    )
+    script.chmod(0o755)
+
+
+def test_a_queued_slurm_job_holds_its_lease_without_a_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell's job waits in the queue (or is being requeued) while the grid process that
+    submitted it is gone: no heartbeat, yet no other copy of the grid may take the cell,
+    as long as Slurm still holds the job; a job Slurm forgot or ended frees it."""
+    _fake_squeue(tmp_path, {"41": "PENDING", "42": "REQUEUED", "43": "RUNNING", "44": "CANCELLED"})
+    now = time.time()
+
+    def lease(job: str | None) -> Lease:
+        return Lease(1, "h", "another-host", 1, now - 900, now - 900, now - 600, job=job)
+
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    for job in ("41", "42", "43"):
+        assert lease(job).expired(now) is None, job
+    for job in ("44", "99", "local:5", None):  # ended, forgotten, not Slurm's, no job
+        assert lease(job).expired(now) is not None, job
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no squeue: the heartbeat decides
+    assert lease("41").expired(now) is not None
+
+
+def test_a_submitted_jobs_id_is_on_its_lease_at_once(store_db: Path | str) -> None:
+    store = ResultStore(store_db)
+    lease = store.claim("h", 60.0).lease
+    assert lease is not None and lease.job is None
+    store.assign_job(lease, "1234")
+    (stored,) = store.leases("h")
+    assert stored.job == lease.job == "1234"
+    store.release(lease, "complete")
+    store.assign_job(lease, "5678")  # a released lease keeps what it had
+    assert store.leases("h")[0].job == "1234"

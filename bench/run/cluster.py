@@ -155,6 +155,13 @@ def job_name(grid: str, cell: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+:=-]+", "-", f"{grid}:{cell}").strip("-")[:128]
 
 
+def job_key(job: Any) -> str:
+    """A submitted job as the store names it: Slurm's job id, or local:PID for submitit's
+    local executor (store.this_job gives the same inside the job)."""
+    local = type(job).__module__.startswith("submitit.local")
+    return f"local:{job.job_id}" if local else str(job.job_id)
+
+
 def join_job_group() -> None:
     """Set what torchrun would (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from the
     submitit job's environment, so that distributed.setup joins the job's process group;

@@ -435,7 +435,9 @@ def _run_submitit(
                     _job_cell, cell, name, runs_dir, db_path, claim.lease, leases.timeout
                 )
                 submitter.update_parameters(name=cluster.job_name(name, cell.label))
-                running[cell.label] = (submitter.submit(call), claim.lease)
+                job = submitter.submit(call)
+                store.assign_job(claim.lease, cluster.job_key(job))
+                running[cell.label] = (job, claim.lease)
             jobs = {label: job for label, (job, _) in running.items()}
             for label, result, error in cluster.finished(jobs, leases.poll):
                 lease = running.pop(label)[1]

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -123,6 +125,35 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# squeue's states of a job that is still queued, running or on its way back to the queue
+# (https://slurm.schedmd.com/squeue.html#SECTION_JOB-STATE-CODES).
+SLURM_LIVE_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED"}
+    | {"REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+)
+
+
+def slurm_job_live(job: str) -> bool:
+    """Whether Slurm still holds job `job` (queued, running or being requeued): False when
+    squeue no longer lists it, names an ended state, or is not on this host (then only the
+    heartbeat can tell)."""
+    squeue = shutil.which("squeue")
+    if squeue is None or not job or job.startswith("local:"):
+        return False
+    try:
+        found = subprocess.run(
+            [squeue, "--noheader", "--jobs", job, "--format", "%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    states = set(found.stdout.split()) if found.returncode == 0 else set()
+    return bool(states & SLURM_LIVE_STATES)
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
@@ -151,13 +182,16 @@ class Lease:
         return f"host {self.host}, pid {self.pid}, since {_when(self.started)}"
 
     def expired(self, now: float) -> str | None:
-        """Why this live lease no longer holds its cell, or None while it does. A lease a
-        Slurm job beats (`job` set) outlives the grid process that took it, so only its
-        heartbeat decides: a new copy of the grid on that host must not take the cell
-        while the job still trains it."""
+        """Why this live lease no longer holds its cell, or None while it does. A lease of
+        a submitit job (`job` set when it was submitted) outlives the grid process that
+        took it: a new copy of the grid on that host must not take the cell while the job
+        still trains it. Its heartbeat decides, and where squeue answers, a Slurm job that
+        is still queued or being requeued holds the cell without one."""
         if self.job is None and self.host == this_host() and not pid_alive(self.pid):
             return f"expired: pid {self.pid} on {self.host} is gone"
         if self.expires < now:
+            if self.job is not None and slurm_job_live(self.job):
+                return None
             return f"expired: no heartbeat from {self.holder()} after {_when(self.heartbeat)}"
         return None
 
@@ -413,6 +447,13 @@ class ResultStore:
                 (now, now + timeout, job, step, steps, step_time, lease.id),
             )
         return changed == 1
+
+    def assign_job(self, lease: Lease, job: str) -> None:
+        """Record the submitit job that will run a leased cell, as soon as it is submitted:
+        the lease then outlives the grid process that took it (Lease.expired)."""
+        with self._backend.session("auto") as db:
+            db.run("UPDATE leases SET job = ? WHERE id = ? AND released IS NULL", (job, lease.id))
+        lease.job = job
 
     def release(self, lease: Lease, outcome: str) -> None:
         with self._backend.session("auto") as db:
