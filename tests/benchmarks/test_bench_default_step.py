@@ -15,7 +15,6 @@ Under plain pytest (benchmarks disabled) the body runs once as a test.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import torch
@@ -24,6 +23,7 @@ from ocl_bench.api.contracts import Progress
 from ocl_bench.run.compose import build_model, build_objectives
 from ocl_bench.run.config import load_config
 from ocl_bench.run.data import StepBatchSampler, make_dataset
+from tests.benchmarks.timing import interleaved_cpu_seconds
 
 # The default run before this benchmark existed, as overrides of today's default.
 OLD_DEFAULT = [
@@ -68,22 +68,12 @@ def _trainer(overrides: list[str], warm: bool) -> Callable[[], float]:
     return step
 
 
-def _cpu_seconds(step: Callable[[], float], repeats: int) -> float:
-    start = time.process_time()
-    for _ in range(repeats):
-        step()
-    return (time.process_time() - start) / repeats
-
-
 def test_default_step_against_old_path(benchmark) -> None:
     new, old = _trainer([], warm=True), _trainer(OLD_DEFAULT, warm=False)
     first = new()
     old()
-    # Alternate the two so that a machine shared with other jobs slows both alike.
-    new_times, old_times = [], []
-    for _ in range(3):
-        new_times.append(_cpu_seconds(new, 2))
-        old_times.append(_cpu_seconds(old, 2))
+    times = interleaved_cpu_seconds({"new": new, "old": old}, rounds=6)
+    new_times, old_times = times["new"], times["old"]
     ratio = min(old_times) / min(new_times)
     batches = load_config().train.batch_size, load_config(None, OLD_DEFAULT).train.batch_size
     per_image = ratio * batches[0] / batches[1]
