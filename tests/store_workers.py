@@ -97,12 +97,15 @@ GRID_CELLS = 48
 
 def grid_writer(db: str, results: str, writer: int, barrier) -> None:
     """A grid worker as run_cell drives the store: it opens the (new) store together with the
-    others, then claims every cell in an order of its own and runs (starts, completes or
-    fails, releases) those it gets."""
+    others, then, once all have it open, claims every cell in an order of its own and runs
+    (starts, a few ms of work, completes or fails, releases) those it gets."""
     try:
         since = time.time()  # as run_grid: a failure stored after this is not retried
         barrier.wait(timeout=120)
         store = ResultStore(db)
+        # All claim together: a writer still connecting (psycopg's import, the first
+        # connection) must not find every cell done by one that started first.
+        barrier.wait(timeout=120)
         shift = writer * GRID_CELLS // WRITERS
         order = [(i + shift) % GRID_CELLS for i in range(GRID_CELLS)]
         ran = []
@@ -112,6 +115,7 @@ def grid_writer(db: str, results: str, writer: int, barrier) -> None:
             if claim.lease is None:
                 continue
             store.start(writer_cell(digest, writer, i))
+            time.sleep(0.005)  # the cell's training
             if i % 7 == 6:
                 store.fail(digest, f"RuntimeError: cell {i}")
                 store.release(claim.lease, "failed")
