@@ -306,3 +306,20 @@ def test_a_submitted_jobs_id_is_on_its_lease_at_once(store_db: Path | str) -> No
     store.release(lease, "complete")
     store.assign_job(lease, "5678")  # a released lease keeps what it had
     assert store.leases("h")[0].job == "1234"
+
+
+def test_a_claim_leaves_a_cell_whose_slurm_job_waits_in_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_db: Path | str
+) -> None:
+    """The same through ResultStore.claim, which asks squeue before its write lock."""
+    _fake_squeue(tmp_path, {"41": "PENDING", "44": "CANCELLED"})
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    store = ResultStore(store_db)
+    for digest, job in (("queued", "41"), ("cancelled", "44")):
+        stale = store.claim(digest, timeout=-10.0).lease  # its heartbeat ran out at once
+        assert stale is not None
+        store.assign_job(stale, job)
+    held = store.claim("queued", timeout=60.0)
+    assert held.lease is None and held.holder is not None and held.holder.job == "41"
+    taken = store.claim("cancelled", timeout=60.0)
+    assert taken.lease is not None and taken.last is not None and taken.last.job == "44"

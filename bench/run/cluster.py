@@ -155,11 +155,10 @@ def job_name(grid: str, cell: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+:=-]+", "-", f"{grid}:{cell}").strip("-")[:128]
 
 
-def job_key(job: Any) -> str:
-    """A submitted job as the store names it: Slurm's job id, or local:PID for submitit's
-    local executor (store.this_job gives the same inside the job)."""
-    local = type(job).__module__.startswith("submitit.local")
-    return f"local:{job.job_id}" if local else str(job.job_id)
+def job_key(submitter: Any, job: Any) -> str:
+    """A job `submitter` submitted, as the store names it: Slurm's job id, or local:PID for
+    submitit's local executor (store.this_job gives the same inside the job)."""
+    return f"local:{job.job_id}" if submitter.cluster == "local" else str(job.job_id)
 
 
 def join_job_group() -> None:

@@ -436,7 +436,7 @@ def _run_submitit(
                 )
                 submitter.update_parameters(name=cluster.job_name(name, cell.label))
                 job = submitter.submit(call)
-                store.assign_job(claim.lease, cluster.job_key(job))
+                store.assign_job(claim.lease, cluster.job_key(submitter, job))
                 running[cell.label] = (job, claim.lease)
             jobs = {label: job for label, (job, _) in running.items()}
             for label, result, error in cluster.finished(jobs, leases.poll):

@@ -27,7 +27,7 @@ import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -181,19 +181,27 @@ class Lease:
     def holder(self) -> str:
         return f"host {self.host}, pid {self.pid}, since {_when(self.started)}"
 
-    def expired(self, now: float) -> str | None:
+    def expired(self, now: float, job_live: Callable[[str], bool] = slurm_job_live) -> str | None:
         """Why this live lease no longer holds its cell, or None while it does. A lease of
         a submitit job (`job` set when it was submitted) outlives the grid process that
         took it: a new copy of the grid on that host must not take the cell while the job
         still trains it. Its heartbeat decides, and where squeue answers, a Slurm job that
-        is still queued or being requeued holds the cell without one."""
+        is still queued or being requeued holds the cell without one (`job_live` asks)."""
         if self.job is None and self.host == this_host() and not pid_alive(self.pid):
             return f"expired: pid {self.pid} on {self.host} is gone"
         if self.expires < now:
-            if self.job is not None and slurm_job_live(self.job):
+            if self.job is not None and job_live(self.job):
                 return None
             return f"expired: no heartbeat from {self.holder()} after {_when(self.heartbeat)}"
         return None
+
+
+def _last_lease(db: Session, config_hash: str) -> Lease | None:
+    """The newest lease of a cell, released or not."""
+    last = db.one(
+        "SELECT * FROM leases WHERE config_hash = ? ORDER BY id DESC LIMIT 1", (config_hash,)
+    )
+    return Lease(**last) if last else None
 
 
 @dataclass
@@ -390,15 +398,17 @@ class ResultStore:
         """Take the cell's lease unless it is complete, held by a live process, or (when
         `failed_since` is given) failed in another process since that time."""
         now = time.time()
+        # squeue may take seconds: it is asked before the write lock, about the lease the
+        # claim will find (one taken meanwhile is fresh and needs no answer).
+        with self._backend.session("read") as db:
+            seen = _last_lease(db, config_hash)
+        queued = seen is not None and seen.released is None and seen.expires < now
+        live = {seen.job} if queued and seen.job and slurm_job_live(seen.job) else set()
         with self._write(config_hash) as db:
             cell = db.one(
                 "SELECT status, error, ended FROM cells WHERE config_hash = ?", (config_hash,)
             )
-            last = db.one(
-                "SELECT * FROM leases WHERE config_hash = ? ORDER BY id DESC LIMIT 1",
-                (config_hash,),
-            )
-            last_lease = Lease(**last) if last else None
+            last_lease = _last_lease(db, config_hash)
             finished = cell is not None and (
                 cell["status"] == "complete"
                 or (
@@ -410,7 +420,7 @@ class ResultStore:
             if finished:
                 return Claim(status=cell["status"], error=cell["error"], last=last_lease)
             if last_lease is not None and last_lease.released is None:
-                why = last_lease.expired(now)
+                why = last_lease.expired(now, job_live=live.__contains__)
                 if why is None:
                     return Claim(holder=last_lease, last=last_lease)
                 db.run(
