@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -484,31 +485,21 @@ def _print_metrics(metrics: dict, header: str) -> None:
     print(tabulate(rows, headers=["task", "masks", "metric", "value", "images"]))
 
 
-def _positive(kind: type) -> Callable[[str], float]:
-    """An argparse type that refuses zero and negative numbers (argparse's own error)."""
+def _number(kind: type, low: float = 0, *, above: bool = True) -> Callable[[str], Any]:
+    """An argparse type for a `kind` number above `low` (at least `low` with above=False);
+    argparse's own error otherwise."""
 
-    def parse(text: str) -> float:
+    def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a {kind.__name__}: '{text}'") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-
-    return parse
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type for a whole number >= `low` (argparse's own error otherwise)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an int: '{text}'") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+            article = "an" if kind is int else "a"
+            raise argparse.ArgumentTypeError(f"not {article} {kind.__name__}: '{text}'") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if value < low or (above and value == low):
+            bound = ("positive" if low == 0 else f"above {low}") if above else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
@@ -606,7 +597,7 @@ def _add_grid(sub: Subparsers) -> None:
     p.add_argument("--runs", default="runs", help="where cell run directories go")
     p.add_argument(
         "--workers",
-        type=_positive(int),
+        type=_number(int),
         default=None,
         help="local worker processes (>= 1; default: the grid file's `workers`, else 1)",
     )
@@ -617,7 +608,7 @@ def _add_grid(sub: Subparsers) -> None:
     )
     p.add_argument(
         "--lease-timeout",
-        type=_positive(float),
+        type=_number(float),
         default=300.0,
         metavar="SECONDS",
         help="take over a cell whose runner sent no heartbeat for this long",
@@ -625,7 +616,7 @@ def _add_grid(sub: Subparsers) -> None:
     _add_executor_options(p)
     p.add_argument(
         "--seeds",
-        type=_positive(int),
+        type=_number(int),
         metavar="N",
         help="run each cell with N seeds (the config's seed and the next N-1; replaces the"
         " file's `seeds`); stored seeds are not rerun",
@@ -639,10 +630,10 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
     """Where `grid` runs its cells: here, or as Slurm jobs through submitit."""
     p.add_argument("--executor", choices=["local", "submitit"], default="local")
     p.add_argument("--partition", help="Slurm partition (submitit)")
-    p.add_argument("--time", type=_positive(int), default=60, help="Slurm time limit in minutes")
+    p.add_argument("--time", type=_number(int), default=60, help="Slurm time limit in minutes")
     p.add_argument(
         "--gpus",
-        type=_at_least(0),
+        type=_number(int, 0, above=False),
         default=None,
         metavar="G",
         help="GPUs per node of each cell's job, one process each, all in one process group"
@@ -650,23 +641,28 @@ def _add_executor_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--nodes",
-        type=_at_least(1),
+        type=_number(int, 1, above=False),
         default=None,
         metavar="N",
         help="nodes of each cell's job (default: the grid file's `nodes`, else 1)",
     )
     p.add_argument(
         "--cpus-per-task",
-        type=_at_least(1),
+        type=_number(int, 1, above=False),
         default=None,
         metavar="C",
         help="CPUs of each process, for its DataLoader workers (default: the grid file's"
         " `cpus_per_task`, else the cluster's default)",
     )
-    p.add_argument("--mem-gb", type=float, metavar="M", help="memory per node in GB")
+    p.add_argument(
+        "--mem-gb",
+        type=_number(float, 0, above=False),
+        metavar="M",
+        help="memory per node in GB (default: the cluster's)",
+    )
     p.add_argument(
         "--timeout-requeues",
-        type=_at_least(0),
+        type=_number(int, 0, above=False),
         default=3,
         metavar="K",
         help="how often a cell's job that reaches --time is requeued (default 3, submitit's);"

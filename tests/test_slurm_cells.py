@@ -279,3 +279,21 @@ def test_a_grid_file_sets_cpus_per_task(tmp_path: Path) -> None:
     path.write_text('name = "g"\ncpus_per_task = -1\n')
     with pytest.raises(ConfigError, match="cpus_per_task must be a number >= 0"):
         load_grid(path)
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        (["--mem-gb", "nan"], "argument --mem-gb: must be finite, got nan"),
+        (["--mem-gb", "-1"], "argument --mem-gb: must be at least 0, got -1"),
+        (["--lease-timeout", "inf"], "argument --lease-timeout: must be finite, got inf"),
+        (["--time", "0"], "argument --time: must be positive, got 0"),
+        (["--cpus-per-task", "two"], "argument --cpus-per-task: not an int: 'two'"),
+    ],
+)
+def test_job_numbers_out_of_range_are_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str], option: list[str], error: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _parsed_grid_args(["--executor", "submitit", *option])
+    assert stopped.value.code == 2 and error in capsys.readouterr().err
