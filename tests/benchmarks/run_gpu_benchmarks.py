@@ -76,7 +76,7 @@ TINY_WARMUP, TINY_STEPS = 1, 2
 
 # Tiny stand-ins of the frozen ViTs: 2 blocks of width 32 on a 4 x 4 patch grid.
 TINY_VIT = ("encoder.embed_dim=32", "encoder.depth=2", "encoder.num_heads=2")
-# MAGE's tokenizer and ViT shrunk as tests/benchmarks/test_bench_mage.py shrinks them.
+# MAGE's tokenizer, ViT and slots shrunk (tests/benchmarks/test_bench_mage.py uses them too).
 TINY_MAGE = (
     *TINY_VIT,
     "encoder.image_size=32",

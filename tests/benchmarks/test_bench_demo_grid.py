@@ -34,6 +34,7 @@ from ocl_bench.report.compare import compare_rows
 from ocl_bench.report.leaderboard import load_leaderboard
 from ocl_bench.run.boards import demo_grid_path, load_grid
 from ocl_bench.run.store import ResultStore
+from tests.benchmarks.timing import one_torch_thread
 
 BUDGET_S = 6 * 60  # on a machine whose slot-attention benchmark reads REFERENCE_MS
 REFERENCE_MS = 35.0
@@ -44,9 +45,7 @@ MIN_BEST_FG_ARI = 60.0  # percent, as the board shows it
 def slot_attention_ms(rounds: int = 12) -> float:
     """The min over `rounds` of tests/benchmarks/test_bench_training.py's slot-attention
     forward (SPOT ViT-B sizes), in ms, on one thread as docs/benchmarks.md measures it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         torch.manual_seed(0)
         params = SlotAttentionParams(num_slots=7, slot_dim=256, mlp_hidden=1024, pre_mlp=True)
         dims = Dims(image_size=(224, 224), grid=(14, 14), token_dim=768)
@@ -60,8 +59,6 @@ def slot_attention_ms(rounds: int = 12) -> float:
                 sa(feats)
                 times.append(time.perf_counter() - start)
         return min(times) * 1000
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_demo_grid_within_budget_with_its_promises(benchmark, tmp_path: Path) -> None:

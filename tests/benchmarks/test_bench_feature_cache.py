@@ -20,6 +20,7 @@ import torch
 from ocl_bench.api.contracts import Dims
 from ocl_bench.datasets.shapes import ShapesDataset
 from ocl_bench.encoders.vit import ENCODERS, ViTParams
+from tests.benchmarks.timing import one_torch_thread
 
 SIZES = {
     "tiny": {"embed_dim": 32, "depth": 2, "num_heads": 2, "image_size": 32},
@@ -38,16 +39,12 @@ def test_frozen_vit_pass(
     params = ViTParams(random_init=True, cache=cached, **SIZES[size])
     data = ShapesDataset(ShapesDataset.Params(image_size=64), "train")
     batch = data.collate([data[i] for i in range(BATCH)])  # 64x64, resized by the encoder
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         enc = ENCODERS["dino_vits16"](params, Dims(image_size=(64, 64)))
         calls: list[int] = []
         enc.vit.patch_embed.register_forward_hook(lambda m, a, o: calls.append(1))
         first = enc(batch).tokens  # fills the cache when enabled
         tokens = benchmark(lambda: enc(batch).tokens)
-    finally:
-        torch.set_num_threads(old)
     assert torch.equal(tokens, first)
     if cached:
         assert len(calls) == 1  # only the warm-up pass ran the ViT

@@ -22,25 +22,10 @@ import torch
 from ocl_bench.api.contracts import Batch, Progress
 from ocl_bench.run.compose import build_model
 from ocl_bench.run.config import load_raw, resolve
+from tests.benchmarks.run_gpu_benchmarks import TINY_MAGE
 
 VIT_B = ["dataset.image_size=256", "encoder.image_size=256", "grouping.num_slots=7"]
-TINY = [
-    "dataset.image_size=32",
-    "encoder.image_size=32",
-    "encoder.embed_dim=32",
-    "encoder.depth=2",
-    "encoder.num_heads=2",
-    "encoder.tokenizer.ch=8",
-    "encoder.tokenizer.ch_mult=[1,2]",
-    "encoder.tokenizer.n_embed=32",
-    "encoder.tokenizer.embed_dim=8",
-    "encoder.tokenizer.norm_groups=4",
-    "grouping.num_slots=3",
-    "grouping.slot_dim=16",
-    "grouping.mlp_hidden=16",
-    "decoder.depth=2",
-    "decoder.num_heads=2",
-]
+TINY = ["dataset.image_size=32", *TINY_MAGE, "decoder.depth=2", "decoder.num_heads=2"]
 SHAPE = "B=8, 256 px, VQGAN 16x16 ids, MAGE ViT-B/16 frozen + decoder 8x16 heads, K=7 x 256"
 
 

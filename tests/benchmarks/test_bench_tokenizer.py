@@ -20,6 +20,7 @@ import torch
 
 from ocl_bench.image_tokenizers.vqgan import VQGANParams, VQGANTokenizer
 from ocl_bench.run.feature_cache import FeatureCache
+from tests.benchmarks.timing import one_torch_thread
 
 BATCH, SIDE = 1, 256
 
@@ -30,14 +31,10 @@ def test_vqgan_encode_256px(benchmark, tmp_path: Path, cached: bool) -> None:
     tok = VQGANTokenizer(VQGANParams(random_init=True))
     images = torch.rand(BATCH, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
     cache = FeatureCache(tmp_path / "cache") if cached else None
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         if cached:
             first = tok.encode_cached(images, cache)  # fills the cache
         ids = benchmark(lambda: tok.encode_cached(images, cache))
-    finally:
-        torch.set_num_threads(old)
     assert ids.shape == (BATCH, 16, 16) and int(ids.max()) < 1024
     if cached:
         assert torch.equal(ids, first)

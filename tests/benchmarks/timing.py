@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -16,14 +17,21 @@ def interleaved_cpu_seconds(
     machine measures the neighbours too; on one torch thread, because with two it also
     counts the threads' spin-waits, which grow with the neighbours' load."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for _ in range(rounds):
             for name, step in steps.items():
                 began = time.process_time()
                 step()
                 times[name].append(time.process_time() - began)
+    return times
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread inside the block (as docs/benchmarks.md measures), then as before."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    return times
